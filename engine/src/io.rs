@@ -1,0 +1,385 @@
+//! Local disk I/O for the segment log: io_uring when the kernel allows it,
+//! `pwrite` otherwise.
+//!
+//! Policy: every session opens one ring. When `io_uring_setup` fails with
+//! `ENOSYS`, `EPERM`, `EACCES` or `ENOMEM` (a kernel without io_uring, or a
+//! seccomp profile such as Docker's default that blocks it), the session
+//! falls back to positional writes on the calling thread and the process logs
+//! this once.
+//!
+//! Safety: a buffer handed to the ring is owned by the in-flight table of
+//! [`DiskWriter`] until its completion is reaped, so the kernel never reads
+//! memory that was freed or reused.
+
+use std::alloc::{self, Layout};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use io_uring::{opcode, types, IoUring};
+
+/// Alignment of every write and of every buffer given to the kernel, as
+/// `O_DIRECT` needs on the file systems we run on.
+pub const BLOCK_SIZE: usize = 4096;
+
+/// How the segment log reaches the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoMode {
+    /// io_uring when available, `pwrite` otherwise.
+    Auto,
+    /// io_uring only; failing to set up a ring is an error.
+    Uring,
+    /// `pwrite` and `pread` only.
+    Pwrite,
+}
+
+impl IoMode {
+    /// Reads `CHALK_IO` (`auto`, `uring` or `pwrite`); unset means `auto`.
+    pub fn from_env() -> Result<Self, String> {
+        match std::env::var("CHALK_IO").as_deref() {
+            Err(_) | Ok("") | Ok("auto") => Ok(IoMode::Auto),
+            Ok("uring") | Ok("io_uring") => Ok(IoMode::Uring),
+            Ok("pwrite") => Ok(IoMode::Pwrite),
+            Ok(other) => Err(format!("invalid CHALK_IO value {other:?}; use auto, uring or pwrite")),
+        }
+    }
+}
+
+/// A heap buffer aligned to [`BLOCK_SIZE`] whose capacity is a multiple of it.
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    cap: usize,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain owned memory; moving it between threads is as
+// safe as moving a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    pub fn with_capacity(min_cap: usize) -> Self {
+        let cap = min_cap.max(BLOCK_SIZE).next_multiple_of(BLOCK_SIZE);
+        let layout = Layout::from_size_align(cap, BLOCK_SIZE).expect("valid layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            alloc::handle_alloc_error(layout);
+        }
+        AlignedBuf { ptr, cap, len: 0 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for cap bytes, len <= cap, and all bytes were initialised by alloc_zeroed.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// The bytes up to `len` rounded up to a whole block; the padding is zero.
+    pub fn padded(&self) -> &[u8] {
+        let padded = self.len.next_multiple_of(BLOCK_SIZE);
+        // SAFETY: padded <= cap because cap is a multiple of BLOCK_SIZE and len <= cap.
+        unsafe { std::slice::from_raw_parts(self.ptr, padded) }
+    }
+
+    pub fn extend_from_slice(&mut self, data: &[u8]) {
+        assert!(self.len + data.len() <= self.cap, "aligned buffer overflow");
+        // SAFETY: the destination range lies inside the allocation and cannot overlap `data`,
+        // which is borrowed immutably while self is borrowed mutably.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(self.len), data.len()) };
+        self.len += data.len();
+    }
+
+    /// Keeps only the first `len` bytes; the rest of the buffer is zeroed.
+    pub fn keep_head(&mut self, len: usize) {
+        assert!(len <= self.len);
+        // SAFETY: the range lies inside the allocation.
+        unsafe { std::ptr::write_bytes(self.ptr.add(len), 0, self.cap - len) };
+        self.len = len;
+    }
+
+    /// Keeps only the bytes from `from` on, moved to the front; the rest of
+    /// the buffer is zeroed so padding stays zero.
+    pub fn keep_tail(&mut self, from: usize) {
+        assert!(from <= self.len);
+        let tail = self.len - from;
+        // SAFETY: both ranges lie inside the allocation; `copy` handles overlap.
+        unsafe {
+            std::ptr::copy(self.ptr.add(from), self.ptr, tail);
+            std::ptr::write_bytes(self.ptr.add(tail), 0, self.cap - tail);
+        }
+        self.len = tail;
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.cap, BLOCK_SIZE).expect("valid layout");
+        // SAFETY: ptr was allocated with exactly this layout and is freed once.
+        unsafe { alloc::dealloc(self.ptr, layout) };
+    }
+}
+
+static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// Returns true when a failed `io_uring_setup` means "io_uring is not
+/// available here" rather than a real error.
+pub fn is_unavailable_error(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EPERM | libc::EACCES | libc::ENOMEM))
+}
+
+/// Queue depth of each session's ring.
+const RING_ENTRIES: u32 = 32;
+/// Writes kept in flight before the writer waits for one to complete.
+const MAX_IN_FLIGHT: usize = 16;
+
+enum Backend {
+    Uring(IoUring),
+    Pwrite,
+}
+
+/// Writes aligned buffers to one file at a time, through io_uring or `pwrite`.
+pub struct DiskWriter {
+    backend: Backend,
+    /// Buffers submitted to the ring, by user data, with their file offset.
+    in_flight: HashMap<u64, (AlignedBuf, u64)>,
+    next_user_data: u64,
+}
+
+impl DiskWriter {
+    /// Opens a writer in `mode`, falling back from io_uring as the module doc describes.
+    pub fn new(mode: IoMode) -> std::io::Result<Self> {
+        let ring = match mode {
+            IoMode::Pwrite => None,
+            IoMode::Uring => Some(IoUring::new(RING_ENTRIES)?),
+            IoMode::Auto => Self::choose_ring(IoUring::new(RING_ENTRIES))?,
+        };
+        let backend = match ring {
+            Some(ring) => Backend::Uring(ring),
+            None => Backend::Pwrite,
+        };
+        Ok(DiskWriter { backend, in_flight: HashMap::new(), next_user_data: 1 })
+    }
+
+    /// Decides what a ring set-up result means in `Auto` mode: a ring, a
+    /// fallback to `pwrite` (logged once per process), or an error.
+    pub fn choose_ring(result: std::io::Result<IoUring>) -> std::io::Result<Option<IoUring>> {
+        match result {
+            Ok(ring) => Ok(Some(ring)),
+            Err(err) if is_unavailable_error(&err) => {
+                if !FALLBACK_LOGGED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %err, "io_uring is unavailable, so the segment log falls back to pwrite and pread");
+                }
+                Ok(None)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    pub fn uses_uring(&self) -> bool {
+        matches!(self.backend, Backend::Uring(_))
+    }
+
+    /// Number of submitted writes whose completion has not been reaped.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Lowest file offset still being written, if any.
+    pub fn lowest_in_flight_offset(&self) -> Option<u64> {
+        self.in_flight.values().map(|(_, off)| *off).min()
+    }
+
+    /// Starts writing the padded bytes of `buf` at `offset` of `file`. The
+    /// buffer stays owned by the writer until the write completes.
+    pub fn submit(&mut self, file: &File, buf: AlignedBuf, offset: u64) -> std::io::Result<()> {
+        assert_eq!(offset % BLOCK_SIZE as u64, 0, "unaligned write offset {offset}");
+        match &mut self.backend {
+            Backend::Pwrite => {
+                file.write_all_at(buf.padded(), offset)?;
+                Ok(())
+            }
+            Backend::Uring(_) => {
+                while self.in_flight.len() >= MAX_IN_FLIGHT {
+                    self.reap(1)?;
+                }
+                let user_data = self.next_user_data;
+                self.next_user_data += 1;
+                let padded = buf.padded();
+                let entry = opcode::Write::new(types::Fd(file.as_raw_fd()), padded.as_ptr(), padded.len() as u32)
+                    .offset(offset)
+                    .build()
+                    .user_data(user_data);
+                let Backend::Uring(ring) = &mut self.backend else { unreachable!() };
+                // SAFETY: the buffer is moved into `in_flight` right below and stays there until its
+                // completion is reaped, and `file` outlives the write because callers drain the writer
+                // (`wait_all`) before they close or drop the file.
+                unsafe {
+                    if ring.submission().push(&entry).is_err() {
+                        ring.submit()?;
+                        ring.submission().push(&entry).map_err(|_| std::io::Error::other("io_uring submission queue is full"))?;
+                    }
+                }
+                self.in_flight.insert(user_data, (buf, offset));
+                ring.submit()?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits for at least `want` completions and checks each one.
+    fn reap(&mut self, want: usize) -> std::io::Result<()> {
+        let Backend::Uring(ring) = &mut self.backend else { return Ok(()) };
+        ring.submit_and_wait(want)?;
+        let mut first_error = None;
+        let completions: Vec<(u64, i32)> = ring.completion().map(|cqe| (cqe.user_data(), cqe.result())).collect();
+        for (user_data, result) in completions {
+            let Some((buf, offset)) = self.in_flight.remove(&user_data) else { continue };
+            let expected = buf.padded().len();
+            if result < 0 {
+                first_error.get_or_insert(std::io::Error::from_raw_os_error(-result));
+            } else if result as usize != expected {
+                first_error.get_or_insert(std::io::Error::other(format!(
+                    "short write at offset {offset}: {result} of {expected} bytes"
+                )));
+            }
+        }
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until every submitted write has completed.
+    pub fn wait_all(&mut self) -> std::io::Result<()> {
+        let mut result = Ok(());
+        while !self.in_flight.is_empty() {
+            if let Err(err) = self.reap(1) {
+                result = result.and(Err(err));
+            }
+        }
+        result
+    }
+
+    /// Writes the padded bytes of `buf` at `offset` and waits for the write.
+    pub fn write_now(&mut self, file: &File, buf: &AlignedBuf, offset: u64) -> std::io::Result<()> {
+        self.wait_all()?;
+        match &mut self.backend {
+            Backend::Pwrite => file.write_all_at(buf.padded(), offset),
+            Backend::Uring(ring) => {
+                let padded = buf.padded();
+                let entry = opcode::Write::new(types::Fd(file.as_raw_fd()), padded.as_ptr(), padded.len() as u32)
+                    .offset(offset)
+                    .build()
+                    .user_data(0);
+                Self::run_one(ring, &entry, padded.len())
+            }
+        }
+    }
+
+    /// Flushes the file's data to stable storage (`fdatasync`), after every
+    /// submitted write has completed.
+    pub fn sync_data(&mut self, file: &File) -> std::io::Result<()> {
+        self.wait_all()?;
+        match &mut self.backend {
+            Backend::Pwrite => file.sync_data(),
+            Backend::Uring(ring) => {
+                let entry = opcode::Fsync::new(types::Fd(file.as_raw_fd()))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+                    .user_data(0);
+                Self::run_one(ring, &entry, 0)
+            }
+        }
+    }
+
+    /// Submits one entry and waits for its completion; `expected` is the
+    /// result a successful operation returns.
+    fn run_one(ring: &mut IoUring, entry: &io_uring::squeue::Entry, expected: usize) -> std::io::Result<()> {
+        // SAFETY: the caller keeps the entry's buffer alive until this function returns, and it
+        // returns only after the completion with user data 0 has been reaped.
+        unsafe {
+            ring.submission().push(entry).map_err(|_| std::io::Error::other("io_uring submission queue is full"))?;
+        }
+        loop {
+            ring.submit_and_wait(1)?;
+            let found = ring.completion().find(|cqe| cqe.user_data() == 0).map(|cqe| cqe.result());
+            if let Some(result) = found {
+                if result < 0 {
+                    return Err(std::io::Error::from_raw_os_error(-result));
+                }
+                if result as usize != expected {
+                    return Err(std::io::Error::other(format!("short write: {result} of {expected} bytes")));
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Drop for DiskWriter {
+    fn drop(&mut self) {
+        // Buffers must not be freed while the kernel may still read them.
+        if let Err(err) = self.wait_all() {
+            tracing::error!(error = %err, "segment write failed while closing the log");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn write_blocks(mode: IoMode) -> (bool, Vec<u8>) {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::OpenOptions::new().create(true).read(true).write(true).open(&path).unwrap();
+        let mut writer = DiskWriter::new(mode).unwrap();
+        for i in 0..8u8 {
+            let mut buf = AlignedBuf::with_capacity(BLOCK_SIZE);
+            buf.extend_from_slice(&[i + 1; 100]);
+            writer.submit(&file, buf, i as u64 * BLOCK_SIZE as u64).unwrap();
+        }
+        writer.sync_data(&file).unwrap();
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path).unwrap().read_to_end(&mut bytes).unwrap();
+        (writer.uses_uring(), bytes)
+    }
+
+    #[test]
+    fn uring_and_pwrite_write_same_bytes() {
+        let (uring_used, with_uring) = write_blocks(IoMode::Auto);
+        let (pwrite_used, with_pwrite) = write_blocks(IoMode::Pwrite);
+        assert!(!pwrite_used);
+        assert_eq!(with_uring, with_pwrite);
+        assert_eq!(with_uring.len(), 8 * BLOCK_SIZE);
+        assert_eq!(with_uring[BLOCK_SIZE * 3], 4);
+        assert_eq!(with_uring[BLOCK_SIZE * 3 + 100], 0);
+        // This machine allows io_uring; if it stops doing so the fallback is still covered above.
+        if std::env::var_os("CHALK_EXPECT_URING").is_some() {
+            assert!(uring_used, "io_uring was expected to be available");
+        }
+    }
+
+    #[test]
+    fn setup_refusal_falls_back() {
+        for errno in [libc::ENOSYS, libc::EPERM, libc::EACCES] {
+            let refused = DiskWriter::choose_ring(Err(std::io::Error::from_raw_os_error(errno))).unwrap();
+            assert!(refused.is_none(), "errno {errno} did not fall back");
+        }
+        assert!(DiskWriter::choose_ring(Err(std::io::Error::from_raw_os_error(libc::EINVAL))).is_err());
+    }
+}

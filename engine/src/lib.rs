@@ -1,0 +1,24 @@
+//! The engine of Chalk volumes: an append-only segment log on local disk,
+//! an in-memory extent index, incremental checkpoints, versions published
+//! to an object store, and sessions that read and change one version.
+//!
+//! This crate knows nothing of FUSE; `chalk-fused` adapts [`Session`] to a
+//! mounted file system and the `chalk` binary drives [`Store`].
+
+pub mod error;
+pub mod extent;
+pub mod format;
+pub mod ids;
+pub mod io;
+pub mod object_store;
+pub mod segment;
+pub mod session;
+pub mod store;
+pub mod tree;
+
+pub use error::{EngineError, Result};
+pub use ids::{Ino, LineageName, SegmentId, SessionId, VersionId, VolumeName};
+pub use io::IoMode;
+pub use session::{normalize_path, Access, PathEntry, Session, SessionBase, SyncOutcome};
+pub use store::{Store, StoreConfig, VersionInfo, VolumeSummary};
+pub use tree::{Attr, DirEntry, FileKind, Owner, RenameMode, SetAttr, StatFs, TimeSet, Timestamp, XattrMode};

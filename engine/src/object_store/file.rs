@@ -1,0 +1,236 @@
+//! The embedded object store: one file per object under a local directory.
+//!
+//! Durability: a put writes a temporary file, syncs it, renames it into
+//! place and syncs the directory, so a crash leaves either the old object or
+//! the new one. A create-if-absent put links the synced temporary file to its
+//! key, which fails atomically with `EEXIST` when the key exists.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::{validate_key, ListPage, ObjectMeta, ObjectStore};
+use crate::error::{EngineError, Result};
+
+/// Object store in a local directory (`file:///path`).
+pub struct FileStore {
+    root: PathBuf,
+    tmp: PathBuf,
+}
+
+impl FileStore {
+    pub fn open(root: &Path) -> Result<Self> {
+        let tmp = root.join(".tmp");
+        fs::create_dir_all(&tmp).map_err(|e| EngineError::io("creating object store directory", &tmp, e))?;
+        Ok(FileStore { root: root.to_owned(), tmp })
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        validate_key(key)?;
+        Ok(self.root.join(key))
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        self.tmp.join(format!("{}.tmp", ulid::Ulid::new()))
+    }
+
+    fn write_temp(&self, data: &[u8]) -> Result<PathBuf> {
+        let tmp = self.temp_path();
+        let mut file = File::create(&tmp).map_err(|e| EngineError::io("creating object", &tmp, e))?;
+        file.write_all(data).map_err(|e| EngineError::io("writing object", &tmp, e))?;
+        file.sync_all().map_err(|e| EngineError::io("syncing object", &tmp, e))?;
+        Ok(tmp)
+    }
+
+    fn prepare_parent(&self, path: &Path) -> Result<PathBuf> {
+        let parent = path.parent().expect("object path has a parent").to_owned();
+        fs::create_dir_all(&parent).map_err(|e| EngineError::io("creating object directory", &parent, e))?;
+        Ok(parent)
+    }
+
+    fn commit(&self, tmp: &Path, path: &Path) -> Result<()> {
+        let parent = self.prepare_parent(path)?;
+        fs::rename(tmp, path).map_err(|e| EngineError::io("renaming object into place", path, e))?;
+        sync_dir(&parent)
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| EngineError::io("syncing directory", dir, e))
+}
+
+impl ObjectStore for FileStore {
+    fn url(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        let path = self.path(key)?;
+        let tmp = self.write_temp(data)?;
+        self.commit(&tmp, &path)
+    }
+
+    fn put_file(&self, key: &str, source: &Path) -> Result<()> {
+        let path = self.path(key)?;
+        let tmp = self.temp_path();
+        fs::copy(source, &tmp).map_err(|e| EngineError::io("copying into object store", source, e))?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| EngineError::io("syncing object", &tmp, e))?;
+        self.commit(&tmp, &path)
+    }
+
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> Result<bool> {
+        let path = self.path(key)?;
+        let tmp = self.write_temp(data)?;
+        let parent = self.prepare_parent(&path)?;
+        let linked = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                sync_dir(&parent)?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(EngineError::io("creating object", &path, e)),
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.path(key)?;
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(EngineError::io("reading object", &path, e)),
+        }
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let path = self.path(key)?;
+        let file = File::open(&path).map_err(|e| EngineError::io("opening object", &path, e))?;
+        let size = file.metadata().map_err(|e| EngineError::io("reading object size", &path, e))?.len();
+        let end = offset.saturating_add(len).min(size);
+        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
+        file.read_exact_at(&mut buf, offset).map_err(|e| EngineError::io("reading object", &path, e))?;
+        Ok(buf)
+    }
+
+    fn get_to_file(&self, key: &str, target: &Path) -> Result<bool> {
+        let path = self.path(key)?;
+        match fs::copy(&path, target) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path.exists() => Ok(false),
+            Err(e) => Err(EngineError::io("copying object", &path, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<ListPage> {
+        let dir_part = match prefix.rfind('/') {
+            Some(at) => &prefix[..at],
+            None => "",
+        };
+        let start = if dir_part.is_empty() { self.root.clone() } else { self.root.join(dir_part) };
+        let mut keys = Vec::new();
+        walk(&self.root, &start, &mut keys)?;
+        keys.retain(|m| m.key.starts_with(prefix) && start_after.is_none_or(|after| m.key.as_str() > after));
+        keys.sort_by(|a, b| a.key.cmp(&b.key));
+        let more = keys.len() > limit;
+        keys.truncate(limit);
+        let next_start_after = if more { keys.last().map(|m| m.key.clone()) } else { None };
+        Ok(ListPage { objects: keys, next_start_after })
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(EngineError::io("deleting object", &path, e)),
+        }
+    }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<ObjectMeta>) -> Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(EngineError::io("listing object store", dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| EngineError::io("listing object store", dir, e))?;
+        let path = entry.path();
+        let file_type = entry.file_type().map_err(|e| EngineError::io("listing object store", &path, e))?;
+        if file_type.is_dir() {
+            if dir == root && entry.file_name() == ".tmp" {
+                continue;
+            }
+            walk(root, &path, out)?;
+        } else if file_type.is_file() {
+            let size = entry.metadata().map_err(|e| EngineError::io("listing object store", &path, e))?.len();
+            let key = path.strip_prefix(root).expect("walk stays under the root").to_string_lossy().into_owned();
+            out.push(ObjectMeta { key, size });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_if_absent_wins_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        assert!(store.put_if_absent("a/b/head", b"one").unwrap());
+        assert!(!store.put_if_absent("a/b/head", b"two").unwrap());
+        assert_eq!(store.get("a/b/head").unwrap().unwrap(), b"one");
+    }
+
+    #[test]
+    fn concurrent_put_if_absent_has_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(FileStore::open(dir.path()).unwrap());
+        let winners: usize = (0..8)
+            .map(|i| {
+                let store = store.clone();
+                std::thread::spawn(move || store.put_if_absent("race", format!("{i}").as_bytes()).unwrap())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap() as usize)
+            .sum();
+        assert_eq!(winners, 1);
+    }
+
+    #[test]
+    fn list_paginates_in_key_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        for i in (0..25).rev() {
+            store.put(&format!("p/{i:03}"), b"x").unwrap();
+        }
+        store.put("q/other", b"x").unwrap();
+        let first = store.list("p/", None, 10).unwrap();
+        assert_eq!(first.objects.len(), 10);
+        assert_eq!(first.objects[0].key, "p/000");
+        let all = super::super::list_all(&store, "p/").unwrap();
+        assert_eq!(all.len(), 25);
+        assert!(all.windows(2).all(|w| w[0].key < w[1].key));
+    }
+
+    #[test]
+    fn ranged_get_and_missing_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        store.put("k", b"0123456789").unwrap();
+        assert_eq!(store.get_range("k", 3, 4).unwrap(), b"3456");
+        assert_eq!(store.get_range("k", 8, 10).unwrap(), b"89");
+        assert!(store.get("missing").unwrap().is_none());
+        store.delete("missing").unwrap();
+        assert!(store.put("../escape", b"x").is_err());
+    }
+}

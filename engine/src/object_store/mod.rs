@@ -1,0 +1,104 @@
+//! Object stores: where sealed segments, checkpoints and version records are
+//! replicated. The trait is shaped like S3 (keys, whole puts, create-if-absent,
+//! ranged gets, paginated listing) so that nothing above it assumes a local path.
+
+mod file;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use file::FileStore;
+
+use crate::error::{EngineError, Result};
+
+/// One object found by a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+}
+
+/// One page of a listing; `next_start_after` is set when more keys follow.
+#[derive(Clone, Debug, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectMeta>,
+    pub next_start_after: Option<String>,
+}
+
+/// An S3-shaped key-value store of immutable objects.
+pub trait ObjectStore: Send + Sync {
+    /// The store's URL, for messages.
+    fn url(&self) -> String;
+
+    /// Stores `data` under `key`, replacing any object there.
+    fn put(&self, key: &str, data: &[u8]) -> Result<()>;
+
+    /// Stores the contents of a local file under `key`.
+    fn put_file(&self, key: &str, path: &Path) -> Result<()>;
+
+    /// Stores `data` under `key` only if no object exists there. Returns
+    /// `false`, storing nothing, when one does. Atomic: of two concurrent
+    /// callers at most one gets `true`.
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> Result<bool>;
+
+    /// Returns the whole object, or `None` when it does not exist.
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Returns `len` bytes from `offset`; fewer only at the end of the object.
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
+
+    /// Copies the whole object into a new local file. Returns `false` when it does not exist.
+    fn get_to_file(&self, key: &str, path: &Path) -> Result<bool>;
+
+    /// Lists keys that start with `prefix`, in byte order, after `start_after`.
+    fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<ListPage>;
+
+    /// Deletes one object; deleting a missing object succeeds.
+    fn delete(&self, key: &str) -> Result<()>;
+}
+
+/// Lists every key under `prefix`, following pagination.
+pub fn list_all(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<ObjectMeta>> {
+    let mut out = Vec::new();
+    let mut start_after: Option<String> = None;
+    loop {
+        let page = store.list(prefix, start_after.as_deref(), 1000)?;
+        out.extend(page.objects);
+        match page.next_start_after {
+            Some(next) => start_after = Some(next),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Opens the object store named by `url`: `file:///absolute/path` for now.
+pub fn open(url: &str) -> Result<Arc<dyn ObjectStore>> {
+    if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            return Err(EngineError::InvalidArgument(format!(
+                "object store URL {url:?} must name an absolute path, as in file:///var/lib/chalk/objects"
+            )));
+        }
+        return Ok(Arc::new(FileStore::open(Path::new(path))?));
+    }
+    if url.starts_with("s3://") {
+        return Err(EngineError::Unsupported(format!(
+            "object store URL {url:?}: S3 support is not built yet; use a file:// URL"
+        )));
+    }
+    Err(EngineError::InvalidArgument(format!(
+        "object store URL {url:?} is not supported; use file:///absolute/path"
+    )))
+}
+
+/// Checks that a key is a relative path of non-empty, non-dot components.
+pub(crate) fn validate_key(key: &str) -> Result<()> {
+    let bad = key.is_empty()
+        || key.starts_with('/')
+        || key.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+        || key.bytes().any(|b| b == 0);
+    if bad {
+        return Err(EngineError::InvalidArgument(format!("invalid object key {key:?}")));
+    }
+    Ok(())
+}

@@ -1,0 +1,432 @@
+//! Segments: the append-only log files that hold every record a session
+//! writes, and the readers that validate them.
+//!
+//! Write order inside a session:
+//! 1. Records are encoded into an aligned in-memory chunk.
+//! 2. Whole 4 KiB blocks of a full chunk are submitted to the disk writer;
+//!    the partial last block stays in memory and is rewritten later.
+//! 3. `flush` writes the partial block zero-padded and waits, so every
+//!    record so far is on disk; `fsync` adds `fdatasync`.
+//! 4. `seal` appends a seal record, flushes and syncs. A sealed segment never
+//!    changes again.
+//!
+//! Invariants:
+//! - Records are contiguous from offset 0; the first is a segment header.
+//! - Two writes to the same block are never in flight together: only whole
+//!   blocks are submitted without waiting, and a padded partial block is
+//!   written only after every earlier write completed.
+//! - A reader never trusts a length before its header CRC matched, and never
+//!   returns bytes of a sealed segment before the record CRC matched.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use memmap2::Mmap;
+use parking_lot::RwLock;
+
+use crate::error::{EngineError, Result};
+use crate::format::record::{
+    self, encode_header, parse_record, Parsed, RawRecord, RecordType, Seal, SegmentHeader, HEADER_LEN,
+};
+use crate::ids::SegmentId;
+use crate::io::{AlignedBuf, DiskWriter, BLOCK_SIZE};
+
+/// Size of the in-memory chunk that collects records before they are submitted.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// File name of a segment inside a session or cache directory.
+pub fn file_name(id: SegmentId) -> String {
+    format!("{id}.seg")
+}
+
+static BUFFERED_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// Opens `path` for direct writes, falling back to buffered writes on file
+/// systems without `O_DIRECT` (tmpfs, for one).
+fn open_for_append(path: &Path) -> std::io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.create_new(true).write(true).read(true);
+    match options.clone().custom_flags(libc::O_DIRECT).open(path) {
+        Ok(file) => Ok(file),
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+            if !BUFFERED_LOGGED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(path = %path.display(), "file system rejects O_DIRECT, so segments are written through the page cache");
+            }
+            let _ = std::fs::remove_file(path);
+            options.open(path)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Where a record landed in its segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub segment: SegmentId,
+    pub record_offset: u64,
+    pub record_len: u32,
+}
+
+/// A segment that a session is still appending to.
+pub struct OpenSegment {
+    pub id: SegmentId,
+    pub path: PathBuf,
+    file: File,
+    read_file: File,
+    /// Bytes from `chunk_offset` on that are not yet on disk in full blocks.
+    chunk: AlignedBuf,
+    chunk_offset: u64,
+    records: u64,
+}
+
+impl OpenSegment {
+    /// Creates the segment file and writes its header record.
+    pub fn create(dir: &Path, header: &SegmentHeader) -> Result<Self> {
+        let path = dir.join(file_name(header.segment));
+        let file = open_for_append(&path).map_err(|e| EngineError::io("creating segment", &path, e))?;
+        let read_file = File::open(&path).map_err(|e| EngineError::io("opening segment", &path, e))?;
+        let mut segment = OpenSegment {
+            id: header.segment,
+            path,
+            file,
+            read_file,
+            chunk: AlignedBuf::with_capacity(CHUNK_BYTES),
+            chunk_offset: 0,
+            records: 0,
+        };
+        let payload = header.encode();
+        segment.push_record(None, RecordType::SegmentHeader, &[&payload])?;
+        Ok(segment)
+    }
+
+    /// Offset where the next record goes.
+    pub fn end(&self) -> u64 {
+        self.chunk_offset + self.chunk.len() as u64
+    }
+
+    /// Appends one record; with a writer, full blocks are submitted as the
+    /// chunk fills.
+    pub fn push_record(
+        &mut self,
+        writer: Option<&mut DiskWriter>,
+        record_type: RecordType,
+        parts: &[&[u8]],
+    ) -> Result<Appended> {
+        let header = encode_header(record_type, parts);
+        let len = HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>();
+        self.make_room(writer, len)?;
+        let record_offset = self.end();
+        self.chunk.extend_from_slice(&header);
+        for part in parts {
+            self.chunk.extend_from_slice(part);
+        }
+        self.records += 1;
+        Ok(Appended { segment: self.id, record_offset, record_len: len as u32 })
+    }
+
+    fn make_room(&mut self, writer: Option<&mut DiskWriter>, len: usize) -> Result<()> {
+        if self.chunk.len() + len <= self.chunk.capacity() {
+            return Ok(());
+        }
+        let full = self.chunk.len() / BLOCK_SIZE * BLOCK_SIZE;
+        let mut next = AlignedBuf::with_capacity(CHUNK_BYTES.max(len + BLOCK_SIZE));
+        next.extend_from_slice(&self.chunk.as_slice()[full..]);
+        let mut done = std::mem::replace(&mut self.chunk, next);
+        if full > 0 {
+            done.keep_head(full);
+            let offset = self.chunk_offset;
+            self.chunk_offset += full as u64;
+            match writer {
+                Some(writer) => writer.submit(&self.file, done, offset),
+                None => self.file.write_all_at(done.padded(), offset),
+            }
+            .map_err(|e| EngineError::io("writing segment", &self.path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes every record so far to the file (not yet synced).
+    pub fn flush(&mut self, writer: &mut DiskWriter) -> Result<()> {
+        writer.wait_all().map_err(|e| EngineError::io("writing segment", &self.path, e))?;
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        writer
+            .write_now(&self.file, &self.chunk, self.chunk_offset)
+            .map_err(|e| EngineError::io("writing segment", &self.path, e))?;
+        let full = self.chunk.len() / BLOCK_SIZE * BLOCK_SIZE;
+        self.chunk.keep_tail(full);
+        self.chunk_offset += full as u64;
+        Ok(())
+    }
+
+    /// Flushes and makes the records durable on the local disk.
+    pub fn fsync(&mut self, writer: &mut DiskWriter) -> Result<()> {
+        self.flush(writer)?;
+        writer.sync_data(&self.file).map_err(|e| EngineError::io("syncing segment", &self.path, e))
+    }
+
+    /// Appends the seal record and makes the segment durable. Returns its length in bytes.
+    pub fn seal(mut self, writer: &mut DiskWriter) -> Result<(PathBuf, u64)> {
+        let seal = Seal { records_before: self.records };
+        self.push_record(Some(writer), RecordType::Seal, &[&seal.encode()])?;
+        let len = self.end();
+        self.fsync(writer)?;
+        Ok((self.path, len))
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; the bytes must already have been appended.
+    pub fn read_at(&self, writer: &mut DiskWriter, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        assert!(end <= self.end(), "read past the end of open segment {}", self.id);
+        let on_disk = end.min(self.chunk_offset).saturating_sub(offset) as usize;
+        if on_disk > 0 {
+            // A read may overlap a block that is still being written.
+            writer.wait_all().map_err(|e| EngineError::io("writing segment", &self.path, e))?;
+            self.read_file
+                .read_exact_at(&mut buf[..on_disk], offset)
+                .map_err(|e| EngineError::io("reading segment", &self.path, e))?;
+        }
+        if on_disk < buf.len() {
+            let from = (offset + on_disk as u64 - self.chunk_offset) as usize;
+            let n = buf.len() - on_disk;
+            buf[on_disk..].copy_from_slice(&self.chunk.as_slice()[from..from + n]);
+        }
+        Ok(())
+    }
+}
+
+/// Result of scanning a segment's bytes record by record.
+#[derive(Debug, Default)]
+pub struct ScanReport {
+    pub records: Vec<RawRecord>,
+    /// Offset just past the last valid record.
+    pub valid_end: u64,
+    pub header: Option<SegmentHeader>,
+    /// Set when the last valid record is a seal whose count matches.
+    pub sealed: bool,
+    /// Offset and reason of the first invalid bytes, when the scan stopped at some.
+    pub invalid: Option<(u64, String)>,
+}
+
+/// Validates records from offset 0 and stops at the end of the log or at the
+/// first invalid record.
+pub fn scan(bytes: &[u8]) -> ScanReport {
+    let mut report = ScanReport::default();
+    let mut offset = 0usize;
+    loop {
+        match parse_record(bytes, offset) {
+            Parsed::End => {
+                // Only zero padding may follow the last record.
+                if let Some(pos) = bytes[offset.min(bytes.len())..].iter().position(|&b| b != 0) {
+                    let at = offset + pos;
+                    report.invalid = Some((at as u64, "non-zero bytes after the end of the log".to_owned()));
+                }
+                break;
+            }
+            Parsed::Invalid(detail) => {
+                report.invalid = Some((offset as u64, detail));
+                break;
+            }
+            Parsed::Record(raw) => {
+                let payload = &bytes[raw.payload_offset..raw.end()];
+                match raw.record_type {
+                    RecordType::SegmentHeader if offset == 0 => report.header = SegmentHeader::decode(payload).ok(),
+                    RecordType::Seal => {
+                        report.sealed = Seal::decode(payload)
+                            .map(|s| s.records_before == report.records.len() as u64)
+                            .unwrap_or(false);
+                    }
+                    _ => report.sealed = false,
+                }
+                report.records.push(raw);
+                offset = raw.end();
+                report.valid_end = offset as u64;
+            }
+        }
+    }
+    report
+}
+
+/// Opens a segment left by a session that did not seal it, validates every
+/// record and truncates a torn tail at the last valid record.
+pub fn recover(path: &Path) -> Result<ScanReport> {
+    let bytes = std::fs::read(path).map_err(|e| EngineError::io("reading segment", path, e))?;
+    let report = scan(&bytes);
+    if report.valid_end < bytes.len() as u64 {
+        if let Some((offset, detail)) = &report.invalid {
+            tracing::warn!(path = %path.display(), offset, detail = %detail, "truncating torn segment tail");
+        }
+        let file = OpenOptions::new().write(true).open(path).map_err(|e| EngineError::io("opening segment", path, e))?;
+        file.set_len(report.valid_end).map_err(|e| EngineError::io("truncating segment", path, e))?;
+        file.sync_all().map_err(|e| EngineError::io("syncing segment", path, e))?;
+    }
+    Ok(report)
+}
+
+/// A sealed, immutable segment on the local disk, read through a memory map.
+pub struct SealedSegment {
+    pub id: SegmentId,
+    pub path: PathBuf,
+    map: Mmap,
+    /// Record offsets whose CRC has been checked since this segment was opened.
+    verified: RwLock<HashSet<u64>>,
+}
+
+impl SealedSegment {
+    /// Maps a sealed segment file. Its records are verified lazily, one
+    /// record the first time a read touches it.
+    pub fn open(id: SegmentId, path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| EngineError::io("opening segment", path, e))?;
+        // SAFETY: sealed segments are immutable and only ever replaced by rename, never
+        // modified in place, so the mapped bytes do not change under the map.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io("mapping segment", path, e))?;
+        Ok(SealedSegment { id, path: path.to_owned(), map, verified: RwLock::new(HashSet::new()) })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// Copies `buf.len()` bytes at `offset`, after checking the CRC of the
+    /// record `[record_offset, record_offset + record_len)` that holds them.
+    pub fn read_verified(&self, record_offset: u64, record_len: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let record_end = record_offset + record_len as u64;
+        let end = offset + buf.len() as u64;
+        if offset < record_offset || end > record_end || record_end > self.len() {
+            return Err(EngineError::CorruptSegment {
+                object: "extent",
+                segment: self.id,
+                offset,
+                detail: format!(
+                    "extent [{offset}, {end}) is outside its record [{record_offset}, {record_end}) or the segment ({} bytes)",
+                    self.len()
+                ),
+            });
+        }
+        if !self.verified.read().contains(&record_offset) {
+            let bytes = &self.map[record_offset as usize..record_end as usize];
+            record::verify_record(bytes).map_err(|detail| {
+                tracing::error!(segment = %self.id, offset = record_offset, detail = %detail, "corrupt record");
+                EngineError::CorruptSegment { object: "record", segment: self.id, offset: record_offset, detail }
+            })?;
+            self.verified.write().insert(record_offset);
+        }
+        buf.copy_from_slice(&self.map[offset as usize..end as usize]);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::record::encode_data_prefix;
+    use crate::ids::{Ino, SessionId};
+    use crate::io::IoMode;
+
+    fn header() -> SegmentHeader {
+        SegmentHeader { segment: SegmentId::generate(), session: SessionId::generate(), volume: "v".into() }
+    }
+
+    fn write_segment(mode: IoMode, dir: &Path, records: usize, record_bytes: usize) -> (PathBuf, Vec<Appended>) {
+        let mut writer = DiskWriter::new(mode).unwrap();
+        let mut segment = OpenSegment::create(dir, &header()).unwrap();
+        let mut appended = Vec::new();
+        for i in 0..records {
+            let data = vec![(i % 251) as u8; record_bytes];
+            let prefix = encode_data_prefix(Ino(2), (i * record_bytes) as u64);
+            appended.push(segment.push_record(Some(&mut writer), RecordType::Data, &[&prefix, &data]).unwrap());
+        }
+        let (path, _) = segment.seal(&mut writer).unwrap();
+        (path, appended)
+    }
+
+    #[test]
+    fn sealed_segment_scans_clean_in_both_io_modes() {
+        for mode in [IoMode::Auto, IoMode::Pwrite] {
+            let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+            let (path, appended) = write_segment(mode, dir.path(), 300, 9000);
+            let report = scan(&std::fs::read(&path).unwrap());
+            assert!(report.invalid.is_none(), "{mode:?}: {:?}", report.invalid);
+            assert!(report.sealed, "{mode:?}: segment not sealed");
+            assert_eq!(report.records.len(), 302);
+            let sealed = SealedSegment::open(SegmentId::generate(), &path).unwrap();
+            let last = appended[299];
+            let data_offset = last.record_offset + (HEADER_LEN + 16) as u64;
+            let mut buf = vec![0u8; 9000];
+            sealed.read_verified(last.record_offset, last.record_len, data_offset, &mut buf).unwrap();
+            assert!(buf.iter().all(|&b| b == (299 % 251) as u8));
+        }
+    }
+
+    #[test]
+    fn open_segment_reads_its_unflushed_tail() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let mut writer = DiskWriter::new(IoMode::Auto).unwrap();
+        let mut segment = OpenSegment::create(dir.path(), &header()).unwrap();
+        let mut last = None;
+        for i in 0..400u32 {
+            let data = i.to_le_bytes().repeat(1000);
+            last = Some((segment.push_record(Some(&mut writer), RecordType::Data, &[&data]).unwrap(), data));
+        }
+        let (appended, data) = last.unwrap();
+        let mut buf = vec![0u8; data.len()];
+        segment.read_at(&mut writer, appended.record_offset + HEADER_LEN as u64, &mut buf).unwrap();
+        assert_eq!(buf, data);
+        segment.flush(&mut writer).unwrap();
+        segment.read_at(&mut writer, appended.record_offset + HEADER_LEN as u64, &mut buf).unwrap();
+        assert_eq!(buf, data);
+    }
+
+    #[test]
+    fn torn_tail_is_truncated_to_last_valid_record() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let (path, appended) = write_segment(IoMode::Pwrite, dir.path(), 10, 500);
+        // Tear the 8th record: keep its header and half its payload, drop everything after.
+        let torn_at = appended[7].record_offset + appended[7].record_len as u64 / 2;
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(torn_at).unwrap();
+        let report = recover(&path).unwrap();
+        assert_eq!(report.valid_end, appended[6].record_offset + appended[6].record_len as u64);
+        assert!(!report.sealed);
+        assert_eq!(report.invalid.as_ref().unwrap().0, appended[7].record_offset);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), report.valid_end);
+        let again = recover(&path).unwrap();
+        assert!(again.invalid.is_none());
+        assert_eq!(again.records.len(), 8);
+    }
+
+    #[test]
+    fn corrupt_byte_fails_read_with_segment_and_offset() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let (path, appended) = write_segment(IoMode::Pwrite, dir.path(), 4, 300);
+        let target = appended[2];
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[(target.record_offset + 100) as usize] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let id = SegmentId::generate();
+        let sealed = SealedSegment::open(id, &path).unwrap();
+        let mut buf = vec![0u8; 10];
+        let err = sealed.read_verified(target.record_offset, target.record_len, target.record_offset + 50, &mut buf).unwrap_err();
+        match err {
+            EngineError::CorruptSegment { segment, offset, .. } => {
+                assert_eq!(segment, id);
+                assert_eq!(offset, target.record_offset);
+            }
+            other => panic!("expected corruption, got {other}"),
+        }
+        let other = appended[1];
+        sealed.read_verified(other.record_offset, other.record_len, other.record_offset + 40, &mut buf).unwrap();
+    }
+}

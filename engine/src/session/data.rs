@@ -1,0 +1,174 @@
+//! File data: appending writes to the session's segment log and resolving
+//! reads through the extent index.
+
+use crate::error::{EngineError, Result};
+use crate::extent::Extent;
+use crate::format::record::{encode_data_prefix, MetaOp, RecordType, SegmentHeader, DATA_PREFIX_LEN, HEADER_LEN};
+use crate::ids::{Ino, SegmentId};
+use crate::segment::{Appended, OpenSegment};
+use crate::tree::{Content, FileKind, Timestamp};
+
+use super::{Log, Session, State};
+
+/// A segment is sealed and a new one started once it grows past this size.
+const SEGMENT_MAX_BYTES: u64 = 64 << 20;
+/// Largest piece of file data in one record.
+const DATA_RECORD_MAX_BYTES: usize = 4 << 20;
+/// Largest file size: offsets stay far from `u64` overflow and inside `i64` for `lseek`.
+pub(crate) const FILE_SIZE_MAX: u64 = 1 << 60;
+
+impl Log {
+    /// Makes sure a segment is open for appending, rolling a full one.
+    fn ensure_current(&mut self, session: &Session) -> Result<()> {
+        if self.current.as_ref().is_some_and(|s| s.end() >= SEGMENT_MAX_BYTES) {
+            self.roll(session)?;
+        }
+        if self.current.is_none() {
+            let header = SegmentHeader {
+                segment: SegmentId::generate(),
+                session: session.id,
+                volume: session.volume.to_string(),
+            };
+            let dir = session.dir.as_ref().expect("writable sessions have a directory");
+            self.current = Some(OpenSegment::create(dir, &header)?);
+        }
+        Ok(())
+    }
+
+    /// Seals the current segment, keeping it in the session directory until it is published.
+    pub(crate) fn roll(&mut self, session: &Session) -> Result<()> {
+        if let Some(segment) = self.current.take() {
+            let id = segment.id;
+            let (path, _len) = segment.seal(&mut self.writer)?;
+            session.store.segments.insert_unpublished(id, &path)?;
+            self.sealed.push((id, path));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn append(&mut self, session: &Session, record_type: RecordType, parts: &[&[u8]]) -> Result<Appended> {
+        self.ensure_current(session)?;
+        let Log { writer, current, .. } = self;
+        current.as_mut().expect("opened above").push_record(Some(writer), record_type, parts)
+    }
+}
+
+impl Session {
+    pub(crate) fn log_meta(&self, state: &mut State, op: MetaOp) -> Result<()> {
+        let log = state.log.as_mut().expect("writable sessions have a log");
+        log.append(self, RecordType::Meta, &[&op.encode()])?;
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` of a regular file; returns the bytes written.
+    pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<u32> {
+        self.check_writable()?;
+        let end = offset.checked_add(data.len() as u64).filter(|&end| end <= FILE_SIZE_MAX).ok_or_else(|| {
+            EngineError::TooLarge(format!("write at offset {offset} of {} bytes passes the maximum file size", data.len()))
+        })?;
+        let mut state = self.state.lock();
+        let state = &mut *state;
+        let kind = state.inode(&self.store, &self.volume, ino)?.attr.kind;
+        if kind != FileKind::File {
+            return Err(match kind {
+                FileKind::Directory => EngineError::IsDirectory { ino },
+                _ => EngineError::InvalidArgument(format!("inode {ino} is not a regular file")),
+            });
+        }
+        let mut placed = Vec::new();
+        let log = state.log.as_mut().expect("writable sessions have a log");
+        for (i, chunk) in data.chunks(DATA_RECORD_MAX_BYTES).enumerate() {
+            let file_offset = offset + (i * DATA_RECORD_MAX_BYTES) as u64;
+            let prefix = encode_data_prefix(ino, file_offset);
+            let appended = log.append(self, RecordType::Data, &[&prefix, chunk])?;
+            placed.push((file_offset, chunk.len() as u64, appended));
+        }
+        let inode = state.inodes.get_mut(&ino).expect("loaded above");
+        let Content::File(extents) = &mut inode.content else { unreachable!("kind checked above") };
+        for (file_offset, len, appended) in placed {
+            extents.insert(
+                file_offset,
+                Extent {
+                    len,
+                    segment: appended.segment,
+                    data_offset: appended.record_offset + (HEADER_LEN + DATA_PREFIX_LEN) as u64,
+                    record_offset: appended.record_offset,
+                    record_len: appended.record_len,
+                },
+            );
+        }
+        let now = Timestamp::now();
+        inode.attr.size = inode.attr.size.max(end);
+        inode.attr.mtime = now;
+        inode.attr.ctime = now;
+        state.dirty.insert(ino);
+        Ok(data.len() as u32)
+    }
+
+    /// Reads up to `len` bytes at `offset`; the result is short only at the end of the file.
+    pub fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Vec<u8>> {
+        enum Source {
+            Hole,
+            Copied,
+            Sealed(Extent),
+        }
+        let mut out;
+        let mut plan = Vec::new();
+        {
+            let mut state = self.state.lock();
+            let state = &mut *state;
+            let inode = state.inode(&self.store, &self.volume, ino)?;
+            let extents = match &inode.content {
+                Content::File(extents) => extents.clone(),
+                Content::Directory(_) => return Err(EngineError::IsDirectory { ino }),
+                Content::Symlink(_) => return Err(EngineError::InvalidArgument(format!("inode {ino} is a symbolic link"))),
+            };
+            let size = inode.attr.size;
+            if offset >= size {
+                return Ok(Vec::new());
+            }
+            let want = (len as u64).min(size - offset);
+            out = vec![0u8; want as usize];
+            let open = state.log.as_mut().and_then(|log| log.current.as_ref().map(|s| s.id));
+            for piece in extents.pieces(offset, want) {
+                let at = (piece.file_offset - offset) as usize;
+                let source = match piece.extent {
+                    None => Source::Hole,
+                    Some(extent) if Some(extent.segment) == open => {
+                        let log = state.log.as_mut().expect("open segment implies a log");
+                        let segment = log.current.as_ref().expect("open segment exists");
+                        segment.read_at(&mut log.writer, extent.data_offset, &mut out[at..at + piece.len as usize])?;
+                        Source::Copied
+                    }
+                    Some(extent) => Source::Sealed(extent),
+                };
+                plan.push((at, piece.len as usize, source));
+            }
+        }
+        for (at, len, source) in plan {
+            if let Source::Sealed(extent) = source {
+                let segment = self.store.segments.get(&self.volume, extent.segment)?;
+                segment.read_verified(extent.record_offset, extent.record_len, extent.data_offset, &mut out[at..at + len])?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Current size of a file, for `O_APPEND` writes.
+    pub fn file_size(&self, ino: Ino) -> Result<u64> {
+        let mut state = self.state.lock();
+        Ok(state.inode(&self.store, &self.volume, ino)?.attr.size)
+    }
+
+    /// Makes this session's log durable on the local disk. Publishes nothing:
+    /// only `sync` makes writes visible and durable in the object store.
+    pub fn fsync(&self) -> Result<()> {
+        let mut state = self.state.lock();
+        if let Some(log) = state.log.as_mut() {
+            if let Some(segment) = log.current.as_mut() {
+                segment.fsync(&mut log.writer)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,295 @@
+//! Sessions: one mount or one batch of puts on a base version. A session
+//! loads the base version's checkpoint lazily, keeps its own changes in
+//! memory and in its own segment log, and publishes them as one new version
+//! at `sync`.
+//!
+//! Invariants:
+//! - Nothing a session writes is visible to any other session before `sync`
+//!   publishes it: its segments live in its own directory and its tree
+//!   changes only in its memory.
+//! - An inode is loaded from the base checkpoint at most once; after that the
+//!   in-memory copy is the truth for this session.
+//! - A session that ends without `sync` leaves nothing behind: its directory
+//!   is deleted on drop, or by the next process that opens the store if this
+//!   one was killed.
+
+mod data;
+mod ops;
+mod paths;
+mod publish;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+pub use paths::{normalize_path, PathEntry};
+pub(crate) use publish::publish_empty_version;
+
+use crate::error::{EngineError, Result};
+use crate::format::checkpoint::{decode_chunk, decode_page, InodeRecord, RootCheckpoint, StoredContent, INODES_PER_PAGE};
+use crate::ids::{Ino, LineageName, SessionId, VersionId, VolumeName};
+use crate::io::DiskWriter;
+use crate::segment::OpenSegment;
+use crate::store::{chunk_key, Store, VersionInfo};
+use crate::tree::{Content, Inode};
+
+/// What a session starts from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionBase {
+    /// The head of a lineage; `sync` publishes onto that lineage.
+    Lineage(LineageName),
+    /// One specific version.
+    Version(VersionId),
+}
+
+/// Whether a session may change its tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    Writable,
+}
+
+/// Result of [`Session::sync`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncOutcome {
+    Published(VersionInfo),
+    /// The session had no changes; no version was created.
+    NothingToPublish { base: VersionInfo },
+}
+
+/// The segment log of a writable session.
+pub(crate) struct Log {
+    pub writer: DiskWriter,
+    pub current: Option<OpenSegment>,
+    /// Segments sealed by this session and not yet published, with their paths.
+    pub sealed: Vec<(crate::ids::SegmentId, PathBuf)>,
+}
+
+/// Mutable state of a session, behind one lock.
+pub(crate) struct State {
+    pub base: VersionInfo,
+    pub root: RootCheckpoint,
+    /// Pages of the base checkpoint loaded so far.
+    pub pages: HashMap<u64, Arc<BTreeMap<Ino, InodeRecord>>>,
+    /// Inodes loaded or created by this session.
+    pub inodes: HashMap<Ino, Inode>,
+    /// Inodes changed since the base version.
+    pub dirty: HashSet<Ino>,
+    pub next_ino: u64,
+    pub log: Option<Log>,
+    /// Open file handles per inode.
+    pub open_handles: HashMap<Ino, u64>,
+    /// Kernel lookup counts per inode.
+    pub lookups: HashMap<Ino, u64>,
+}
+
+/// A mount's or a batch's view of a volume. All methods take `&self`; one
+/// lock serialises changes.
+pub struct Session {
+    pub(crate) store: Arc<Store>,
+    pub(crate) volume: VolumeName,
+    pub(crate) id: SessionId,
+    pub(crate) access: Access,
+    /// Session directory (writable sessions only), holding the segment log and a lock file.
+    pub(crate) dir: Option<PathBuf>,
+    /// Held for the session's lifetime so other processes know it is alive.
+    _lock: Option<File>,
+    pub(crate) state: Mutex<State>,
+}
+
+impl Store {
+    /// Opens a session on a lineage head or a version. Costs one checkpoint
+    /// root read, whatever the size of the volume.
+    pub fn open_session(self: &Arc<Self>, volume: &VolumeName, base: SessionBase, access: Access) -> Result<Session> {
+        let base_version = match &base {
+            SessionBase::Lineage(lineage) => self.head(volume, lineage)?,
+            SessionBase::Version(id) => self.resolve_version(volume, &id.to_string())?,
+        };
+        if access == Access::Writable && matches!(base, SessionBase::Version(_)) {
+            return Err(EngineError::Unsupported(format!(
+                "a writable session on version {} needs lineages, which are not built yet; mount the lineage instead",
+                base_version.id
+            )));
+        }
+        let root = self.load_checkpoint(volume, base_version.id)?;
+        let id = SessionId::generate();
+        let (dir, lock, log) = match access {
+            Access::ReadOnly => (None, None, None),
+            Access::Writable => {
+                let dir = self.sessions_dir().join(id.to_string());
+                std::fs::create_dir_all(&dir).map_err(|e| EngineError::io("creating session directory", &dir, e))?;
+                let lock = lock_session_dir(&dir)?;
+                let writer = DiskWriter::new(self.config().io_mode)
+                    .map_err(|e| EngineError::io("setting up io_uring for", &dir, e))?;
+                (Some(dir), Some(lock), Some(Log { writer, current: None, sealed: Vec::new() }))
+            }
+        };
+        let state = State {
+            next_ino: root.next_ino,
+            base: base_version,
+            root,
+            pages: HashMap::new(),
+            inodes: HashMap::new(),
+            dirty: HashSet::new(),
+            log,
+            open_handles: HashMap::new(),
+            lookups: HashMap::new(),
+        };
+        Ok(Session { store: self.clone(), volume: volume.clone(), id, access, dir, _lock: lock, state: Mutex::new(state) })
+    }
+}
+
+fn lock_session_dir(dir: &std::path::Path) -> Result<File> {
+    let path = dir.join("lock");
+    let file = File::create(&path).map_err(|e| EngineError::io("creating session lock", &path, e))?;
+    // SAFETY: flock on a valid descriptor owned by `file`.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(EngineError::io("locking session", &path, std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+/// Deletes the directories of sessions whose process died before `sync`, so
+/// their writes are discarded; torn segment tails found there are logged.
+pub(crate) fn discard_abandoned_sessions(store: &Store) {
+    let Ok(entries) = std::fs::read_dir(store.sessions_dir()) else { return };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Ok(lock) = File::open(dir.join("lock")) else {
+            let _ = std::fs::remove_dir_all(&dir);
+            continue;
+        };
+        // SAFETY: flock on a valid descriptor owned by `lock`.
+        let free = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if !free {
+            continue;
+        }
+        let mut records = 0;
+        let mut torn = 0;
+        if let Ok(files) = std::fs::read_dir(&dir) {
+            for file in files.flatten() {
+                if file.path().extension().is_some_and(|e| e == "seg") {
+                    if let Ok(report) = crate::segment::recover(&file.path()) {
+                        records += report.records.len();
+                        torn += usize::from(report.invalid.is_some());
+                    }
+                }
+            }
+        }
+        tracing::info!(session = %dir.display(), records, torn_tails = torn, "discarded the unsynced writes of an ended session");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let mut state = self.state.lock();
+        if let Some(log) = state.log.take() {
+            for (segment, _) in &log.sealed {
+                self.store.segments.forget(*segment);
+            }
+            drop(log);
+        }
+        if let Some(dir) = &self.dir {
+            if let Err(err) = std::fs::remove_dir_all(dir) {
+                tracing::warn!(session = %self.id, error = %err, "failed to delete the directory of an ended session");
+            }
+        }
+    }
+}
+
+impl Session {
+    pub fn is_read_only(&self) -> bool {
+        self.access == Access::ReadOnly
+    }
+
+    pub fn volume(&self) -> &VolumeName {
+        &self.volume
+    }
+
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// The version this session builds on (after a sync, the one it published).
+    pub fn base_version(&self) -> VersionInfo {
+        self.state.lock().base.clone()
+    }
+
+    /// True when the session holds changes that `sync` would publish.
+    pub fn has_changes(&self) -> bool {
+        !self.state.lock().dirty.is_empty()
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        match self.access {
+            Access::Writable => Ok(()),
+            Access::ReadOnly => Err(EngineError::ReadOnly {
+                reason: format!("session on version {} of volume {} is read-only", self.state.lock().base.id, self.volume),
+            }),
+        }
+    }
+}
+
+impl State {
+    /// Returns the inode, loading it from the base checkpoint on first use.
+    pub fn inode(&mut self, store: &Store, volume: &VolumeName, ino: Ino) -> Result<&mut Inode> {
+        if !self.inodes.contains_key(&ino) {
+            let inode = self.load_inode(store, volume, ino)?;
+            self.inodes.insert(ino, inode);
+        }
+        Ok(self.inodes.get_mut(&ino).expect("inserted above"))
+    }
+
+    fn load_inode(&mut self, store: &Store, volume: &VolumeName, ino: Ino) -> Result<Inode> {
+        let page_no = ino.0 / INODES_PER_PAGE;
+        let page = match self.pages.get(&page_no) {
+            Some(page) => page.clone(),
+            None => {
+                let Some(key) = self.root.pages.get(&page_no) else {
+                    return Err(EngineError::not_found("inode", ino.to_string()));
+                };
+                let bytes = store.read_object(key)?;
+                let records = decode_page(&bytes).map_err(|detail| EngineError::CorruptObject { key: key.clone(), detail })?;
+                let page = Arc::new(records);
+                self.pages.insert(page_no, page.clone());
+                page
+            }
+        };
+        let record = page.get(&ino).ok_or_else(|| EngineError::not_found("inode", ino.to_string()))?;
+        let content = match &record.content {
+            StoredContent::File(extents) => Content::File(extents.clone()),
+            StoredContent::Symlink(target) => Content::Symlink(target.clone()),
+            StoredContent::Directory(chunks) => {
+                let mut entries = BTreeMap::new();
+                for chunk in chunks {
+                    let key = chunk_key(volume, &chunk.key);
+                    let bytes = store.read_object(&key)?;
+                    let decoded = decode_chunk(&bytes).map_err(|detail| EngineError::CorruptObject { key, detail })?;
+                    for (name, child, kind) in decoded {
+                        entries.insert(name, (child, kind));
+                    }
+                }
+                Content::Directory(entries)
+            }
+        };
+        Ok(Inode { attr: record.attr.clone(), parent: record.parent, xattrs: record.xattrs.clone(), content })
+    }
+
+    /// The base checkpoint's record of an inode, if it has one.
+    pub fn base_record(&mut self, store: &Store, ino: Ino) -> Result<Option<InodeRecord>> {
+        let page_no = ino.0 / INODES_PER_PAGE;
+        if !self.pages.contains_key(&page_no) {
+            let Some(key) = self.root.pages.get(&page_no) else { return Ok(None) };
+            let bytes = store.read_object(key)?;
+            let records = decode_page(&bytes).map_err(|detail| EngineError::CorruptObject { key: key.clone(), detail })?;
+            self.pages.insert(page_no, Arc::new(records));
+        }
+        Ok(self.pages[&page_no].get(&ino).cloned())
+    }
+}

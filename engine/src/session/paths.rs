@@ -1,0 +1,254 @@
+//! Path-level helpers on top of the inode operations, for the CLI and the
+//! SDK: normalising volume paths, creating parent directories, streaming a
+//! file in or out, removing trees and walking them.
+
+use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+
+use crate::error::{EngineError, Result};
+use crate::ids::Ino;
+use crate::tree::{Attr, FileKind, Owner, SetAttr};
+
+use super::Session;
+
+/// Bytes read from a source and written as one record at a time.
+const COPY_CHUNK_BYTES: usize = 1 << 20;
+
+/// Splits a path inside a volume into its names. Empty components and `.`
+/// are dropped and a leading `/` means the volume root; `..` is rejected so
+/// a path can never leave the volume.
+pub fn normalize_path(path: &str) -> Result<Vec<Vec<u8>>> {
+    let invalid = |reason: &str| EngineError::InvalidPath { path: path.to_owned(), reason: reason.to_owned() };
+    if path.contains('\0') {
+        return Err(invalid("paths cannot contain NUL"));
+    }
+    let mut names = Vec::new();
+    for component in path.split('/') {
+        match component {
+            "" | "." => {}
+            ".." => return Err(invalid("'..' is not allowed in volume paths; give the path from the volume root")),
+            name if name.len() > crate::tree::NAME_MAX => return Err(invalid("a component is longer than 255 bytes")),
+            name => names.push(name.as_bytes().to_vec()),
+        }
+    }
+    Ok(names)
+}
+
+/// One entry found by [`Session::walk`].
+#[derive(Clone, Debug)]
+pub struct PathEntry {
+    /// Path relative to the volume root, with `/` separators and no leading `/`.
+    pub path: String,
+    pub attr: Attr,
+    /// Target of a symbolic link.
+    pub target: Option<Vec<u8>>,
+}
+
+fn join(parent: &str, name: &[u8]) -> String {
+    let name = String::from_utf8_lossy(name);
+    if parent.is_empty() {
+        name.into_owned()
+    } else {
+        format!("{parent}/{name}")
+    }
+}
+
+impl Session {
+    /// Looks up a path from the volume root without following symlinks.
+    pub fn resolve_path(&self, path: &str) -> Result<Attr> {
+        let mut attr = self.getattr(Ino::ROOT)?;
+        let mut walked = String::new();
+        for name in normalize_path(path)? {
+            if attr.kind != FileKind::Directory {
+                return Err(EngineError::InvalidPath { path: path.to_owned(), reason: format!("{walked} is not a directory") });
+            }
+            attr = self.lookup(attr.ino, OsStr::from_bytes(&name)).map_err(|err| match err {
+                EngineError::NotFound { .. } => EngineError::not_found("path", format!("{path} in volume {}", self.volume)),
+                other => other,
+            })?;
+            walked = join(&walked, &name);
+        }
+        Ok(attr)
+    }
+
+    /// Creates every missing directory of `path` (like `mkdir -p`) and returns the last one.
+    pub fn make_dirs(&self, path: &str, owner: Owner) -> Result<Ino> {
+        let mut dir = Ino::ROOT;
+        for name in normalize_path(path)? {
+            let name = OsStr::from_bytes(&name);
+            dir = match self.lookup(dir, name) {
+                Ok(attr) if attr.kind == FileKind::Directory => attr.ino,
+                Ok(_) => {
+                    return Err(EngineError::InvalidPath {
+                        path: path.to_owned(),
+                        reason: format!("{} exists and is not a directory", name.to_string_lossy()),
+                    })
+                }
+                Err(EngineError::NotFound { .. }) => self.mkdir(dir, name, 0o755, owner)?.ino,
+                Err(err) => return Err(err),
+            };
+        }
+        Ok(dir)
+    }
+
+    /// Writes a whole file at `path` from `source`, creating parent
+    /// directories and replacing an existing file. Returns the bytes written.
+    pub fn write_file_from(&self, path: &str, source: &mut dyn Read, mode: u32, owner: Owner) -> Result<u64> {
+        let mut names = normalize_path(path)?;
+        let Some(name) = names.pop() else {
+            return Err(EngineError::InvalidPath { path: path.to_owned(), reason: "a file path needs a name".into() });
+        };
+        let parent_path: Vec<String> = names.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect();
+        let parent = self.make_dirs(&parent_path.join("/"), owner)?;
+        let name = OsStr::from_bytes(&name);
+        let ino = match self.lookup(parent, name) {
+            Ok(attr) if attr.kind == FileKind::File => {
+                self.setattr(attr.ino, &SetAttr { size: Some(0), mode: Some(mode), ..SetAttr::default() })?;
+                attr.ino
+            }
+            Ok(attr) => return Err(EngineError::IsDirectory { ino: attr.ino }),
+            Err(EngineError::NotFound { .. }) => self.create(parent, name, mode, owner)?.ino,
+            Err(err) => return Err(err),
+        };
+        let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+        let mut offset = 0u64;
+        loop {
+            let n = read_full(source, &mut buf).map_err(|e| EngineError::io("reading input for", path, e))?;
+            if n == 0 {
+                break;
+            }
+            self.write(ino, offset, &buf[..n])?;
+            offset += n as u64;
+        }
+        Ok(offset)
+    }
+
+    /// Streams the file at `path` into `sink`. Returns the bytes copied.
+    pub fn read_file_to(&self, path: &str, sink: &mut dyn Write) -> Result<u64> {
+        let attr = self.resolve_path(path)?;
+        if attr.kind != FileKind::File {
+            return Err(EngineError::InvalidPath { path: path.to_owned(), reason: "not a regular file".into() });
+        }
+        let mut offset = 0u64;
+        while offset < attr.size {
+            let data = self.read(attr.ino, offset, COPY_CHUNK_BYTES as u32)?;
+            if data.is_empty() {
+                break;
+            }
+            sink.write_all(&data).map_err(|e| EngineError::io("writing output for", path, e))?;
+            offset += data.len() as u64;
+        }
+        Ok(offset)
+    }
+
+    /// Removes a file, a symlink or (with `recursive`) a directory tree.
+    pub fn remove_path(&self, path: &str, recursive: bool) -> Result<()> {
+        let mut names = normalize_path(path)?;
+        let Some(name) = names.pop() else {
+            return Err(EngineError::InvalidPath { path: path.to_owned(), reason: "cannot remove the volume root".into() });
+        };
+        let parent_path: Vec<String> = names.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect();
+        let parent = self.resolve_path(&parent_path.join("/"))?;
+        let name = OsStr::from_bytes(&name);
+        let attr = self.lookup(parent.ino, name).map_err(|err| match err {
+            EngineError::NotFound { .. } => EngineError::not_found("path", format!("{path} in volume {}", self.volume)),
+            other => other,
+        })?;
+        if attr.kind != FileKind::Directory {
+            return self.unlink(parent.ino, name);
+        }
+        if !recursive {
+            return Err(EngineError::InvalidPath {
+                path: path.to_owned(),
+                reason: "is a directory; pass -r to remove it and everything under it".into(),
+            });
+        }
+        self.remove_tree(attr.ino)?;
+        self.rmdir(parent.ino, name)
+    }
+
+    fn remove_tree(&self, dir: Ino) -> Result<()> {
+        for entry in self.readdir(dir)? {
+            let name = OsStr::from_bytes(&entry.name);
+            if entry.kind == FileKind::Directory {
+                self.remove_tree(entry.ino)?;
+                self.rmdir(dir, name)?;
+            } else {
+                self.unlink(dir, name)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lists `path`: a directory's entries (all levels with `recursive`), or
+    /// the file itself. Entries are sorted by path.
+    pub fn walk(&self, path: &str, recursive: bool) -> Result<Vec<PathEntry>> {
+        let attr = self.resolve_path(path)?;
+        let base: Vec<String> = normalize_path(path)?.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect();
+        let base = base.join("/");
+        let mut out = Vec::new();
+        if attr.kind != FileKind::Directory {
+            let target = self.target_of(&attr)?;
+            out.push(PathEntry { path: base, attr, target });
+            return Ok(out);
+        }
+        self.walk_dir(attr.ino, &base, recursive, &mut out)?;
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    fn walk_dir(&self, dir: Ino, prefix: &str, recursive: bool, out: &mut Vec<PathEntry>) -> Result<()> {
+        for entry in self.readdir(dir)? {
+            let attr = self.getattr(entry.ino)?;
+            let path = join(prefix, &entry.name);
+            let target = self.target_of(&attr)?;
+            let is_dir = attr.kind == FileKind::Directory;
+            out.push(PathEntry { path: path.clone(), attr, target });
+            if recursive && is_dir {
+                self.walk_dir(entry.ino, &path, recursive, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn target_of(&self, attr: &Attr) -> Result<Option<Vec<u8>>> {
+        if attr.kind == FileKind::Symlink {
+            Ok(Some(self.readlink(attr.ino)?))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+fn read_full(source: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match source.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_rejects_parent_components() {
+        for bad in ["..", "a/../b", "/../etc/passwd", "a/.."] {
+            assert!(normalize_path(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn normalize_drops_empty_and_dot() {
+        assert_eq!(normalize_path("/a//./b/").unwrap(), vec![b"a".to_vec(), b"b".to_vec()]);
+        assert!(normalize_path("").unwrap().is_empty());
+        assert!(normalize_path("/").unwrap().is_empty());
+    }
+}

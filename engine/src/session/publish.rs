@@ -1,0 +1,225 @@
+//! Publishing: `sync` turns a session's changes into one new version.
+//!
+//! Publish order (a crash between steps leaves only garbage, never a
+//! visible partial version):
+//! 1. Seal the open segment: seal record, flush, `fdatasync`.
+//! 2. Upload every segment the session sealed.
+//! 3. Write the changed directory chunks and inode pages, then the
+//!    checkpoint root.
+//! 4. Create the version record for the next sequence number with
+//!    create-if-absent. Only this step makes the version visible; if another
+//!    writer took that number first, the sync fails and the session keeps
+//!    its writes.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::error::{EngineError, Result};
+use crate::format::checkpoint::{
+    chunk_hash, encode_chunk, encode_page, split_chunks, ChunkRef, InodeRecord, RootCheckpoint, StoredContent, StoredEntry,
+    INODES_PER_PAGE,
+};
+use crate::ids::{Ino, LineageName, VersionId, VolumeName};
+use crate::store::{checkpoint_key, chunk_key, page_key, segment_key, Store, VersionInfo};
+use crate::tree::{Attr, Content, FileKind, Inode, Owner, Timestamp};
+
+use super::{Session, State, SyncOutcome};
+
+/// Publishes the empty first version of a new volume: a root directory owned
+/// by the calling user.
+pub(crate) fn publish_empty_version(store: &Arc<Store>, volume: &VolumeName) -> Result<VersionInfo> {
+    let id = VersionId::generate();
+    let now = Timestamp::now();
+    let owner = Owner::current();
+    let root_dir = InodeRecord {
+        attr: Attr {
+            ino: Ino::ROOT,
+            kind: FileKind::Directory,
+            perm: 0o755,
+            uid: owner.uid,
+            gid: owner.gid,
+            size: 0,
+            nlink: 2,
+            atime: now,
+            mtime: now,
+            ctime: now,
+        },
+        parent: Ino::ROOT,
+        xattrs: BTreeMap::new(),
+        content: StoredContent::Directory(Vec::new()),
+    };
+    let page = page_key(volume, id, 0);
+    store.objects().put(&page, &encode_page(&BTreeMap::from([(Ino::ROOT, root_dir)])))?;
+    let root = RootCheckpoint { next_ino: 2, files: 0, bytes: 0, pages: BTreeMap::from([(0, page)]) };
+    store.objects().put(&checkpoint_key(volume, id), &root.encode())?;
+    let info = VersionInfo {
+        id,
+        seq: 1,
+        parent: None,
+        lineage: LineageName::main(),
+        created_at: now,
+        message: Some("create volume".into()),
+        files: 0,
+        bytes: 0,
+        segments: Vec::new(),
+    };
+    if !store.publish_version(volume, &info)? {
+        return Err(EngineError::exists("volume", volume.as_str()));
+    }
+    Ok(info)
+}
+
+impl Session {
+    /// Publishes every change of this session as one new version on its
+    /// lineage, then carries on from that version.
+    pub fn sync(&self, message: Option<&str>) -> Result<SyncOutcome> {
+        self.check_writable()?;
+        let mut state = self.state.lock();
+        let state = &mut *state;
+        if state.dirty.is_empty() {
+            return Ok(SyncOutcome::NothingToPublish { base: state.base.clone() });
+        }
+        let lineage = state.base.lineage.clone();
+        let head = self.store.head(&self.volume, &lineage)?;
+        if head.id != state.base.id {
+            return Err(self.head_moved(state, &head));
+        }
+
+        // Step 1: seal.
+        let log = state.log.as_mut().expect("writable sessions have a log");
+        log.roll(self)?;
+        let segments = log.sealed.clone();
+
+        // Step 2: upload segments, in the order they were sealed.
+        for (segment, path) in &segments {
+            self.store.objects().put_file(&segment_key(&self.volume, *segment), path)?;
+        }
+
+        // Step 3: checkpoint.
+        let version = VersionId::generate();
+        let (root, new_pages) = self.write_checkpoint(state, version)?;
+
+        // Step 4: the conditional head write.
+        let info = VersionInfo {
+            id: version,
+            seq: state.base.seq + 1,
+            parent: Some(state.base.id),
+            lineage: lineage.clone(),
+            created_at: Timestamp::now(),
+            message: message.map(str::to_owned),
+            files: root.files,
+            bytes: root.bytes,
+            segments: segments.iter().map(|(id, _)| *id).collect(),
+        };
+        if !self.store.publish_version(&self.volume, &info)? {
+            let head = self.store.head(&self.volume, &lineage)?;
+            return Err(self.head_moved(state, &head));
+        }
+        tracing::info!(volume = %self.volume, version = %info.id, seq = info.seq, segments = segments.len(), "published version");
+
+        // Carry on from the new version.
+        let log = state.log.as_mut().expect("writable sessions have a log");
+        for (segment, path) in log.sealed.drain(..) {
+            if let Err(err) = self.store.segments.adopt(&path, segment) {
+                tracing::warn!(segment = %segment, error = %err, "published segment stays in the session directory");
+            }
+        }
+        state.base = info.clone();
+        state.root = root;
+        state.pages.extend(new_pages);
+        state.dirty.clear();
+        let open = &state.open_handles;
+        state.inodes.retain(|ino, inode| inode.attr.nlink > 0 || open.contains_key(ino));
+        Ok(SyncOutcome::Published(info))
+    }
+
+    fn head_moved(&self, state: &State, head: &VersionInfo) -> EngineError {
+        EngineError::HeadMoved {
+            volume: self.volume.to_string(),
+            lineage: state.base.lineage.to_string(),
+            base: state.base.id.to_string(),
+            head: head.id.to_string(),
+        }
+    }
+
+    /// Writes the pages that hold changed inodes and a new root that refers
+    /// to the parent's pages for everything else.
+    fn write_checkpoint(
+        &self,
+        state: &mut State,
+        version: VersionId,
+    ) -> Result<(RootCheckpoint, HashMap<u64, Arc<BTreeMap<Ino, InodeRecord>>>)> {
+        let mut by_page: BTreeMap<u64, Vec<Ino>> = BTreeMap::new();
+        for ino in &state.dirty {
+            by_page.entry(ino.0 / INODES_PER_PAGE).or_default().push(*ino);
+        }
+        let mut root = state.root.clone();
+        root.next_ino = state.next_ino;
+        let mut files = root.files as i128;
+        let mut bytes = root.bytes as i128;
+        let mut new_pages = HashMap::new();
+        for (page_no, inos) in by_page {
+            state.base_record(&self.store, Ino(page_no * INODES_PER_PAGE))?;
+            let mut records: BTreeMap<Ino, InodeRecord> =
+                state.pages.get(&page_no).map(|page| (**page).clone()).unwrap_or_default();
+            for ino in inos {
+                let old = records.remove(&ino);
+                if let Some(old) = &old {
+                    if old.attr.kind == FileKind::File {
+                        files -= 1;
+                        bytes -= old.attr.size as i128;
+                    }
+                }
+                let Some(inode) = state.inodes.get(&ino) else { continue };
+                if inode.attr.nlink == 0 {
+                    continue;
+                }
+                if inode.attr.kind == FileKind::File {
+                    files += 1;
+                    bytes += inode.attr.size as i128;
+                }
+                records.insert(ino, self.stored_record(inode, old.as_ref())?);
+            }
+            if records.is_empty() {
+                root.pages.remove(&page_no);
+            } else {
+                let key = page_key(&self.volume, version, page_no);
+                self.store.objects().put(&key, &encode_page(&records))?;
+                root.pages.insert(page_no, key);
+            }
+            new_pages.insert(page_no, Arc::new(records));
+        }
+        root.files = files.max(0) as u64;
+        root.bytes = bytes.max(0) as u64;
+        self.store.objects().put(&checkpoint_key(&self.volume, version), &root.encode())?;
+        Ok((root, new_pages))
+    }
+
+    /// Builds the stored record of an inode, writing the directory chunks
+    /// that its parent version does not already have.
+    fn stored_record(&self, inode: &Inode, old: Option<&InodeRecord>) -> Result<InodeRecord> {
+        let content = match &inode.content {
+            Content::File(extents) => StoredContent::File(extents.clone()),
+            Content::Symlink(target) => StoredContent::Symlink(target.clone()),
+            Content::Directory(entries) => {
+                let known: HashSet<&str> = match old.map(|o| &o.content) {
+                    Some(StoredContent::Directory(chunks)) => chunks.iter().map(|c| c.key.as_str()).collect(),
+                    _ => HashSet::new(),
+                };
+                let sorted: Vec<StoredEntry> =
+                    entries.iter().map(|(name, (ino, kind))| (name.clone(), *ino, *kind)).collect();
+                let mut chunks = Vec::new();
+                for chunk in split_chunks(&sorted) {
+                    let encoded = encode_chunk(chunk);
+                    let hash = chunk_hash(&encoded);
+                    if !known.contains(hash.as_str()) {
+                        self.store.objects().put(&chunk_key(&self.volume, &hash), &encoded)?;
+                    }
+                    chunks.push(ChunkRef { key: hash, entries: chunk.len() as u32 });
+                }
+                StoredContent::Directory(chunks)
+            }
+        };
+        Ok(InodeRecord { attr: inode.attr.clone(), parent: inode.parent, xattrs: inode.xattrs.clone(), content })
+    }
+}

@@ -1,0 +1,451 @@
+//! The store: a local root directory plus an object store, and the volumes,
+//! lineages and versions kept in it.
+//!
+//! Object keys, all under `volumes/<volume>/`:
+//!
+//! | key                               | contents                                   |
+//! |-----------------------------------|--------------------------------------------|
+//! | `volume`                          | volume record (created once, if absent)    |
+//! | `lineages/<lineage>/<seq:020>`    | version record; created if absent          |
+//! | `checkpoints/<version>`           | checkpoint root                            |
+//! | `pages/<version>-<page>`          | inode page written by that version         |
+//! | `dirs/<blake3>`                   | directory chunk, content-addressed         |
+//! | `segments/<segment>.seg`          | sealed segment                             |
+//!
+//! The lineage head is the version record with the highest sequence number.
+//! Because each record is created with create-if-absent, two writers can
+//! never both publish the same sequence number.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+use crate::format::checkpoint::{frame, unframe, ObjectType, RootCheckpoint};
+use crate::ids::{LineageName, SegmentId, VersionId, VolumeName};
+use crate::io::IoMode;
+use crate::object_store::{self, list_all, ObjectStore};
+use crate::segment::{self, SealedSegment};
+use crate::tree::Timestamp;
+
+/// Where the store lives and how it writes.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Local root (`CHALK_HOME`): segment cache, sessions, control sockets.
+    pub local_root: PathBuf,
+    /// Object store URL (`CHALK_STORE`).
+    pub object_store_url: String,
+    pub io_mode: IoMode,
+}
+
+impl StoreConfig {
+    /// Reads `CHALK_HOME` (default `~/.local/share/chalk`), `CHALK_STORE`
+    /// (default `file://$CHALK_HOME/objects`) and `CHALK_IO`.
+    pub fn from_env() -> Result<Self> {
+        let local_root = match std::env::var_os("CHALK_HOME") {
+            Some(home) if !home.is_empty() => PathBuf::from(home),
+            _ => {
+                let home = std::env::var_os("HOME").ok_or_else(|| {
+                    EngineError::InvalidArgument("neither CHALK_HOME nor HOME is set; set CHALK_HOME to a directory".into())
+                })?;
+                PathBuf::from(home).join(".local/share/chalk")
+            }
+        };
+        let local_root = std::path::absolute(&local_root)
+            .map_err(|e| EngineError::io("resolving CHALK_HOME", &local_root, e))?;
+        let object_store_url = match std::env::var("CHALK_STORE") {
+            Ok(url) if !url.is_empty() => url,
+            _ => format!("file://{}", local_root.join("objects").display()),
+        };
+        let io_mode = IoMode::from_env().map_err(EngineError::InvalidArgument)?;
+        Ok(StoreConfig { local_root, object_store_url, io_mode })
+    }
+
+    pub fn with_local_root(local_root: &Path) -> Self {
+        StoreConfig {
+            local_root: local_root.to_owned(),
+            object_store_url: format!("file://{}", local_root.join("objects").display()),
+            io_mode: IoMode::Auto,
+        }
+    }
+}
+
+/// One published version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionInfo {
+    pub id: VersionId,
+    /// Position in its lineage, starting at 1.
+    pub seq: u64,
+    pub parent: Option<VersionId>,
+    pub lineage: LineageName,
+    pub created_at: Timestamp,
+    pub message: Option<String>,
+    /// Regular files in the version.
+    pub files: u64,
+    /// Sum of their sizes.
+    pub bytes: u64,
+    /// Segments sealed by the epoch that created this version.
+    pub segments: Vec<SegmentId>,
+}
+
+/// Version record as stored (JSON inside an object frame).
+#[derive(Serialize, Deserialize)]
+struct VersionRecord {
+    id: String,
+    seq: u64,
+    parent: Option<String>,
+    lineage: String,
+    created_at_ns: i64,
+    message: Option<String>,
+    files: u64,
+    bytes: u64,
+    segments: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct VolumeRecord {
+    name: String,
+    created_at_ns: i64,
+}
+
+/// A volume as `chalk volume list` shows it.
+#[derive(Clone, Debug)]
+pub struct VolumeSummary {
+    pub name: VolumeName,
+    pub latest: VersionInfo,
+}
+
+pub(crate) fn volume_prefix(volume: &VolumeName) -> String {
+    format!("volumes/{volume}/")
+}
+
+pub(crate) fn checkpoint_key(volume: &VolumeName, version: VersionId) -> String {
+    format!("volumes/{volume}/checkpoints/{version}")
+}
+
+pub(crate) fn page_key(volume: &VolumeName, version: VersionId, page: u64) -> String {
+    format!("volumes/{volume}/pages/{version}-{page:x}")
+}
+
+pub(crate) fn chunk_key(volume: &VolumeName, hash: &str) -> String {
+    format!("volumes/{volume}/dirs/{hash}")
+}
+
+pub(crate) fn segment_key(volume: &VolumeName, segment: SegmentId) -> String {
+    format!("volumes/{volume}/segments/{}", segment::file_name(segment))
+}
+
+fn lineage_prefix(volume: &VolumeName, lineage: &LineageName) -> String {
+    format!("volumes/{volume}/lineages/{lineage}/")
+}
+
+fn version_key(volume: &VolumeName, lineage: &LineageName, seq: u64) -> String {
+    format!("volumes/{volume}/lineages/{lineage}/{seq:020}")
+}
+
+/// Store handle shared by every session of a process.
+pub struct Store {
+    config: StoreConfig,
+    objects: Arc<dyn ObjectStore>,
+    pub(crate) segments: SegmentCache,
+    /// Version records by key; they are immutable once created.
+    versions: Mutex<HashMap<String, VersionInfo>>,
+}
+
+impl Store {
+    /// Opens the store, creating its local directories.
+    pub fn open(config: StoreConfig) -> Result<Arc<Store>> {
+        for dir in ["cache/segments", "sessions"] {
+            let path = config.local_root.join(dir);
+            std::fs::create_dir_all(&path).map_err(|e| EngineError::io("creating store directory", &path, e))?;
+        }
+        let objects = object_store::open(&config.object_store_url)?;
+        Self::open_with(config, objects)
+    }
+
+    /// Opens the store on an object store the caller built (tests use this to inject faults).
+    pub fn open_with(config: StoreConfig, objects: Arc<dyn ObjectStore>) -> Result<Arc<Store>> {
+        let segments = SegmentCache::new(config.local_root.join("cache/segments"), objects.clone())?;
+        let store = Arc::new(Store { config, objects, segments, versions: Mutex::new(HashMap::new()) });
+        crate::session::discard_abandoned_sessions(&store);
+        Ok(store)
+    }
+
+    pub fn local_root(&self) -> &Path {
+        &self.config.local_root
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    pub fn objects(&self) -> &Arc<dyn ObjectStore> {
+        &self.objects
+    }
+
+    pub(crate) fn sessions_dir(&self) -> PathBuf {
+        self.config.local_root.join("sessions")
+    }
+
+    /// Creates a volume and publishes its empty first version on `main`.
+    pub fn create_volume(self: &Arc<Self>, volume: &VolumeName) -> Result<VersionInfo> {
+        let record = VolumeRecord { name: volume.to_string(), created_at_ns: now_ns() };
+        let bytes = frame(ObjectType::VolumeRecord, &serde_json::to_vec(&record).expect("serializable"));
+        if !self.objects.put_if_absent(&format!("{}volume", volume_prefix(volume)), &bytes)? {
+            return Err(EngineError::exists("volume", volume.as_str()));
+        }
+        crate::session::publish_empty_version(self, volume)
+    }
+
+    pub fn volume_exists(&self, volume: &VolumeName) -> Result<bool> {
+        Ok(self.objects.get(&format!("{}volume", volume_prefix(volume)))?.is_some())
+    }
+
+    fn require_volume(&self, volume: &VolumeName) -> Result<()> {
+        if !self.volume_exists(volume)? {
+            return Err(EngineError::NotFound {
+                what: "volume",
+                name: format!("{volume} (create it with `chalk volume create {volume}`)"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Lists volumes with their latest version on `main`, by name.
+    pub fn list_volumes(&self) -> Result<Vec<VolumeSummary>> {
+        let mut out = Vec::new();
+        for object in list_all(self.objects.as_ref(), "volumes/")? {
+            let Some(name) = object.key.strip_prefix("volumes/").and_then(|k| k.strip_suffix("/volume")) else {
+                continue;
+            };
+            if name.contains('/') {
+                continue;
+            }
+            let name = VolumeName::new(name)?;
+            if let Some(latest) = self.head_opt(&name, &LineageName::main())? {
+                out.push(VolumeSummary { name, latest });
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Deletes a volume and every object under it.
+    pub fn delete_volume(&self, volume: &VolumeName) -> Result<()> {
+        self.require_volume(volume)?;
+        // The volume record goes first, so a volume half deleted by a crash is already gone for readers.
+        self.objects.delete(&format!("{}volume", volume_prefix(volume)))?;
+        for object in list_all(self.objects.as_ref(), &volume_prefix(volume))? {
+            self.objects.delete(&object.key)?;
+        }
+        self.versions.lock().retain(|key, _| !key.starts_with(&volume_prefix(volume)));
+        Ok(())
+    }
+
+    /// Versions of one lineage, oldest first.
+    pub fn versions(&self, volume: &VolumeName, lineage: &LineageName) -> Result<Vec<VersionInfo>> {
+        self.require_volume(volume)?;
+        let keys = list_all(self.objects.as_ref(), &lineage_prefix(volume, lineage))?;
+        keys.iter().map(|o| self.version_at_key(&o.key)).collect()
+    }
+
+    /// Versions of every lineage of a volume, oldest first.
+    pub fn all_versions(&self, volume: &VolumeName) -> Result<Vec<VersionInfo>> {
+        self.require_volume(volume)?;
+        let keys = list_all(self.objects.as_ref(), &format!("volumes/{volume}/lineages/"))?;
+        let mut out: Vec<VersionInfo> = keys.iter().map(|o| self.version_at_key(&o.key)).collect::<Result<_>>()?;
+        out.sort_by_key(|v| v.id);
+        Ok(out)
+    }
+
+    /// The latest version of a lineage.
+    pub fn head(&self, volume: &VolumeName, lineage: &LineageName) -> Result<VersionInfo> {
+        self.require_volume(volume)?;
+        self.head_opt(volume, lineage)?.ok_or_else(|| EngineError::NotFound {
+            what: "lineage",
+            name: format!("{lineage} of volume {volume}"),
+        })
+    }
+
+    fn head_opt(&self, volume: &VolumeName, lineage: &LineageName) -> Result<Option<VersionInfo>> {
+        let keys = list_all(self.objects.as_ref(), &lineage_prefix(volume, lineage))?;
+        keys.last().map(|o| self.version_at_key(&o.key)).transpose()
+    }
+
+    /// Finds a version by its id or a unique prefix of it.
+    pub fn resolve_version(&self, volume: &VolumeName, id_or_prefix: &str) -> Result<VersionInfo> {
+        let wanted = id_or_prefix.trim().to_lowercase();
+        if wanted.is_empty() {
+            return Err(EngineError::InvalidArgument("empty version id".into()));
+        }
+        let matches: Vec<VersionInfo> =
+            self.all_versions(volume)?.into_iter().filter(|v| v.id.to_string().starts_with(&wanted)).collect();
+        match matches.len() {
+            1 => Ok(matches.into_iter().next().expect("one match")),
+            0 => Err(EngineError::NotFound {
+                what: "version",
+                name: format!("{id_or_prefix} in volume {volume} (list them with `chalk volume versions {volume}`)"),
+            }),
+            n => Err(EngineError::InvalidArgument(format!(
+                "version prefix {id_or_prefix:?} matches {n} versions of {volume}; give more characters"
+            ))),
+        }
+    }
+
+    fn version_at_key(&self, key: &str) -> Result<VersionInfo> {
+        if let Some(found) = self.versions.lock().get(key) {
+            return Ok(found.clone());
+        }
+        let bytes = self.objects.get(key)?.ok_or_else(|| EngineError::not_found("version record", key))?;
+        let info = decode_version(key, &bytes)?;
+        self.versions.lock().insert(key.to_owned(), info.clone());
+        Ok(info)
+    }
+
+    /// Creates the version record for `info.seq`; returns `false` when
+    /// another writer already published that sequence number.
+    pub(crate) fn publish_version(&self, volume: &VolumeName, info: &VersionInfo) -> Result<bool> {
+        let record = VersionRecord {
+            id: info.id.to_string(),
+            seq: info.seq,
+            parent: info.parent.map(|p| p.to_string()),
+            lineage: info.lineage.to_string(),
+            created_at_ns: info.created_at.as_nanos() as i64,
+            message: info.message.clone(),
+            files: info.files,
+            bytes: info.bytes,
+            segments: info.segments.iter().map(|s| s.to_string()).collect(),
+        };
+        let bytes = frame(ObjectType::VersionRecord, &serde_json::to_vec(&record).expect("serializable"));
+        let key = version_key(volume, &info.lineage, info.seq);
+        let created = self.objects.put_if_absent(&key, &bytes)?;
+        if created {
+            self.versions.lock().insert(key, info.clone());
+        }
+        Ok(created)
+    }
+
+    /// Reads and checks an object that must exist.
+    pub(crate) fn read_object(&self, key: &str) -> Result<Vec<u8>> {
+        self.objects.get(key)?.ok_or_else(|| EngineError::CorruptObject {
+            key: key.to_owned(),
+            detail: format!("missing from {}", self.objects.url()),
+        })
+    }
+
+    pub(crate) fn load_checkpoint(&self, volume: &VolumeName, version: VersionId) -> Result<RootCheckpoint> {
+        let key = checkpoint_key(volume, version);
+        let bytes = self.read_object(&key)?;
+        RootCheckpoint::decode(&bytes).map_err(|detail| EngineError::CorruptObject { key, detail })
+    }
+}
+
+fn now_ns() -> i64 {
+    Timestamp::now().as_nanos() as i64
+}
+
+fn decode_version(key: &str, bytes: &[u8]) -> Result<VersionInfo> {
+    let corrupt = |detail: String| EngineError::CorruptObject { key: key.to_owned(), detail };
+    let payload = unframe(ObjectType::VersionRecord, bytes).map_err(corrupt)?;
+    let record: VersionRecord = serde_json::from_slice(payload).map_err(|e| corrupt(e.to_string()))?;
+    let id = record.id.parse::<VersionId>().map_err(|e| corrupt(e.to_string()))?;
+    let parent = record.parent.map(|p| p.parse::<VersionId>()).transpose().map_err(|e| corrupt(e.to_string()))?;
+    let segments =
+        record.segments.iter().map(|s| s.parse::<SegmentId>()).collect::<Result<Vec<_>>>().map_err(|e| corrupt(e.to_string()))?;
+    let secs = record.created_at_ns.div_euclid(1_000_000_000);
+    let nanos = record.created_at_ns.rem_euclid(1_000_000_000) as u32;
+    Ok(VersionInfo {
+        id,
+        seq: record.seq,
+        parent,
+        lineage: LineageName::new(&record.lineage)?,
+        created_at: Timestamp { secs, nanos },
+        message: record.message,
+        files: record.files,
+        bytes: record.bytes,
+        segments,
+    })
+}
+
+/// Sealed segments on the local disk, by id: published ones under
+/// `cache/segments/`, unpublished ones in their session's directory.
+pub(crate) struct SegmentCache {
+    dir: PathBuf,
+    objects: Arc<dyn ObjectStore>,
+    open: Mutex<HashMap<SegmentId, Arc<SealedSegment>>>,
+}
+
+impl SegmentCache {
+    fn new(dir: PathBuf, objects: Arc<dyn ObjectStore>) -> Result<Self> {
+        std::fs::create_dir_all(&dir).map_err(|e| EngineError::io("creating segment cache", &dir, e))?;
+        Ok(SegmentCache { dir, objects, open: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn path(&self, id: SegmentId) -> PathBuf {
+        self.dir.join(segment::file_name(id))
+    }
+
+    /// Returns a sealed segment, fetching it from the object store into the
+    /// local cache when it is not on the local disk.
+    pub fn get(&self, volume: &VolumeName, id: SegmentId) -> Result<Arc<SealedSegment>> {
+        if let Some(found) = self.open.lock().get(&id) {
+            return Ok(found.clone());
+        }
+        let path = self.path(id);
+        if !path.exists() {
+            self.fetch(volume, id, &path)?;
+        }
+        let sealed = Arc::new(SealedSegment::open(id, &path)?);
+        Ok(self.open.lock().entry(id).or_insert(sealed).clone())
+    }
+
+    fn fetch(&self, volume: &VolumeName, id: SegmentId, path: &Path) -> Result<()> {
+        let key = segment_key(volume, id);
+        let tmp = self.dir.join(format!("{}.fetch-{}", segment::file_name(id), ulid::Ulid::new()));
+        let found = self.objects.get_to_file(&key, &tmp)?;
+        if !found {
+            return Err(EngineError::CorruptObject {
+                key,
+                detail: format!("segment is referenced by a version but missing from {}", self.objects.url()),
+            });
+        }
+        let bytes = std::fs::read(&tmp).map_err(|e| EngineError::io("reading fetched segment", &tmp, e))?;
+        let report = segment::scan(&bytes);
+        if let Some((offset, detail)) = report.invalid {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(EngineError::CorruptSegment { object: "fetched segment", segment: id, offset, detail });
+        }
+        if !report.sealed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(EngineError::CorruptSegment {
+                object: "fetched segment",
+                segment: id,
+                offset: report.valid_end,
+                detail: "segment does not end with a seal record".into(),
+            });
+        }
+        std::fs::rename(&tmp, path).map_err(|e| EngineError::io("renaming fetched segment", path, e))?;
+        Ok(())
+    }
+
+    /// Registers a sealed segment that still lives in a session directory.
+    pub fn insert_unpublished(&self, id: SegmentId, path: &Path) -> Result<Arc<SealedSegment>> {
+        let sealed = Arc::new(SealedSegment::open(id, path)?);
+        self.open.lock().insert(id, sealed.clone());
+        Ok(sealed)
+    }
+
+    /// Moves a published segment from its session directory into the cache.
+    /// The open memory map stays valid across the rename.
+    pub fn adopt(&self, from: &Path, id: SegmentId) -> Result<()> {
+        let to = self.path(id);
+        std::fs::rename(from, &to).map_err(|e| EngineError::io("moving segment into the cache", &to, e))
+    }
+
+    pub fn forget(&self, id: SegmentId) {
+        self.open.lock().remove(&id);
+    }
+}
