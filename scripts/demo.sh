@@ -232,6 +232,9 @@ resolve_model_file() {
 
 # Copy the standard library of the machine's python3 into $STAGE, without
 # installed packages and byte code, so the input does not change between runs.
+# The full run adds the C headers under /usr/include (libc6-dev, linux-libc-dev
+# and friends) as usr-include/, because the stdlib alone has fewer than
+# $MIN_FULL_TREE_FILES files on these machines.
 stage_source_tree() {
     local stdlib
     stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
@@ -245,14 +248,21 @@ stage_source_tree() {
     tar -C "$stdlib" --exclude=site-packages --exclude=__pycache__ -cf - "${members[@]}" |
         tar -C "$STAGE" -xf - || fail "source tree" "copying $stdlib to $STAGE failed"
 
+    if ((!QUICK)); then
+        [[ -d /usr/include ]] || fail "source tree" "/usr/include is missing; install libc6-dev"
+        mkdir -p "$STAGE/usr-include"
+        tar -C /usr/include -cf - . | tar -C "$STAGE/usr-include" -xf - ||
+            fail "source tree" "copying /usr/include to $STAGE/usr-include failed"
+    fi
+
     STAGED_FILES=$(find "$STAGE" -type f | wc -l)
     if ((QUICK)); then
         ((STAGED_FILES > 0)) || fail "source tree" "no files copied from $stdlib"
         ok "source tree: $STAGED_FILES files from ${QUICK_PACKAGES[*]} in $stdlib"
     elif ((STAGED_FILES < MIN_FULL_TREE_FILES)); then
-        fail "source tree" "$stdlib has $STAGED_FILES files without site-packages and __pycache__, fewer than the $MIN_FULL_TREE_FILES this demo requires"
+        fail "source tree" "$stdlib and /usr/include have $STAGED_FILES files, fewer than the $MIN_FULL_TREE_FILES this demo requires"
     else
-        ok "source tree: $STAGED_FILES files from $stdlib"
+        ok "source tree: $STAGED_FILES files from $stdlib and /usr/include"
     fi
 }
 
