@@ -90,10 +90,10 @@ impl Session {
         log.roll(self)?;
         let segments = log.sealed.clone();
 
-        // Step 2: upload segments, in the order they were sealed.
-        for (segment, path) in &segments {
-            self.store.objects().put_file(&segment_key(&self.volume, *segment), path)?;
-        }
+        // Step 2: upload segments.
+        let uploads: Vec<(String, &std::path::Path)> =
+            segments.iter().map(|(segment, path)| (segment_key(&self.volume, *segment), path.as_path())).collect();
+        parallel_puts(&uploads, |(key, path)| self.store.objects().put_file(key, path))?;
 
         // Step 3: checkpoint.
         let version = VersionId::generate();
@@ -158,6 +158,7 @@ impl Session {
         let mut files = root.files as i128;
         let mut bytes = root.bytes as i128;
         let mut new_pages = HashMap::new();
+        let mut objects: Vec<(String, Vec<u8>)> = Vec::new();
         for (page_no, inos) in by_page {
             state.base_record(&self.store, Ino(page_no * INODES_PER_PAGE))?;
             let mut records: BTreeMap<Ino, InodeRecord> =
@@ -178,26 +179,28 @@ impl Session {
                     files += 1;
                     bytes += inode.attr.size as i128;
                 }
-                records.insert(ino, self.stored_record(inode, old.as_ref())?);
+                records.insert(ino, self.stored_record(inode, old.as_ref(), &mut objects));
             }
             if records.is_empty() {
                 root.pages.remove(&page_no);
             } else {
                 let key = page_key(&self.volume, version, page_no);
-                self.store.objects().put(&key, &encode_page(&records))?;
+                objects.push((key.clone(), encode_page(&records)));
                 root.pages.insert(page_no, key);
             }
             new_pages.insert(page_no, Arc::new(records));
         }
         root.files = files.max(0) as u64;
         root.bytes = bytes.max(0) as u64;
+        // Pages and chunks first, so the root never refers to a missing object.
+        parallel_puts(&objects, |(key, bytes)| self.store.objects().put(key, bytes))?;
         self.store.objects().put(&checkpoint_key(&self.volume, version), &root.encode())?;
         Ok((root, new_pages))
     }
 
-    /// Builds the stored record of an inode, writing the directory chunks
-    /// that its parent version does not already have.
-    fn stored_record(&self, inode: &Inode, old: Option<&InodeRecord>) -> Result<InodeRecord> {
+    /// Builds the stored record of an inode, queueing the directory chunks
+    /// that its parent version does not already have onto `objects`.
+    fn stored_record(&self, inode: &Inode, old: Option<&InodeRecord>, objects: &mut Vec<(String, Vec<u8>)>) -> InodeRecord {
         let content = match &inode.content {
             Content::File(extents) => StoredContent::File(extents.clone()),
             Content::Symlink(target) => StoredContent::Symlink(target.clone()),
@@ -213,13 +216,42 @@ impl Session {
                     let encoded = encode_chunk(chunk);
                     let hash = chunk_hash(&encoded);
                     if !known.contains(hash.as_str()) {
-                        self.store.objects().put(&chunk_key(&self.volume, &hash), &encoded)?;
+                        objects.push((chunk_key(&self.volume, &hash), encoded));
                     }
                     chunks.push(ChunkRef { key: hash, entries: chunk.len() as u32 });
                 }
                 StoredContent::Directory(chunks)
             }
         };
-        Ok(InodeRecord { attr: inode.attr.clone(), parent: inode.parent, xattrs: inode.xattrs.clone(), content })
+        InodeRecord { attr: inode.attr.clone(), parent: inode.parent, xattrs: inode.xattrs.clone(), content }
+    }
+}
+
+/// Object writes in flight at once during a sync.
+const PARALLEL_PUTS: usize = 8;
+
+/// Runs `put` on every item with up to [`PARALLEL_PUTS`] threads and returns
+/// the first error after all of them finished.
+fn parallel_puts<T: Sync>(items: &[T], put: impl Fn(&T) -> Result<()> + Sync) -> Result<()> {
+    if items.len() <= 1 {
+        return items.iter().try_for_each(&put);
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let first_error = parking_lot::Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..PARALLEL_PUTS.min(items.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else { return };
+                if let Err(err) = put(item) {
+                    first_error.lock().get_or_insert(err);
+                    return;
+                }
+            });
+        }
+    });
+    match first_error.into_inner() {
+        Some(err) => Err(err),
+        None => Ok(()),
     }
 }
