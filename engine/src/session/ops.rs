@@ -101,7 +101,8 @@ impl State {
         Ok(attr)
     }
 
-    /// Removes the entry `parent/name` for a non-directory and drops one link.
+    /// Removes the entry `parent/name`: a file or symlink loses one link, a
+    /// directory (already checked empty) drops to zero links.
     fn remove_entry(&mut self, session: &Session, parent: Ino, name: &[u8], now: Timestamp) -> Result<()> {
         let (ino, kind) = self.entries_mut(session, parent)?.remove(name).expect("caller checked the entry");
         self.inode(&session.store, &session.volume, ino)?;
