@@ -15,10 +15,10 @@
 //! removed by the next command that finds them.
 //!
 //! Control protocol: one JSON object per line in each direction.
-//! `{"op":"sync","message":null}` publishes the mount's writes and answers
+//! `{"op":"sync","message":null}` publishes the mount's writes and returns
 //! `{"ok":true,"published":"<version>"}`, or
 //! `{"ok":true,"nothing_to_publish":true,"base":"<version>"}`, or
-//! `{"ok":false,"error":"<message>"}`. `{"op":"status"}` answers the
+//! `{"ok":false,"error":"<message>"}`. `{"op":"status"}` returns the
 //! registration. Only the user who owns the mount, or root, may connect.
 
 use std::ffi::OsString;
@@ -102,6 +102,7 @@ pub fn run_mount(
     daemon: bool,
 ) -> anyhow::Result<()> {
     if !daemon {
+        install_stop_handlers()?;
         let active = start_mount(&store, volume, dir, version, read_only, None)?;
         println!("{}", active.summary());
         return serve_until_stopped(active);
@@ -337,9 +338,9 @@ fn start_mount(
 }
 
 /// Serves control requests until the mount is unmounted from outside or a
-/// stop signal arrives, then unmounts and removes the registration.
+/// stop signal arrives, then unmounts and removes the registration. The
+/// caller installs the stop handlers first, with [`install_stop_handlers`].
 fn serve_until_stopped(active: ActiveMount) -> anyhow::Result<()> {
-    install_stop_handlers()?;
     let ActiveMount { handle, session, registration, files, listener } = active;
     {
         let session = Arc::clone(&session);
@@ -579,6 +580,10 @@ fn run_daemon_child(
     if let Err(error) = nix::unistd::setsid() {
         tracing::warn!(%error, "setsid failed; the mount stays in the caller's session");
     }
+    if let Err(error) = install_stop_handlers() {
+        let _ = writeln!(ready, "error {error:#}");
+        return Err(error);
+    }
 
     let active = match start_mount(store, volume, dir, version, read_only, Some(log)) {
         Ok(active) => active,
@@ -670,12 +675,28 @@ fn live_registrations(run_dir: &Path) -> anyhow::Result<Vec<Registration>> {
             continue;
         }
         let path = entry.path();
-        if path.extension().is_some_and(|extension| extension == "json") {
+        if path.extension() != Some(std::ffi::OsStr::new("json")) {
+            continue;
+        }
+        let registration: Registration =
             match fs::read(&path).map_err(anyhow::Error::from).and_then(|bytes| Ok(serde_json::from_slice(&bytes)?)) {
-                Ok(registration) => live.push(registration),
-                Err(error) => tracing::warn!(path = %path.display(), error = %format!("{error:#}"), "skipping an unreadable mount registration"),
+                Ok(registration) => registration,
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), error = %format!("{error:#}"), "skipping an unreadable mount registration");
+                    continue;
+                }
+            };
+        // The pid may belong to an unrelated process by now. A registration
+        // is written only after its socket listens, so a socket that refuses
+        // connections marks a registration left by a process that is gone.
+        if let Err(error) = UnixStream::connect(&registration.socket) {
+            if matches!(error.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound) {
+                tracing::info!(pid, socket = %registration.socket.display(), "removing a registration whose control socket is gone");
+                remove_registration_files(run_dir, pid);
+                continue;
             }
         }
+        live.push(registration);
     }
     live.sort_by(|a: &Registration, b| a.dir.cmp(&b.dir));
     Ok(live)
@@ -694,9 +715,9 @@ fn remove_registration_files(run_dir: &Path, pid: u32) {
     }
 }
 
-/// Whether process `pid` exists and has not exited. A zombie counts as
-/// exited: a daemonized mount process is reaped by init, which may take a
-/// second or more after the process has ended.
+/// Returns whether process `pid` exists and has not exited. A zombie counts
+/// as exited, because init reaps a daemonized mount process and on some
+/// machines does so a second or more after the process ended.
 fn process_alive(pid: u32) -> bool {
     let Ok(raw_pid) = i32::try_from(pid) else {
         return false;
@@ -782,7 +803,7 @@ fn sync_mount(registration: &Registration) -> anyhow::Result<String> {
         let base = reply["base"].as_str().unwrap_or("unknown");
         return Ok(format!("nothing to publish at {} (base version {base})", registration.dir.display()));
     }
-    bail!("unexpected answer from mount process {}: {reply}", registration.pid)
+    bail!("unexpected response from mount process {}: {reply}", registration.pid)
 }
 
 fn control_request(registration: &Registration, request: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
@@ -799,7 +820,7 @@ fn control_request(registration: &Registration, request: &serde_json::Value) -> 
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
     if line.is_empty() {
-        bail!("mount process {} closed the control connection without answering", registration.pid);
+        bail!("mount process {} closed the control connection without a response", registration.pid);
     }
-    serde_json::from_str(&line).with_context(|| format!("invalid answer from mount process {}: {line:?}", registration.pid))
+    serde_json::from_str(&line).with_context(|| format!("invalid response from mount process {}: {line:?}", registration.pid))
 }

@@ -1,0 +1,758 @@
+//! The `fuser::Filesystem` implementation: one method per FUSE operation,
+//! each of which opens a tracing span, calls the session, maps a failure once
+//! and replies.
+//!
+//! Invariants:
+//! - Every reply that gives the kernel an inode reference is preceded by
+//!   `Session::remember(ino, 1)`, and every `forget` is passed on, so the
+//!   engine's lookup counts equal the kernel's. Such replies are lookup,
+//!   create, mknod, mkdir, symlink, link and readdirplus entries other than
+//!   `.` and `..`. Counts go up before the reply is sent because the kernel
+//!   may send `forget` as soon as it has the reply.
+//! - Every successful `open` or `create` is matched by exactly one
+//!   `Session::release` when the kernel releases the handle, which keeps an
+//!   unlinked file readable while a descriptor is open.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chalk_engine::{
+    Attr, DirEntry, EngineError, FileKind, Ino, Owner, RenameMode, Session, SetAttr, XattrMode,
+};
+use fuser::{
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use parking_lot::Mutex;
+use tracing::span::EnteredSpan;
+
+use crate::attr::{file_attr, file_type, time_set, timestamp, BLOCK_SIZE_BYTES};
+use crate::errno::{log_failure, log_rejected};
+
+/// Entry and attribute timeout for read-only sessions. Nothing can change
+/// their tree through this mount, so the kernel may cache for long.
+const READ_ONLY_TTL: Duration = Duration::from_secs(3600);
+
+/// Entry and attribute timeout for writable sessions.
+const WRITABLE_TTL: Duration = Duration::from_secs(1);
+
+/// Largest write request the kernel may send, in bytes.
+const MAX_WRITE_BYTES: u32 = BLOCK_SIZE_BYTES;
+
+/// Inode numbers are never reused within a session, so one generation fits
+/// every inode.
+const GENERATION: Generation = Generation(0);
+
+/// One open regular file.
+struct OpenFile {
+    ino: Ino,
+    /// Flags given to `open(2)` or `creat(2)`.
+    flags: i32,
+}
+
+/// One entry of a directory listing as returned by readdir, `.` and `..`
+/// included. Entry `i` of a listing has the directory offset `i + 1`.
+struct ListedEntry {
+    name: Vec<u8>,
+    ino: Ino,
+    kind: FileKind,
+}
+
+/// The FUSE adaptor over one engine session.
+pub(crate) struct ChalkFs {
+    session: Arc<Session>,
+    read_only: bool,
+    ttl: Duration,
+    next_handle: AtomicU64,
+    files: Mutex<HashMap<u64, OpenFile>>,
+    /// Listings by directory handle, taken when a read starts at offset 0
+    /// so that later pages of the same pass see one consistent listing.
+    dirs: Mutex<HashMap<u64, Option<Arc<Vec<ListedEntry>>>>>,
+    /// Serializes `O_APPEND` writes, so that reading the file size and
+    /// writing at it are one step for every appender of this mount.
+    append_lock: Mutex<()>,
+}
+
+fn op_span(op: &'static str, req: &Request, ino: u64) -> EnteredSpan {
+    tracing::debug_span!("fuse", op, req = req.unique().0, ino, pid = req.pid()).entered()
+}
+
+fn engine_ino(ino: INodeNo) -> Ino {
+    Ino(ino.0)
+}
+
+impl ChalkFs {
+    pub(crate) fn new(session: Arc<Session>, read_only: bool) -> Self {
+        let read_only = read_only || session.is_read_only();
+        ChalkFs {
+            session,
+            read_only,
+            ttl: if read_only { READ_ONLY_TTL } else { WRITABLE_TTL },
+            next_handle: AtomicU64::new(1),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            append_lock: Mutex::new(()),
+        }
+    }
+
+    fn allocate_handle(&self) -> u64 {
+        self.next_handle.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Page-cache flags for a newly opened file. Read-only sessions keep the
+    /// cache across opens because the contents cannot change. Writable
+    /// sessions drop cached pages on open and never use direct I/O, so every
+    /// process of the mount shares one page cache and shared `mmap` works.
+    fn file_open_flags(&self) -> FopenFlags {
+        if self.read_only {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        }
+    }
+
+    /// Owner of a new inode, and whether it inherits the setgid bit because
+    /// `parent` has it (the BSD group rule that Linux applies to setgid
+    /// directories).
+    fn new_owner(&self, req: &Request, parent: Ino) -> Result<(Owner, bool), EngineError> {
+        let parent_attr = self.session.getattr(parent)?;
+        let setgid = u32::from(parent_attr.perm) & libc::S_ISGID != 0;
+        let gid = if setgid { parent_attr.gid } else { req.gid() };
+        Ok((Owner { uid: req.uid(), gid }, setgid))
+    }
+
+    /// Counts the kernel's new reference to `attr.ino`, then sends the entry.
+    fn reply_entry(&self, reply: ReplyEntry, attr: &Attr) {
+        self.session.remember(attr.ino, 1);
+        reply.entry(&self.ttl, &file_attr(attr), GENERATION);
+    }
+
+    /// Returns the listing of `dir` for a read at `offset`: a fresh one when
+    /// the read starts a pass (offset 0) or the handle has none yet.
+    fn listing(&self, dir: Ino, fh: u64, offset: u64) -> Result<Arc<Vec<ListedEntry>>, EngineError> {
+        if offset > 0 {
+            if let Some(Some(listing)) = self.dirs.lock().get(&fh) {
+                return Ok(Arc::clone(listing));
+            }
+        }
+        let entries = self.session.readdir(dir)?;
+        let parent = self.session.parent_of(dir)?;
+        let mut listing = Vec::with_capacity(entries.len() + 2);
+        listing.push(ListedEntry { name: b".".to_vec(), ino: dir, kind: FileKind::Directory });
+        listing.push(ListedEntry { name: b"..".to_vec(), ino: parent, kind: FileKind::Directory });
+        listing.extend(entries.into_iter().map(|DirEntry { name, ino, kind }| ListedEntry { name, ino, kind }));
+        let listing = Arc::new(listing);
+        if let Some(slot) = self.dirs.lock().get_mut(&fh) {
+            *slot = Some(Arc::clone(&listing));
+        }
+        Ok(listing)
+    }
+}
+
+impl Filesystem for ChalkFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Request only what this adaptor implements. Locks are left to the
+        // kernel (no FUSE_POSIX_LOCKS or FUSE_FLOCK_LOCKS). Writeback caching
+        // stays off, so every write, O_APPEND included, reaches the engine
+        // before write(2) returns. FUSE-over-io_uring and passthrough stay off.
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS;
+        let available = config.capabilities() & wanted;
+        if let Err(unsupported) = config.add_capabilities(available) {
+            tracing::warn!(?unsupported, "kernel rejected FUSE capabilities that it had offered");
+        }
+        if let Err(nearest) = config.set_max_write(MAX_WRITE_BYTES) {
+            tracing::debug!(nearest, "max_write of 1 MiB not accepted; using the nearest value");
+            let _ = config.set_max_write(nearest);
+        }
+        tracing::debug!(capabilities = ?available, read_only = self.read_only, "FUSE session initialized");
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _span = op_span("lookup", req, parent.0);
+        match self.session.lookup(engine_ino(parent), name) {
+            Ok(attr) => self.reply_entry(reply, &attr),
+            Err(EngineError::NotFound { .. }) if self.read_only => {
+                // A zero inode number is a negative entry: the kernel caches
+                // the absence of the name for the timeout.
+                reply.entry(&self.ttl, &negative_entry_attr(), GENERATION);
+            }
+            Err(error) => reply.error(log_failure("lookup", parent.0, &error)),
+        }
+    }
+
+    // fuser 0.18 does not export `ForgetOne`, so `batch_forget` cannot be
+    // overridden; its default calls this method once per inode.
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.session.forget(engine_ino(ino), nlookup);
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _span = op_span("getattr", req, ino.0);
+        match self.session.getattr(engine_ino(ino)) {
+            Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
+            Err(error) => reply.error(log_failure("getattr", ino.0, &error)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let _span = op_span("setattr", req, ino.0);
+        // A size from ftruncate(2) arrives with the handle and one from
+        // truncate(2) or O_TRUNC without it; both truncate the inode.
+        let change = SetAttr {
+            mode: mode.map(|mode| mode & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_set),
+            mtime: mtime.map(time_set),
+            ctime: ctime.map(timestamp),
+        };
+        match self.session.setattr(engine_ino(ino), &change) {
+            Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
+            Err(error) => reply.error(log_failure("setattr", ino.0, &error)),
+        }
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _span = op_span("readlink", req, ino.0);
+        match self.session.readlink(engine_ino(ino)) {
+            Ok(target) => reply.data(&target),
+            Err(error) => reply.error(log_failure("readlink", ino.0, &error)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let _span = op_span("mknod", req, parent.0);
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            // The engine stores regular files, directories and symlinks only.
+            // mknod(2) documents EPERM for "the file system containing
+            // pathname does not support the type of node requested", so
+            // FIFOs, sockets and device nodes get EPERM.
+            reply.error(log_rejected("mknod", parent.0, Errno::EPERM, "node type not supported"));
+            return;
+        }
+        let result = self
+            .new_owner(req, engine_ino(parent))
+            .and_then(|(owner, _)| self.session.create(engine_ino(parent), name, mode & 0o7777, owner));
+        match result {
+            Ok(attr) => self.reply_entry(reply, &attr),
+            Err(error) => reply.error(log_failure("mknod", parent.0, &error)),
+        }
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        let _span = op_span("mkdir", req, parent.0);
+        let result = self.new_owner(req, engine_ino(parent)).and_then(|(owner, setgid)| {
+            let mut mode = mode & 0o7777;
+            if setgid {
+                mode |= libc::S_ISGID;
+            }
+            self.session.mkdir(engine_ino(parent), name, mode, owner)
+        });
+        match result {
+            Ok(attr) => self.reply_entry(reply, &attr),
+            Err(error) => reply.error(log_failure("mkdir", parent.0, &error)),
+        }
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _span = op_span("unlink", req, parent.0);
+        match self.session.unlink(engine_ino(parent), name) {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(log_failure("unlink", parent.0, &error)),
+        }
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _span = op_span("rmdir", req, parent.0);
+        match self.session.rmdir(engine_ino(parent), name) {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(log_failure("rmdir", parent.0, &error)),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let _span = op_span("symlink", req, parent.0);
+        let result = self.new_owner(req, engine_ino(parent)).and_then(|(owner, _)| {
+            self.session.symlink(engine_ino(parent), link_name, target.as_os_str().as_bytes(), owner)
+        });
+        match result {
+            Ok(attr) => self.reply_entry(reply, &attr),
+            Err(error) => reply.error(log_failure("symlink", parent.0, &error)),
+        }
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let _span = op_span("rename", req, parent.0);
+        let mode = if flags.is_empty() {
+            RenameMode::Replace
+        } else if flags == RenameFlags::RENAME_NOREPLACE {
+            RenameMode::NoReplace
+        } else if flags == RenameFlags::RENAME_EXCHANGE {
+            RenameMode::Exchange
+        } else {
+            // RENAME_WHITEOUT (overlayfs whiteouts need character devices,
+            // which the engine cannot store) and any combination of flags.
+            reply.error(log_rejected("rename", parent.0, Errno::EINVAL, "unsupported rename flags"));
+            return;
+        };
+        match self.session.rename(engine_ino(parent), name, engine_ino(newparent), newname, mode) {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(log_failure("rename", parent.0, &error)),
+        }
+    }
+
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let _span = op_span("link", req, ino.0);
+        match self.session.link(engine_ino(ino), engine_ino(newparent), newname) {
+            Ok(attr) => self.reply_entry(reply, &attr),
+            Err(error) => reply.error(log_failure("link", ino.0, &error)),
+        }
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _span = op_span("open", req, ino.0);
+        if let Err(error) = self.session.open(engine_ino(ino)) {
+            reply.error(log_failure("open", ino.0, &error));
+            return;
+        }
+        let fh = self.allocate_handle();
+        self.files.lock().insert(fh, OpenFile { ino: engine_ino(ino), flags: flags.0 });
+        reply.opened(FileHandle(fh), self.file_open_flags());
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let _span = op_span("read", req, ino.0);
+        match self.session.read(engine_ino(ino), offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(error) => reply.error(log_failure("read", ino.0, &error)),
+        }
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        write_flags: WriteFlags,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let _span = op_span("write", req, ino.0);
+        let ino = engine_ino(ino);
+        // The kernel sends the file's current flags with each write, so an
+        // O_APPEND set or cleared by fcntl(2) counts. The flags remembered at
+        // open stand in only if a kernel sends none. Page-cache writeback
+        // (dirty mmap pages) carries FUSE_WRITE_CACHE and must land at its
+        // own offset.
+        let current_flags = if flags.0 != 0 {
+            flags.0
+        } else {
+            self.files.lock().get(&fh.0).map_or(0, |file| file.flags)
+        };
+        let append = current_flags & libc::O_APPEND != 0 && !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        let result = if append {
+            let _append_guard = self.append_lock.lock();
+            self.session
+                .file_size(ino)
+                .and_then(|end| self.session.write(ino, end, data))
+        } else {
+            self.session.write(ino, offset, data)
+        };
+        match result {
+            Ok(written) => reply.written(written),
+            Err(error) => reply.error(log_failure("write", ino.0, &error)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        // Every write reaches the session before its reply is sent, so
+        // close(2) has nothing left to push.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _span = op_span("release", req, ino.0);
+        let file = self.files.lock().remove(&fh.0);
+        match file {
+            Some(file) => self.session.release(file.ino),
+            None => tracing::warn!(op = "release", ino = ino.0, fh = fh.0, "release of an unknown file handle"),
+        }
+        reply.ok();
+    }
+
+    fn fsync(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let _span = op_span("fsync", req, ino.0);
+        match self.session.fsync() {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(log_failure("fsync", ino.0, &error)),
+        }
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _span = op_span("opendir", req, ino.0);
+        let fh = self.allocate_handle();
+        self.dirs.lock().insert(fh, None);
+        let flags = if self.read_only {
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR
+        } else {
+            FopenFlags::empty()
+        };
+        reply.opened(FileHandle(fh), flags);
+    }
+
+    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let _span = op_span("readdir", req, ino.0);
+        let listing = match self.listing(engine_ino(ino), fh.0, offset) {
+            Ok(listing) => listing,
+            Err(error) => {
+                reply.error(log_failure("readdir", ino.0, &error));
+                return;
+            }
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (index, entry) in listing.iter().enumerate().skip(start) {
+            let name = OsStr::from_bytes(&entry.name);
+            let buffer_full = reply.add(INodeNo(entry.ino.0), index as u64 + 1, file_type(entry.kind), name);
+            if buffer_full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let _span = op_span("readdirplus", req, ino.0);
+        let listing = match self.listing(engine_ino(ino), fh.0, offset) {
+            Ok(listing) => listing,
+            Err(error) => {
+                reply.error(log_failure("readdirplus", ino.0, &error));
+                return;
+            }
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let mut added = 0usize;
+        for (index, entry) in listing.iter().enumerate().skip(start) {
+            let attr = match self.session.getattr(entry.ino) {
+                Ok(attr) => attr,
+                // Removed since the listing was taken.
+                Err(EngineError::NotFound { .. }) => continue,
+                Err(error) => {
+                    let errno = log_failure("readdirplus", ino.0, &error);
+                    if added == 0 {
+                        reply.error(errno);
+                        return;
+                    }
+                    // Send what fits so far; the next read resumes here and
+                    // reports the error then.
+                    break;
+                }
+            };
+            // The kernel takes no reference for `.` and `..` (entries 0 and 1).
+            let counted = index >= 2;
+            if counted {
+                self.session.remember(attr.ino, 1);
+            }
+            let name = OsStr::from_bytes(&entry.name);
+            let buffer_full = reply.add(INodeNo(attr.ino.0), index as u64 + 1, name, &self.ttl, &file_attr(&attr), GENERATION);
+            if buffer_full {
+                if counted {
+                    self.session.forget(attr.ino, 1);
+                }
+                break;
+            }
+            added += 1;
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let _span = op_span("fsyncdir", req, ino.0);
+        match self.session.fsync() {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(log_failure("fsyncdir", ino.0, &error)),
+        }
+    }
+
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let _span = op_span("statfs", req, ino.0);
+        match self.session.statfs() {
+            Ok(stats) => reply.statfs(
+                stats.blocks,
+                stats.blocks_free,
+                stats.blocks_available,
+                stats.files,
+                stats.files_free,
+                stats.block_size,
+                stats.name_max,
+                stats.block_size,
+            ),
+            Err(error) => reply.error(log_failure("statfs", ino.0, &error)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let _span = op_span("setxattr", req, ino.0);
+        let mode = match flags {
+            0 => XattrMode::CreateOrReplace,
+            libc::XATTR_CREATE => XattrMode::CreateOnly,
+            libc::XATTR_REPLACE => XattrMode::ReplaceOnly,
+            _ => {
+                reply.error(log_rejected("setxattr", ino.0, Errno::EINVAL, "unknown setxattr flags"));
+                return;
+            }
+        };
+        if position != 0 {
+            // Only macOS resource forks use a position.
+            reply.error(log_rejected("setxattr", ino.0, Errno::EINVAL, "nonzero xattr position"));
+            return;
+        }
+        match self.session.setxattr(engine_ino(ino), name, value, mode) {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(log_failure("setxattr", ino.0, &error)),
+        }
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _span = op_span("getxattr", req, ino.0);
+        match self.session.getxattr(engine_ino(ino), name) {
+            Ok(value) => reply_xattr(reply, &value, size),
+            Err(error) => reply.error(log_failure("getxattr", ino.0, &error)),
+        }
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _span = op_span("listxattr", req, ino.0);
+        match self.session.listxattr(engine_ino(ino)) {
+            Ok(names) => {
+                // The list is each name followed by a NUL byte.
+                let mut list = Vec::with_capacity(names.iter().map(|name| name.len() + 1).sum());
+                for name in names {
+                    list.extend_from_slice(&name);
+                    list.push(0);
+                }
+                reply_xattr(reply, &list, size);
+            }
+            Err(error) => reply.error(log_failure("listxattr", ino.0, &error)),
+        }
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _span = op_span("removexattr", req, ino.0);
+        match self.session.removexattr(engine_ino(ino), name) {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(log_failure("removexattr", ino.0, &error)),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // The mount uses `default_permissions`, so the kernel checks modes
+        // itself and an access request only checks that the inode exists.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let _span = op_span("create", req, parent.0);
+        let result = self.new_owner(req, engine_ino(parent)).and_then(|(owner, _)| {
+            let attr = self.session.create(engine_ino(parent), name, mode & 0o7777, owner)?;
+            self.session.open(attr.ino)?;
+            Ok(attr)
+        });
+        match result {
+            Ok(attr) => {
+                let fh = self.allocate_handle();
+                self.files.lock().insert(fh, OpenFile { ino: attr.ino, flags });
+                self.session.remember(attr.ino, 1);
+                reply.created(&self.ttl, &file_attr(&attr), GENERATION, FileHandle(fh), self.file_open_flags());
+            }
+            Err(error) => reply.error(log_failure("create", parent.0, &error)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let _span = op_span("fallocate", req, ino.0);
+        // The engine cannot reserve space ahead of writes, so no fallocate
+        // mode can keep its promise. With EOPNOTSUPP, posix_fallocate(3) in
+        // glibc falls back to writing the range.
+        reply.error(log_rejected("fallocate", ino.0, Errno::ENOTSUP, "fallocate not supported"));
+    }
+
+    // The three operations below reply ENOSYS, which the kernel records as
+    // "not implemented" and stops sending them. lseek then falls back to the
+    // kernel's generic lseek, where SEEK_DATA and SEEK_HOLE treat the whole
+    // file as data. copy_file_range falls back to read and write, and ioctl
+    // fails with ENOTTY. fuser's default methods reply the same errno but log
+    // a warning.
+
+    fn lseek(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _offset: i64, _whence: i32, reply: fuser::ReplyLseek) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+}
+
+/// Replies to getxattr or listxattr: the size alone for a size-0 probe,
+/// ERANGE when the caller's buffer is too small, or the bytes.
+fn reply_xattr(reply: ReplyXattr, bytes: &[u8], size: u32) {
+    let Ok(len) = u32::try_from(bytes.len()) else {
+        reply.error(Errno::E2BIG);
+        return;
+    };
+    if size == 0 {
+        reply.size(len);
+    } else if len > size {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(bytes);
+    }
+}
+
+/// Attributes sent with a negative lookup entry. The kernel reads only the
+/// zero inode number and the timeout.
+fn negative_entry_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLOCK_SIZE_BYTES,
+        flags: 0,
+    }
+}

@@ -1,0 +1,21 @@
+//! FUSE adaptor that serves a Chalk volume session as a mounted directory.
+//!
+//! The adaptor is thin: each FUSE operation opens a tracing span, calls the
+//! engine [`Session`](chalk_engine::Session), maps a failure to errno in one
+//! exhaustive match and replies. The engine owns all file system state; the
+//! adaptor keeps only its open-handle tables.
+//!
+//! Caching: read-only sessions give the kernel long entry and attribute
+//! timeouts and keep the page cache across opens. Writable sessions use
+//! one-second timeouts and plain page-cache I/O without writeback caching,
+//! so all processes using the mount share one coherent page cache, shared
+//! writable `mmap` works, and `O_APPEND` writes land at the engine's end of
+//! file. File locks (`flock`, `fcntl`) are left to the kernel, which keeps
+//! them local to this mount.
+
+mod attr;
+mod errno;
+mod fs;
+mod mount;
+
+pub use mount::{mount, MountHandle, MountOptions};
