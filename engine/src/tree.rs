@@ -18,6 +18,12 @@ pub enum FileKind {
     File,
     Directory,
     Symlink,
+    /// Named pipe; it has no data in the volume.
+    Fifo,
+    /// Unix domain socket node; it has no data in the volume.
+    Socket,
+    CharDevice,
+    BlockDevice,
 }
 
 impl FileKind {
@@ -26,6 +32,10 @@ impl FileKind {
             FileKind::File => "file",
             FileKind::Directory => "dir",
             FileKind::Symlink => "symlink",
+            FileKind::Fifo => "fifo",
+            FileKind::Socket => "socket",
+            FileKind::CharDevice => "char-device",
+            FileKind::BlockDevice => "block-device",
         }
     }
 
@@ -34,6 +44,10 @@ impl FileKind {
             FileKind::File => 1,
             FileKind::Directory => 2,
             FileKind::Symlink => 3,
+            FileKind::Fifo => 4,
+            FileKind::Socket => 5,
+            FileKind::CharDevice => 6,
+            FileKind::BlockDevice => 7,
         }
     }
 
@@ -42,6 +56,10 @@ impl FileKind {
             1 => Some(FileKind::File),
             2 => Some(FileKind::Directory),
             3 => Some(FileKind::Symlink),
+            4 => Some(FileKind::Fifo),
+            5 => Some(FileKind::Socket),
+            6 => Some(FileKind::CharDevice),
+            7 => Some(FileKind::BlockDevice),
             _ => None,
         }
     }
@@ -100,6 +118,8 @@ pub struct Attr {
     pub gid: u32,
     pub size: u64,
     pub nlink: u32,
+    /// Device number of a device node; 0 for other kinds.
+    pub rdev: u32,
     pub atime: Timestamp,
     pub mtime: Timestamp,
     pub ctime: Timestamp,
@@ -193,6 +213,8 @@ pub(crate) enum Content {
     /// Entries by name; values are the child inode and its kind.
     Directory(BTreeMap<Vec<u8>, (Ino, FileKind)>),
     Symlink(Vec<u8>),
+    /// FIFO, socket or device node: attributes only.
+    Special,
 }
 
 /// One inode as held in memory by a session.

@@ -256,21 +256,26 @@ impl Filesystem for ChalkFs {
         name: &OsStr,
         mode: u32,
         _umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
         let _span = op_span("mknod", req, parent.0);
-        if mode & libc::S_IFMT != libc::S_IFREG {
-            // The engine stores regular files, directories and symlinks only.
-            // mknod(2) documents EPERM for "the file system containing
-            // pathname does not support the type of node requested", so
-            // FIFOs, sockets and device nodes get EPERM.
-            reply.error(log_rejected("mknod", parent.0, Errno::EPERM, "node type not supported"));
-            return;
-        }
-        let result = self
-            .new_owner(req, engine_ino(parent))
-            .and_then(|(owner, _)| self.session.create(engine_ino(parent), name, mode & 0o7777, owner));
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG => None,
+            libc::S_IFIFO => Some(FileKind::Fifo),
+            libc::S_IFSOCK => Some(FileKind::Socket),
+            libc::S_IFCHR => Some(FileKind::CharDevice),
+            libc::S_IFBLK => Some(FileKind::BlockDevice),
+            _ => {
+                // mknod(2) documents EPERM for a node type the file system does not support.
+                reply.error(log_rejected("mknod", parent.0, Errno::EPERM, "node type not supported"));
+                return;
+            }
+        };
+        let result = self.new_owner(req, engine_ino(parent)).and_then(|(owner, _)| match kind {
+            None => self.session.create(engine_ino(parent), name, mode & 0o7777, owner),
+            Some(kind) => self.session.mknod(engine_ino(parent), name, kind, mode & 0o7777, rdev, owner),
+        });
         match result {
             Ok(attr) => self.reply_entry(reply, &attr),
             Err(error) => reply.error(log_failure("mknod", parent.0, &error)),

@@ -554,13 +554,26 @@ fn symlinks_resolve_and_read_back() {
 }
 
 #[test]
-fn fifo_creation_is_rejected() {
-    let (_store, mount) = writable_mount();
-    let path = c_path(&mount.join("fifo"));
-    // SAFETY: the path is NUL-terminated and outlives the call.
-    let status = unsafe { libc::mkfifo(path.as_ptr(), 0o644) };
-    assert_eq!(status, -1, "mkfifo succeeded, but the engine stores no FIFOs");
-    assert_eq!(last_errno(), libc::EPERM, "mkfifo(3) errno for an unsupported node type");
+fn special_nodes_survive_sync() {
+    let (store, mount) = writable_mount();
+    let fifo = c_path(&mount.join("fifo"));
+    let device = c_path(&mount.join("null-copy"));
+    let device_number = libc::makedev(1, 3);
+    // SAFETY: both paths are NUL-terminated and outlive the calls.
+    unsafe {
+        assert_eq!(libc::mkfifo(fifo.as_ptr(), 0o640), 0, "mkfifo: {}", io::Error::last_os_error());
+        assert_eq!(libc::mknod(device.as_ptr(), libc::S_IFCHR | 0o600, device_number), 0, "mknod: {}", io::Error::last_os_error());
+    }
+    store.sync(mount.path());
+    store.unmount(mount);
+
+    let remount = store.mount("vol", &[]);
+    let fifo_meta = fs::symlink_metadata(remount.join("fifo")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&fifo_meta.file_type()), "fifo kind after remount");
+    assert_eq!(fifo_meta.mode() & 0o7777, 0o640);
+    let device_meta = fs::symlink_metadata(remount.join("null-copy")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&device_meta.file_type()), "device kind after remount");
+    assert_eq!(device_meta.rdev(), device_number, "device number after remount");
 }
 
 // ---------------------------------------------------------------------------

@@ -283,6 +283,9 @@ pub fn get(session: &Session, remote: &str, local: Option<&Path>) -> anyhow::Res
                     files += 1;
                     progress.advance(n, &entry.path);
                 }
+                FileKind::Fifo | FileKind::Socket | FileKind::CharDevice | FileKind::BlockDevice => {
+                    eprintln!("warning: skipping {}: {} nodes are not downloaded", entry.path, entry.attr.kind.as_str());
+                }
             }
         }
     }

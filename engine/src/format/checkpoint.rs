@@ -141,6 +141,8 @@ pub enum StoredContent {
     File(ExtentMap),
     Directory(Vec<ChunkRef>),
     Symlink(Vec<u8>),
+    /// FIFO, socket or device node: no content beyond the attributes.
+    Special,
 }
 
 /// One inode as stored in a page.
@@ -169,7 +171,7 @@ fn decode_time(d: &mut Decoder) -> Result<Timestamp, DecodeError> {
 impl InodeRecord {
     fn encode(&self, e: &mut Encoder) {
         let a = &self.attr;
-        e.u64(a.ino.0).u8(a.kind.code()).u16(a.perm).u32(a.uid).u32(a.gid).u64(a.size).u32(a.nlink);
+        e.u64(a.ino.0).u8(a.kind.code()).u16(a.perm).u32(a.uid).u32(a.gid).u64(a.size).u32(a.nlink).u32(a.rdev);
         encode_time(e, a.atime);
         encode_time(e, a.mtime);
         encode_time(e, a.ctime);
@@ -194,6 +196,7 @@ impl InodeRecord {
             StoredContent::Symlink(target) => {
                 e.bytes(target);
             }
+            StoredContent::Special => {}
         }
     }
 
@@ -206,10 +209,11 @@ impl InodeRecord {
         let gid = d.u32()?;
         let size = d.u64()?;
         let nlink = d.u32()?;
+        let rdev = d.u32()?;
         let atime = decode_time(d)?;
         let mtime = decode_time(d)?;
         let ctime = decode_time(d)?;
-        let attr = Attr { ino, kind, perm, uid, gid, size, nlink, atime, mtime, ctime };
+        let attr = Attr { ino, kind, perm, uid, gid, size, nlink, rdev, atime, mtime, ctime };
         let parent = Ino(d.u64()?);
         let mut xattrs = BTreeMap::new();
         for _ in 0..d.u32()? {
@@ -243,6 +247,7 @@ impl InodeRecord {
                 StoredContent::Directory(chunks)
             }
             FileKind::Symlink => StoredContent::Symlink(d.bytes()?.to_vec()),
+            FileKind::Fifo | FileKind::Socket | FileKind::CharDevice | FileKind::BlockDevice => StoredContent::Special,
         };
         Ok(InodeRecord { attr, parent, xattrs, content })
     }
@@ -343,6 +348,7 @@ mod tests {
             gid: 2,
             size: 5 << 32,
             nlink: 1,
+            rdev: 0,
             atime: Timestamp { secs: 1, nanos: 2 },
             mtime: Timestamp { secs: -3, nanos: 999_999_999 },
             ctime: Timestamp { secs: 5, nanos: 0 },

@@ -240,6 +240,8 @@ pub enum MetaOp {
     Link { ino: Ino, new_parent: Ino, new_name: Vec<u8> },
     SetXattr { ino: Ino, name: Vec<u8>, value: Vec<u8> },
     RemoveXattr { ino: Ino, name: Vec<u8> },
+    /// A FIFO, socket or device node; `kind` is the inode kind code of the checkpoint format.
+    Mknod { parent: Ino, name: Vec<u8>, ino: Ino, mode: u32, kind: u8, rdev: u32 },
 }
 
 fn opt_u32(e: &mut Encoder, v: Option<u32>) {
@@ -294,6 +296,9 @@ impl MetaOp {
             MetaOp::RemoveXattr { ino, name } => {
                 e.u8(10).u64(ino.0).bytes(name);
             }
+            MetaOp::Mknod { parent, name, ino, mode, kind, rdev } => {
+                e.u8(11).u64(parent.0).bytes(name).u64(ino.0).u32(*mode).u8(*kind).u32(*rdev);
+            }
         }
         e.buf
     }
@@ -329,6 +334,14 @@ impl MetaOp {
             8 => MetaOp::Link { ino: ino(&mut d)?, new_parent: ino(&mut d)?, new_name: d.bytes()?.to_vec() },
             9 => MetaOp::SetXattr { ino: ino(&mut d)?, name: d.bytes()?.to_vec(), value: d.bytes()?.to_vec() },
             10 => MetaOp::RemoveXattr { ino: ino(&mut d)?, name: d.bytes()?.to_vec() },
+            11 => MetaOp::Mknod {
+                parent: ino(&mut d)?,
+                name: d.bytes()?.to_vec(),
+                ino: ino(&mut d)?,
+                mode: d.u32()?,
+                kind: d.u8()?,
+                rdev: d.u32()?,
+            },
             other => return Err(d.error(format!("unknown metadata operation {other}"))),
         };
         d.finish()?;
@@ -406,6 +419,7 @@ mod tests {
             MetaOp::Link { ino: Ino(2), new_parent: Ino(1), new_name: b"h".to_vec() },
             MetaOp::SetXattr { ino: Ino(2), name: b"user.k".to_vec(), value: vec![0, 1, 2] },
             MetaOp::RemoveXattr { ino: Ino(2), name: b"user.k".to_vec() },
+            MetaOp::Mknod { parent: Ino(1), name: b"p".to_vec(), ino: Ino(9), mode: 0o600, kind: 4, rdev: 0x0801 },
         ];
         for op in ops {
             assert_eq!(MetaOp::decode(&op.encode()).unwrap(), op);

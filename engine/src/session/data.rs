@@ -121,7 +121,9 @@ impl Session {
             let extents = match &inode.content {
                 Content::File(extents) => extents.clone(),
                 Content::Directory(_) => return Err(EngineError::IsDirectory { ino }),
-                Content::Symlink(_) => return Err(EngineError::InvalidArgument(format!("inode {ino} is a symbolic link"))),
+                Content::Symlink(_) | Content::Special => {
+                    return Err(EngineError::InvalidArgument(format!("inode {ino} is not a regular file")))
+                }
             };
             let size = inode.attr.size;
             if offset >= size {

@@ -265,6 +265,7 @@ impl State {
         let content = match &record.content {
             StoredContent::File(extents) => Content::File(extents.clone()),
             StoredContent::Symlink(target) => Content::Symlink(target.clone()),
+            StoredContent::Special => Content::Special,
             StoredContent::Directory(chunks) => {
                 let mut entries = BTreeMap::new();
                 for chunk in chunks {

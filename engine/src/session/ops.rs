@@ -139,6 +139,7 @@ fn new_inode(ino: Ino, kind: FileKind, mode: u32, owner: Owner, parent: Ino, con
             gid: owner.gid,
             size: 0,
             nlink,
+            rdev: 0,
             atime: now,
             mtime: now,
             ctime: now,
@@ -198,7 +199,9 @@ impl Session {
                     inode.attr.mtime = now;
                 }
                 Content::Directory(_) => return Err(EngineError::IsDirectory { ino }),
-                Content::Symlink(_) => return Err(EngineError::InvalidArgument(format!("cannot truncate symbolic link {ino}"))),
+                Content::Symlink(_) | Content::Special => {
+                    return Err(EngineError::InvalidArgument(format!("inode {ino} is not a regular file")))
+                }
             }
         }
         if let Some(mode) = change.mode {
@@ -245,6 +248,7 @@ impl Session {
         mode: u32,
         owner: Owner,
         content: Content,
+        rdev: u32,
     ) -> Result<Attr> {
         self.check_writable()?;
         let name = validate_name(name)?;
@@ -255,6 +259,7 @@ impl Session {
         let ino = state.allocate_ino();
         let node_parent = if kind == FileKind::Directory { parent } else { Ino(0) };
         let mut inode = new_inode(ino, kind, mode, owner, node_parent, content);
+        inode.attr.rdev = rdev;
         if let Content::Symlink(target) = &inode.content {
             inode.attr.size = target.len() as u64;
         }
@@ -262,6 +267,7 @@ impl Session {
             Content::File(_) => MetaOp::Create { parent, name: name.clone(), ino, mode },
             Content::Directory(_) => MetaOp::Mkdir { parent, name: name.clone(), ino, mode },
             Content::Symlink(target) => MetaOp::Symlink { parent, name: name.clone(), ino, target: target.clone() },
+            Content::Special => MetaOp::Mknod { parent, name: name.clone(), ino, mode, kind: kind.code(), rdev },
         };
         let attr = state.insert_new(self, parent, name, inode)?;
         self.log_meta(&mut state, op)?;
@@ -270,11 +276,19 @@ impl Session {
 
     /// Creates an empty regular file; fails with `AlreadyExists` if the name is taken.
     pub fn create(&self, parent: Ino, name: &OsStr, mode: u32, owner: Owner) -> Result<Attr> {
-        self.create_node(parent, name, FileKind::File, mode, owner, Content::File(ExtentMap::new()))
+        self.create_node(parent, name, FileKind::File, mode, owner, Content::File(ExtentMap::new()), 0)
+    }
+
+    /// Creates a FIFO, socket or device node. Regular files go through [`Session::create`].
+    pub fn mknod(&self, parent: Ino, name: &OsStr, kind: FileKind, mode: u32, rdev: u32, owner: Owner) -> Result<Attr> {
+        if matches!(kind, FileKind::File | FileKind::Directory | FileKind::Symlink) {
+            return Err(EngineError::InvalidArgument(format!("mknod cannot create a {}", kind.as_str())));
+        }
+        self.create_node(parent, name, kind, mode, owner, Content::Special, rdev)
     }
 
     pub fn mkdir(&self, parent: Ino, name: &OsStr, mode: u32, owner: Owner) -> Result<Attr> {
-        self.create_node(parent, name, FileKind::Directory, mode, owner, Content::Directory(BTreeMap::new()))
+        self.create_node(parent, name, FileKind::Directory, mode, owner, Content::Directory(BTreeMap::new()), 0)
     }
 
     pub fn symlink(&self, parent: Ino, name: &OsStr, target: &[u8], owner: Owner) -> Result<Attr> {
@@ -284,7 +298,7 @@ impl Session {
         if target.len() > SYMLINK_MAX {
             return Err(EngineError::NameTooLong { name: String::from_utf8_lossy(target).into_owned(), len: target.len() });
         }
-        self.create_node(parent, name, FileKind::Symlink, 0o777, owner, Content::Symlink(target.to_vec()))
+        self.create_node(parent, name, FileKind::Symlink, 0o777, owner, Content::Symlink(target.to_vec()), 0)
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {

@@ -40,6 +40,7 @@ pub(crate) fn publish_empty_version(store: &Arc<Store>, volume: &VolumeName) -> 
             gid: owner.gid,
             size: 0,
             nlink: 2,
+            rdev: 0,
             atime: now,
             mtime: now,
             ctime: now,
@@ -204,6 +205,7 @@ impl Session {
         let content = match &inode.content {
             Content::File(extents) => StoredContent::File(extents.clone()),
             Content::Symlink(target) => StoredContent::Symlink(target.clone()),
+            Content::Special => StoredContent::Special,
             Content::Directory(entries) => {
                 let known: HashSet<&str> = match old.map(|o| &o.content) {
                     Some(StoredContent::Directory(chunks)) => chunks.iter().map(|c| c.key.as_str()).collect(),
