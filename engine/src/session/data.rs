@@ -118,21 +118,22 @@ impl Session {
             let mut state = self.state.lock();
             let state = &mut *state;
             let inode = state.inode(&self.store, &self.volume, ino)?;
+            let size = inode.attr.size;
             let extents = match &inode.content {
-                Content::File(extents) => extents.clone(),
+                Content::File(extents) => extents,
                 Content::Directory(_) => return Err(EngineError::IsDirectory { ino }),
                 Content::Symlink(_) | Content::Special => {
                     return Err(EngineError::InvalidArgument(format!("inode {ino} is not a regular file")))
                 }
             };
-            let size = inode.attr.size;
             if offset >= size {
                 return Ok(Vec::new());
             }
             let want = (len as u64).min(size - offset);
+            let pieces = extents.pieces(offset, want);
             out = vec![0u8; want as usize];
             let open = state.log.as_mut().and_then(|log| log.current.as_ref().map(|s| s.id));
-            for piece in extents.pieces(offset, want) {
+            for piece in pieces {
                 let at = (piece.file_offset - offset) as usize;
                 let source = match piece.extent {
                     None => Source::Hole,
