@@ -5,6 +5,7 @@
 //! This crate knows nothing of FUSE; `chalk-fused` adapts [`Session`] to a
 //! mounted file system and the `chalk` binary drives [`Store`].
 
+pub mod cache;
 pub mod error;
 pub mod extent;
 pub mod format;
