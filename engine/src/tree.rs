@@ -221,10 +221,24 @@ pub(crate) enum Content {
 #[derive(Clone, Debug)]
 pub(crate) struct Inode {
     pub attr: Attr,
-    /// Parent of a directory (the root is its own parent); unused for other kinds.
-    pub parent: Ino,
+    /// Directory entries that name this inode, as (parent, name). A directory
+    /// has exactly one, the root none, and a file one per hard link.
+    pub links: Vec<(Ino, Vec<u8>)>,
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
     pub content: Content,
+}
+
+impl Inode {
+    /// Parent directory; the root is its own parent.
+    pub fn parent(&self) -> Ino {
+        self.links.first().map_or(Ino::ROOT, |(parent, _)| *parent)
+    }
+
+    pub fn remove_link(&mut self, parent: Ino, name: &[u8]) {
+        if let Some(at) = self.links.iter().position(|(p, n)| *p == parent && n == name) {
+            self.links.remove(at);
+        }
+    }
 }
 
 /// Maximum length in bytes of one name in a directory.

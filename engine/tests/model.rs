@@ -201,6 +201,7 @@ impl Harness {
             if let Node::File(data) = node {
                 let attr = session.resolve_path(path).unwrap();
                 assert_eq!(attr.size, data.len() as u64, "size of {path}");
+                assert_eq!(session.paths_of(attr.ino).unwrap(), vec![path.clone()], "links of {path}");
                 let got = session.read(attr.ino, 0, data.len() as u32 + 10).unwrap();
                 assert!(got == *data, "content of {path} differs");
             }

@@ -149,8 +149,8 @@ pub enum StoredContent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InodeRecord {
     pub attr: Attr,
-    /// Parent directory of a directory (the root is its own parent); 0 for other kinds.
-    pub parent: Ino,
+    /// Directory entries that name this inode, as (parent, name); empty for the root.
+    pub links: Vec<(Ino, Vec<u8>)>,
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
     pub content: StoredContent,
 }
@@ -175,7 +175,10 @@ impl InodeRecord {
         encode_time(e, a.atime);
         encode_time(e, a.mtime);
         encode_time(e, a.ctime);
-        e.u64(self.parent.0);
+        e.u32(self.links.len() as u32);
+        for (parent, name) in &self.links {
+            e.u64(parent.0).bytes(name);
+        }
         e.u32(self.xattrs.len() as u32);
         for (name, value) in &self.xattrs {
             e.bytes(name).bytes(value);
@@ -214,7 +217,11 @@ impl InodeRecord {
         let mtime = decode_time(d)?;
         let ctime = decode_time(d)?;
         let attr = Attr { ino, kind, perm, uid, gid, size, nlink, rdev, atime, mtime, ctime };
-        let parent = Ino(d.u64()?);
+        let mut links = Vec::new();
+        for _ in 0..d.u32()? {
+            let parent = Ino(d.u64()?);
+            links.push((parent, d.bytes()?.to_vec()));
+        }
         let mut xattrs = BTreeMap::new();
         for _ in 0..d.u32()? {
             let name = d.bytes()?.to_vec();
@@ -249,7 +256,7 @@ impl InodeRecord {
             FileKind::Symlink => StoredContent::Symlink(d.bytes()?.to_vec()),
             FileKind::Fifo | FileKind::Socket | FileKind::CharDevice | FileKind::BlockDevice => StoredContent::Special,
         };
-        Ok(InodeRecord { attr, parent, xattrs, content })
+        Ok(InodeRecord { attr, links, xattrs, content })
     }
 }
 
@@ -363,19 +370,19 @@ mod tests {
         let mut records = BTreeMap::new();
         let mut xattrs = BTreeMap::new();
         xattrs.insert(b"user.a".to_vec(), vec![1, 2]);
-        records.insert(Ino(3), InodeRecord { attr: attr(3, FileKind::File), parent: Ino(0), xattrs, content: StoredContent::File(extents) });
+        records.insert(Ino(3), InodeRecord { attr: attr(3, FileKind::File), links: vec![(Ino(4), b"a".to_vec())], xattrs, content: StoredContent::File(extents) });
         records.insert(
             Ino(4),
             InodeRecord {
                 attr: attr(4, FileKind::Directory),
-                parent: Ino(1),
+                links: vec![(Ino(1), b"d".to_vec())],
                 xattrs: BTreeMap::new(),
                 content: StoredContent::Directory(vec![ChunkRef { key: "k".into(), entries: 3 }]),
             },
         );
         records.insert(
             Ino(5),
-            InodeRecord { attr: attr(5, FileKind::Symlink), parent: Ino(0), xattrs: BTreeMap::new(), content: StoredContent::Symlink(b"t".to_vec()) },
+            InodeRecord { attr: attr(5, FileKind::Symlink), links: Vec::new(), xattrs: BTreeMap::new(), content: StoredContent::Symlink(b"t".to_vec()) },
         );
         let encoded = encode_page(&records);
         assert_eq!(decode_page(&encoded).unwrap(), records);

@@ -279,7 +279,7 @@ impl State {
                 Content::Directory(entries)
             }
         };
-        Ok(Inode { attr: record.attr.clone(), parent: record.parent, xattrs: record.xattrs.clone(), content })
+        Ok(Inode { attr: record.attr.clone(), links: record.links.clone(), xattrs: record.xattrs.clone(), content })
     }
 
     /// The base checkpoint's record of an inode, if it has one.

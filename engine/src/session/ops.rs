@@ -81,7 +81,7 @@ impl State {
             if dir == Ino::ROOT {
                 return Ok(false);
             }
-            dir = self.inode(&session.store, &session.volume, dir)?.parent;
+            dir = self.inode(&session.store, &session.volume, dir)?.parent();
         }
     }
 
@@ -105,7 +105,7 @@ impl State {
     /// directory (already checked empty) drops to zero links.
     fn remove_entry(&mut self, session: &Session, parent: Ino, name: &[u8], now: Timestamp) -> Result<()> {
         let (ino, kind) = self.entries_mut(session, parent)?.remove(name).expect("caller checked the entry");
-        self.inode(&session.store, &session.volume, ino)?;
+        self.inode(&session.store, &session.volume, ino)?.remove_link(parent, name);
         if kind == FileKind::Directory {
             self.adjust_nlink(parent, -1);
             let inode = self.inodes.get_mut(&ino).expect("loaded above");
@@ -127,7 +127,7 @@ impl State {
     }
 }
 
-fn new_inode(ino: Ino, kind: FileKind, mode: u32, owner: Owner, parent: Ino, content: Content) -> Inode {
+fn new_inode(ino: Ino, kind: FileKind, mode: u32, owner: Owner, link: (Ino, Vec<u8>), content: Content) -> Inode {
     let now = Timestamp::now();
     let nlink = if kind == FileKind::Directory { 2 } else { 1 };
     Inode {
@@ -144,7 +144,7 @@ fn new_inode(ino: Ino, kind: FileKind, mode: u32, owner: Owner, parent: Ino, con
             mtime: now,
             ctime: now,
         },
-        parent,
+        links: vec![link],
         xattrs: BTreeMap::new(),
         content,
     }
@@ -166,7 +166,7 @@ impl Session {
         }
         let child = match bytes {
             b"." => Some(parent),
-            b".." => Some(state.inode(&self.store, &self.volume, parent)?.parent),
+            b".." => Some(state.inode(&self.store, &self.volume, parent)?.parent()),
             _ => state.child(self, parent, bytes)?.map(|(ino, _)| ino),
         };
         let Some(child) = child else {
@@ -237,7 +237,7 @@ impl Session {
     /// Parent of a directory; the root is its own parent.
     pub fn parent_of(&self, dir: Ino) -> Result<Ino> {
         let mut state = self.state.lock();
-        Ok(state.inode(&self.store, &self.volume, dir)?.parent)
+        Ok(state.inode(&self.store, &self.volume, dir)?.parent())
     }
 
     fn create_node(
@@ -257,8 +257,7 @@ impl Session {
             return Err(EngineError::exists("entry", String::from_utf8_lossy(&name)));
         }
         let ino = state.allocate_ino();
-        let node_parent = if kind == FileKind::Directory { parent } else { Ino(0) };
-        let mut inode = new_inode(ino, kind, mode, owner, node_parent, content);
+        let mut inode = new_inode(ino, kind, mode, owner, (parent, name.clone()), content);
         inode.attr.rdev = rdev;
         if let Content::Symlink(target) = &inode.content {
             inode.attr.size = target.len() as u64;
@@ -323,6 +322,7 @@ impl Session {
         }
         let now = Timestamp::now();
         state.entries_mut(self, new_parent)?.insert(name.clone(), (ino, kind));
+        state.inodes.get_mut(&ino).expect("loaded above").links.push((new_parent, name.clone()));
         state.adjust_nlink(ino, 1);
         state.touch(ino, now, false);
         state.touch(new_parent, now, true);
@@ -386,10 +386,8 @@ impl Session {
                 }
                 state.entries_mut(self, parent)?.insert(name.clone(), (dst_ino, dst_kind));
                 state.entries_mut(self, new_parent)?.insert(new_name.clone(), (src, src_kind));
-                self.move_directory(state, src, src_kind, parent, new_parent)?;
-                self.move_directory(state, dst_ino, dst_kind, new_parent, parent)?;
-                state.inode(&self.store, &self.volume, dst_ino)?;
-                state.inode(&self.store, &self.volume, src)?;
+                self.relink(state, src, src_kind, (parent, &name), (new_parent, &new_name))?;
+                self.relink(state, dst_ino, dst_kind, (new_parent, &new_name), (parent, &name))?;
                 state.touch(src, now, false);
                 state.touch(dst_ino, now, false);
             }
@@ -409,8 +407,7 @@ impl Session {
                 }
                 state.entries_mut(self, parent)?.remove(&name);
                 state.entries_mut(self, new_parent)?.insert(new_name.clone(), (src, src_kind));
-                self.move_directory(state, src, src_kind, parent, new_parent)?;
-                state.inode(&self.store, &self.volume, src)?;
+                self.relink(state, src, src_kind, (parent, &name), (new_parent, &new_name))?;
                 state.touch(src, now, false);
             }
         }
@@ -424,15 +421,17 @@ impl Session {
         self.log_meta(state, MetaOp::Rename { parent, name, new_parent, new_name, mode: mode_code })
     }
 
-    /// Updates parent links and link counts when a directory changes parent.
-    fn move_directory(&self, state: &mut State, ino: Ino, kind: FileKind, from: Ino, to: Ino) -> Result<()> {
-        if kind != FileKind::Directory || from == to {
-            return Ok(());
-        }
-        state.inode(&self.store, &self.volume, ino)?.parent = to;
+    /// Moves one link of `ino` from `from` to `to`, and moves a directory's
+    /// contribution to its parents' link counts.
+    fn relink(&self, state: &mut State, ino: Ino, kind: FileKind, from: (Ino, &[u8]), to: (Ino, &[u8])) -> Result<()> {
+        let inode = state.inode(&self.store, &self.volume, ino)?;
+        inode.remove_link(from.0, from.1);
+        inode.links.push((to.0, to.1.to_vec()));
         state.dirty.insert(ino);
-        state.adjust_nlink(from, -1);
-        state.adjust_nlink(to, 1);
+        if kind == FileKind::Directory && from.0 != to.0 {
+            state.adjust_nlink(from.0, -1);
+            state.adjust_nlink(to.0, 1);
+        }
         Ok(())
     }
 

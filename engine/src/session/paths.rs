@@ -54,7 +54,44 @@ fn join(parent: &str, name: &[u8]) -> String {
     }
 }
 
+impl super::State {
+    /// Returns every path that names `ino`, one per hard link, from its links
+    /// and its ancestors' links. The root's path is the empty string.
+    pub(crate) fn paths_of(&mut self, store: &crate::store::Store, volume: &crate::ids::VolumeName, ino: Ino) -> Result<Vec<String>> {
+        if ino == Ino::ROOT {
+            return Ok(vec![String::new()]);
+        }
+        let links = self.inode(store, volume, ino)?.links.clone();
+        let mut out = Vec::with_capacity(links.len());
+        for (parent, name) in links {
+            let mut names = vec![name];
+            let mut dir = parent;
+            // A directory chain longer than this is a loop, which the engine never creates.
+            for _ in 0..4096 {
+                if dir == Ino::ROOT {
+                    break;
+                }
+                let inode = self.inode(store, volume, dir)?;
+                let Some((up, name)) = inode.links.first().cloned() else { break };
+                names.push(name);
+                dir = up;
+            }
+            names.reverse();
+            let parts: Vec<String> = names.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect();
+            out.push(parts.join("/"));
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
 impl Session {
+    /// Returns the paths that name an inode, sorted; more than one for hard links.
+    pub fn paths_of(&self, ino: Ino) -> Result<Vec<String>> {
+        let mut state = self.state.lock();
+        state.paths_of(&self.store, &self.volume, ino)
+    }
+
     /// Looks up a path from the volume root without following symlinks.
     pub fn resolve_path(&self, path: &str) -> Result<Attr> {
         let mut attr = self.getattr(Ino::ROOT)?;

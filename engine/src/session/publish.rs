@@ -45,7 +45,7 @@ pub(crate) fn publish_empty_version(store: &Arc<Store>, volume: &VolumeName) -> 
             mtime: now,
             ctime: now,
         },
-        parent: Ino::ROOT,
+        links: Vec::new(),
         xattrs: BTreeMap::new(),
         content: StoredContent::Directory(Vec::new()),
     };
@@ -225,7 +225,7 @@ impl Session {
                 StoredContent::Directory(chunks)
             }
         };
-        InodeRecord { attr: inode.attr.clone(), parent: inode.parent, xattrs: inode.xattrs.clone(), content }
+        InodeRecord { attr: inode.attr.clone(), links: inode.links.clone(), xattrs: inode.xattrs.clone(), content }
     }
 }
 
