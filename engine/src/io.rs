@@ -14,7 +14,7 @@
 use std::alloc::{self, Layout};
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -153,8 +153,9 @@ enum Backend {
 /// Writes aligned buffers to one file at a time, through io_uring or `pwrite`.
 pub struct DiskWriter {
     backend: Backend,
-    /// Buffers submitted to the ring, by user data, with their file offset.
-    in_flight: HashMap<u64, (AlignedBuf, u64)>,
+    /// Buffers submitted to the ring, by user data, with their file offset
+    /// and the descriptor of the file they are written to.
+    in_flight: HashMap<u64, (AlignedBuf, u64, RawFd)>,
     next_user_data: u64,
 }
 
@@ -199,7 +200,7 @@ impl DiskWriter {
 
     /// Lowest file offset still being written, if any.
     pub fn lowest_in_flight_offset(&self) -> Option<u64> {
-        self.in_flight.values().map(|(_, off)| *off).min()
+        self.in_flight.values().map(|(_, off, _)| *off).min()
     }
 
     /// Starts writing the padded bytes of `buf` at `offset` of `file`. The
@@ -232,7 +233,7 @@ impl DiskWriter {
                         ring.submission().push(&entry).map_err(|_| std::io::Error::other("io_uring submission queue is full"))?;
                     }
                 }
-                self.in_flight.insert(user_data, (buf, offset));
+                self.in_flight.insert(user_data, (buf, offset, file.as_raw_fd()));
                 ring.submit()?;
                 Ok(())
             }
@@ -246,14 +247,20 @@ impl DiskWriter {
         let mut first_error = None;
         let completions: Vec<(u64, i32)> = ring.completion().map(|cqe| (cqe.user_data(), cqe.result())).collect();
         for (user_data, result) in completions {
-            let Some((buf, offset)) = self.in_flight.remove(&user_data) else { continue };
+            let Some((buf, offset, fd)) = self.in_flight.remove(&user_data) else { continue };
             let expected = buf.padded().len();
             if result < 0 {
                 first_error.get_or_insert(std::io::Error::from_raw_os_error(-result));
-            } else if result as usize != expected {
-                first_error.get_or_insert(std::io::Error::other(format!(
-                    "short write at offset {offset}: {result} of {expected} bytes"
-                )));
+            } else if (result as usize) < expected {
+                // A short write (the disk filled up, say) is finished with
+                // pwrite, which reports the real cause, such as ENOSPC.
+                let done = result as usize;
+                // SAFETY: `fd` is the descriptor of the file this write was submitted for, which stays
+                // open until every write to it is reaped (see `submit`). ManuallyDrop keeps it open here.
+                let file = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+                if let Err(err) = file.write_all_at(&buf.padded()[done..], offset + done as u64) {
+                    first_error.get_or_insert(err);
+                }
             }
         }
         match first_error {
@@ -284,7 +291,12 @@ impl DiskWriter {
                     .offset(offset)
                     .build()
                     .user_data(0);
-                Self::run_one(ring, &entry, padded.len())
+                let done = Self::run_one(ring, &entry)?;
+                // A short write is finished with pwrite, which reports the real cause, such as ENOSPC.
+                if done < padded.len() {
+                    file.write_all_at(&padded[done..], offset + done as u64)?;
+                }
+                Ok(())
             }
         }
     }
@@ -300,14 +312,14 @@ impl DiskWriter {
                     .flags(types::FsyncFlags::DATASYNC)
                     .build()
                     .user_data(0);
-                Self::run_one(ring, &entry, 0)
+                Self::run_one(ring, &entry).map(|_| ())
             }
         }
     }
 
-    /// Submits one entry and waits for its completion; `expected` is the
-    /// result a successful operation returns.
-    fn run_one(ring: &mut IoUring, entry: &io_uring::squeue::Entry, expected: usize) -> std::io::Result<()> {
+    /// Submits one entry, waits for its completion and returns its result:
+    /// the bytes written by a write, 0 for an fsync.
+    fn run_one(ring: &mut IoUring, entry: &io_uring::squeue::Entry) -> std::io::Result<usize> {
         // SAFETY: the caller keeps the entry's buffer alive until this function returns, and it
         // returns only after the completion with user data 0 has been reaped.
         unsafe {
@@ -320,10 +332,7 @@ impl DiskWriter {
                 if result < 0 {
                     return Err(std::io::Error::from_raw_os_error(-result));
                 }
-                if result as usize != expected {
-                    return Err(std::io::Error::other(format!("short write: {result} of {expected} bytes")));
-                }
-                return Ok(());
+                return Ok(result as usize);
             }
         }
     }

@@ -17,12 +17,16 @@
 //!   written only after every earlier write completed.
 //! - A reader never trusts a length before its header CRC matched, and never
 //!   returns bytes of a sealed segment before the record CRC matched.
+//! - After a failed write or fsync the file no longer holds every record
+//!   appended, so the open segment rejects every later append, read, flush
+//!   and seal: its lost records can never be published.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use memmap2::Mmap;
 use parking_lot::RwLock;
@@ -80,6 +84,8 @@ pub struct OpenSegment {
     chunk: AlignedBuf,
     chunk_offset: u64,
     records: u64,
+    /// The first write or fsync error; once set, the segment is unusable.
+    lost_write: OnceLock<String>,
 }
 
 impl OpenSegment {
@@ -96,6 +102,7 @@ impl OpenSegment {
             chunk: AlignedBuf::with_capacity(CHUNK_BYTES),
             chunk_offset: 0,
             records: 0,
+            lost_write: OnceLock::new(),
         };
         let payload = header.encode();
         segment.push_record(None, RecordType::SegmentHeader, &[&payload])?;
@@ -115,6 +122,7 @@ impl OpenSegment {
         record_type: RecordType,
         parts: &[&[u8]],
     ) -> Result<Appended> {
+        self.check_usable()?;
         let header = encode_header(record_type, parts);
         let len = HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>();
         self.make_room(writer, len)?;
@@ -139,24 +147,25 @@ impl OpenSegment {
             done.keep_head(full);
             let offset = self.chunk_offset;
             self.chunk_offset += full as u64;
-            match writer {
+            let written = match writer {
                 Some(writer) => writer.submit(&self.file, done, offset),
                 None => self.file.write_all_at(done.padded(), offset),
-            }
-            .map_err(|e| EngineError::io("writing segment", &self.path, e))?;
+            };
+            written.map_err(|e| self.record_failure("writing segment", e))?;
         }
         Ok(())
     }
 
     /// Writes every record so far to the file (not yet synced).
     pub fn flush(&mut self, writer: &mut DiskWriter) -> Result<()> {
-        writer.wait_all().map_err(|e| EngineError::io("writing segment", &self.path, e))?;
+        self.check_usable()?;
+        writer.wait_all().map_err(|e| self.record_failure("writing segment", e))?;
         if self.chunk.is_empty() {
             return Ok(());
         }
         writer
             .write_now(&self.file, &self.chunk, self.chunk_offset)
-            .map_err(|e| EngineError::io("writing segment", &self.path, e))?;
+            .map_err(|e| self.record_failure("writing segment", e))?;
         let full = self.chunk.len() / BLOCK_SIZE * BLOCK_SIZE;
         self.chunk.keep_tail(full);
         self.chunk_offset += full as u64;
@@ -166,26 +175,51 @@ impl OpenSegment {
     /// Flushes and makes the records durable on the local disk.
     pub fn fsync(&mut self, writer: &mut DiskWriter) -> Result<()> {
         self.flush(writer)?;
-        writer.sync_data(&self.file).map_err(|e| EngineError::io("syncing segment", &self.path, e))
+        writer.sync_data(&self.file).map_err(|e| self.record_failure("syncing segment", e))
     }
 
-    /// Appends the seal record and makes the segment durable. Returns its length in bytes.
-    pub fn seal(mut self, writer: &mut DiskWriter) -> Result<(PathBuf, u64)> {
+    /// Appends the seal record and makes the segment durable. Returns its
+    /// path and length in bytes. On failure the segment stays open and
+    /// unusable, so the caller keeps it and cannot publish without it.
+    pub fn seal(&mut self, writer: &mut DiskWriter) -> Result<(PathBuf, u64)> {
         let seal = Seal { records_before: self.records };
         self.push_record(Some(writer), RecordType::Seal, &[&seal.encode()])?;
         let len = self.end();
         self.fsync(writer)?;
-        Ok((self.path, len))
+        Ok((self.path.clone(), len))
+    }
+
+    /// Fails when an earlier write or fsync of this segment failed.
+    fn check_usable(&self) -> Result<()> {
+        match self.lost_write.get() {
+            None => Ok(()),
+            Some(cause) => Err(EngineError::Io {
+                context: "using segment",
+                path: self.path.clone(),
+                source: std::io::Error::other(format!(
+                    "an earlier write failed ({cause}), so the session's unsynced changes cannot be published; \
+                     end the session (unmount), free the cause and write them again"
+                )),
+            }),
+        }
+    }
+
+    /// Remembers the first write or fsync failure and wraps it.
+    fn record_failure(&self, context: &'static str, err: std::io::Error) -> EngineError {
+        let _ = self.lost_write.set(err.to_string());
+        tracing::error!(segment = %self.id, path = %self.path.display(), error = %err, "segment write failed; the session can no longer publish");
+        EngineError::io(context, &self.path, err)
     }
 
     /// Reads `buf.len()` bytes at `offset`; the bytes must already have been appended.
     pub fn read_at(&self, writer: &mut DiskWriter, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_usable()?;
         let end = offset + buf.len() as u64;
         assert!(end <= self.end(), "read past the end of open segment {}", self.id);
         let on_disk = end.min(self.chunk_offset).saturating_sub(offset) as usize;
         if on_disk > 0 {
             // A read may overlap a block that is still being written.
-            writer.wait_all().map_err(|e| EngineError::io("writing segment", &self.path, e))?;
+            writer.wait_all().map_err(|e| self.record_failure("writing segment", e))?;
             self.read_file
                 .read_exact_at(&mut buf[..on_disk], offset)
                 .map_err(|e| EngineError::io("reading segment", &self.path, e))?;

@@ -28,7 +28,7 @@ use crate::format::checkpoint::{frame, unframe, ObjectType, RootCheckpoint};
 use crate::ids::{LineageName, SegmentId, VersionId, VolumeName};
 use crate::io::IoMode;
 use crate::object_store::{self, list_all, ObjectStore};
-use crate::cache::SegmentCache;
+use crate::cache::{CacheConfig, SegmentCache};
 use crate::segment;
 use crate::tree::Timestamp;
 
@@ -104,6 +104,31 @@ struct VersionRecord {
     files: u64,
     bytes: u64,
     segments: Vec<String>,
+    /// How the entry came to be in its lineage: absent for a sync, `fork` for
+    /// the first entry of a forked lineage, `promote` for a fast-forward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    entry: Option<String>,
+}
+
+/// How a version became an entry of a lineage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    /// Published by a sync onto this lineage.
+    Commit,
+    /// The first entry of a lineage forked from an existing version.
+    Fork,
+    /// An existing version made the head by `promote`.
+    Promote,
+}
+
+impl EntryKind {
+    fn label(self) -> Option<String> {
+        match self {
+            EntryKind::Commit => None,
+            EntryKind::Fork => Some("fork".into()),
+            EntryKind::Promote => Some("promote".into()),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -139,11 +164,11 @@ pub(crate) fn segment_key(volume: &VolumeName, segment: SegmentId) -> String {
     format!("volumes/{volume}/segments/{}", segment::file_name(segment))
 }
 
-fn lineage_prefix(volume: &VolumeName, lineage: &LineageName) -> String {
+pub(crate) fn lineage_prefix(volume: &VolumeName, lineage: &LineageName) -> String {
     format!("volumes/{volume}/lineages/{lineage}/")
 }
 
-fn version_key(volume: &VolumeName, lineage: &LineageName, seq: u64) -> String {
+pub(crate) fn version_key(volume: &VolumeName, lineage: &LineageName, seq: u64) -> String {
     format!("volumes/{volume}/lineages/{lineage}/{seq:020}")
 }
 
@@ -167,9 +192,16 @@ impl Store {
         Self::open_with(config, objects)
     }
 
-    /// Opens the store on an object store the caller built (tests use this to inject faults).
+    /// Opens the store on an object store the caller built (tests use this to
+    /// inject faults), with the cache sizes of the `CHALK_CACHE_*` settings.
     pub fn open_with(config: StoreConfig, objects: Arc<dyn ObjectStore>) -> Result<Arc<Store>> {
-        let segments = SegmentCache::new(config.local_root.join("cache/segments"), objects.clone())?;
+        let cache = CacheConfig::from_env(&config.local_root.join("cache"))?;
+        Self::open_with_cache(config, objects, cache)
+    }
+
+    /// Opens the store on an object store the caller built, with the given cache sizes.
+    pub fn open_with_cache(config: StoreConfig, objects: Arc<dyn ObjectStore>, cache: CacheConfig) -> Result<Arc<Store>> {
+        let segments = SegmentCache::new(&config.local_root.join("cache"), objects.clone(), cache)?;
         let store = Arc::new(Store { config, objects, segments, versions: Mutex::new(HashMap::new()) });
         crate::session::discard_abandoned_sessions(&store);
         Ok(store)
@@ -226,7 +258,7 @@ impl Store {
                 continue;
             }
             let name = VolumeName::new(name)?;
-            if let Some(latest) = self.head_opt(&name, &LineageName::main())? {
+            if let Some((_, latest)) = self.head_opt(&name, &LineageName::main())? {
                 out.push(VolumeSummary { name, latest });
             }
         }
@@ -246,41 +278,60 @@ impl Store {
         Ok(())
     }
 
-    /// Versions of one lineage, oldest first.
+    /// Versions of one lineage, oldest first. A forked lineage starts with
+    /// the version it was forked from, which keeps its own lineage and seq.
     pub fn versions(&self, volume: &VolumeName, lineage: &LineageName) -> Result<Vec<VersionInfo>> {
         self.require_volume(volume)?;
         let keys = list_all(self.objects.as_ref(), &lineage_prefix(volume, lineage))?;
+        if keys.is_empty() {
+            return Err(self.lineage_not_found(volume, lineage));
+        }
         keys.iter().map(|o| self.version_at_key(&o.key)).collect()
     }
 
-    /// Versions of every lineage of a volume, oldest first.
+    /// Every version of every lineage of a volume, each once, oldest first.
     pub fn all_versions(&self, volume: &VolumeName) -> Result<Vec<VersionInfo>> {
         self.require_volume(volume)?;
         let keys = list_all(self.objects.as_ref(), &format!("volumes/{volume}/lineages/"))?;
         let mut out: Vec<VersionInfo> = keys.iter().map(|o| self.version_at_key(&o.key)).collect::<Result<_>>()?;
         out.sort_by_key(|v| v.id);
+        out.dedup_by_key(|v| v.id);
         Ok(out)
     }
 
     /// The latest version of a lineage.
     pub fn head(&self, volume: &VolumeName, lineage: &LineageName) -> Result<VersionInfo> {
+        Ok(self.head_entry(volume, lineage)?.1)
+    }
+
+    /// The latest entry of a lineage: its sequence number in that lineage and its version.
+    pub fn head_entry(&self, volume: &VolumeName, lineage: &LineageName) -> Result<(u64, VersionInfo)> {
         self.require_volume(volume)?;
-        self.head_opt(volume, lineage)?.ok_or_else(|| EngineError::NotFound {
+        self.head_opt(volume, lineage)?.ok_or_else(|| self.lineage_not_found(volume, lineage))
+    }
+
+    pub(crate) fn lineage_not_found(&self, volume: &VolumeName, lineage: &LineageName) -> EngineError {
+        EngineError::NotFound {
             what: "lineage",
-            name: format!("{lineage} of volume {volume}"),
-        })
+            name: format!("{lineage} of volume {volume} (list them with `chalk volume lineages {volume}`)"),
+        }
     }
 
-    fn head_opt(&self, volume: &VolumeName, lineage: &LineageName) -> Result<Option<VersionInfo>> {
+    pub(crate) fn head_opt(&self, volume: &VolumeName, lineage: &LineageName) -> Result<Option<(u64, VersionInfo)>> {
         let keys = list_all(self.objects.as_ref(), &lineage_prefix(volume, lineage))?;
-        keys.last().map(|o| self.version_at_key(&o.key)).transpose()
+        let Some(last) = keys.last() else { return Ok(None) };
+        let seq = entry_seq(&last.key)?;
+        Ok(Some((seq, self.version_at_key(&last.key)?)))
     }
 
-    /// Finds a version by its id or a unique prefix of it.
+    /// Finds a version by tag, by id or by a unique prefix of its id.
     pub fn resolve_version(&self, volume: &VolumeName, id_or_prefix: &str) -> Result<VersionInfo> {
         let wanted = id_or_prefix.trim().to_lowercase();
         if wanted.is_empty() {
             return Err(EngineError::InvalidArgument("empty version id".into()));
+        }
+        if let Some(tagged) = self.tag_target(volume, id_or_prefix.trim())? {
+            return self.resolve_version(volume, &tagged.to_string());
         }
         let matches: Vec<VersionInfo> =
             self.all_versions(volume)?.into_iter().filter(|v| v.id.to_string().starts_with(&wanted)).collect();
@@ -296,7 +347,7 @@ impl Store {
         }
     }
 
-    fn version_at_key(&self, key: &str) -> Result<VersionInfo> {
+    pub(crate) fn version_at_key(&self, key: &str) -> Result<VersionInfo> {
         if let Some(found) = self.versions.lock().get(key) {
             return Ok(found.clone());
         }
@@ -306,9 +357,16 @@ impl Store {
         Ok(info)
     }
 
-    /// Creates the version record for `info.seq`; returns `false` when
-    /// another writer already published that sequence number.
-    pub(crate) fn publish_version(&self, volume: &VolumeName, info: &VersionInfo) -> Result<bool> {
+    /// Creates entry `seq` of `lineage` for the version `info`; returns
+    /// `false` when another writer already published that sequence number.
+    pub(crate) fn publish_entry(
+        &self,
+        volume: &VolumeName,
+        lineage: &LineageName,
+        seq: u64,
+        info: &VersionInfo,
+        kind: EntryKind,
+    ) -> Result<bool> {
         let record = VersionRecord {
             id: info.id.to_string(),
             seq: info.seq,
@@ -319,9 +377,10 @@ impl Store {
             files: info.files,
             bytes: info.bytes,
             segments: info.segments.iter().map(|s| s.to_string()).collect(),
+            entry: kind.label(),
         };
         let bytes = frame(ObjectType::VersionRecord, &serde_json::to_vec(&record).expect("serializable"));
-        let key = version_key(volume, &info.lineage, info.seq);
+        let key = version_key(volume, lineage, seq);
         let created = self.objects.put_if_absent(&key, &bytes)?;
         if created {
             self.versions.lock().insert(key, info.clone());
@@ -344,7 +403,15 @@ impl Store {
     }
 }
 
-fn now_ns() -> i64 {
+/// Sequence number of a lineage entry from its key.
+pub(crate) fn entry_seq(key: &str) -> Result<u64> {
+    key.rsplit('/')
+        .next()
+        .and_then(|last| last.parse().ok())
+        .ok_or_else(|| EngineError::CorruptObject { key: key.to_owned(), detail: "not a lineage entry key".into() })
+}
+
+pub(crate) fn now_ns() -> i64 {
     Timestamp::now().as_nanos() as i64
 }
 

@@ -41,6 +41,7 @@ pub enum ObjectType {
     DirChunk = 3,
     VersionRecord = 4,
     VolumeRecord = 5,
+    TagRecord = 6,
 }
 
 /// Frames `payload` as an object of `object_type`.

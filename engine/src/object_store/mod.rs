@@ -1,13 +1,18 @@
 //! Object stores: where sealed segments, checkpoints and version records are
 //! replicated. The trait is shaped like S3 (keys, whole puts, create-if-absent,
 //! ranged gets, paginated listing) so that nothing above it assumes a local path.
+//!
+//! Two backends: [`FileStore`] (`file:///path`, the default) and [`S3Store`]
+//! (`s3://bucket/prefix`, any S3-compatible store).
 
 mod file;
+mod s3;
 
 use std::path::Path;
 use std::sync::Arc;
 
 pub use file::FileStore;
+pub use s3::{S3Location, S3Settings, S3Store, PROBE_RECORD_KEY};
 
 use crate::error::{EngineError, Result};
 
@@ -23,6 +28,17 @@ pub struct ObjectMeta {
 pub struct ListPage {
     pub objects: Vec<ObjectMeta>,
     pub next_start_after: Option<String>,
+}
+
+/// Whether a store enforces `put_if_absent` atomically.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionalWrites {
+    /// Of two concurrent creates of one key, exactly one succeeds.
+    Honoured,
+    /// The store ignores conditional writes: `put_if_absent` checks for the
+    /// key, then writes it, so two concurrent creates can both succeed and
+    /// one of the two objects is lost (single-writer mode).
+    Ignored,
 }
 
 /// An S3-shaped key-value store of immutable objects.
@@ -55,6 +71,13 @@ pub trait ObjectStore: Send + Sync {
 
     /// Deletes one object; deleting a missing object succeeds.
     fn delete(&self, key: &str) -> Result<()>;
+
+    /// Returns how `put_if_absent` is enforced. A store that cannot know
+    /// without asking the server probes it once and records the answer in
+    /// the store; see [`S3Store`].
+    fn conditional_writes(&self) -> Result<ConditionalWrites> {
+        Ok(ConditionalWrites::Honoured)
+    }
 }
 
 /// Lists every key under `prefix`, following pagination.
@@ -71,7 +94,7 @@ pub fn list_all(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<ObjectMeta>
     }
 }
 
-/// Opens the object store named by `url`: `file:///absolute/path` for now.
+/// Opens the object store named by `url`: `file:///absolute/path` or `s3://bucket/prefix`.
 pub fn open(url: &str) -> Result<Arc<dyn ObjectStore>> {
     if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {
@@ -82,12 +105,10 @@ pub fn open(url: &str) -> Result<Arc<dyn ObjectStore>> {
         return Ok(Arc::new(FileStore::open(Path::new(path))?));
     }
     if url.starts_with("s3://") {
-        return Err(EngineError::Unsupported(format!(
-            "object store URL {url:?}: S3 support is not built yet; use a file:// URL"
-        )));
+        return Ok(Arc::new(S3Store::open(url)?));
     }
     Err(EngineError::InvalidArgument(format!(
-        "object store URL {url:?} is not supported; use file:///absolute/path"
+        "object store URL {url:?} is not supported; use file:///absolute/path or s3://bucket/prefix"
     )))
 }
 

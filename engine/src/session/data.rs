@@ -37,9 +37,11 @@ impl Log {
 
     /// Seals the current segment, keeping it in the session directory until it is published.
     pub(crate) fn roll(&mut self, session: &Session) -> Result<()> {
-        if let Some(segment) = self.current.take() {
+        if let Some(segment) = self.current.as_mut() {
             let id = segment.id;
+            // A segment that fails to seal stays current, so no later sync can publish without it.
             let (path, _len) = segment.seal(&mut self.writer)?;
+            self.current = None;
             session.store.segments.insert_unpublished(id, &path)?;
             self.sealed.push((id, path));
         }
@@ -114,6 +116,7 @@ impl Session {
         }
         let mut out;
         let mut plan = Vec::new();
+        let mut ahead: Vec<Extent> = Vec::new();
         {
             let mut state = self.state.lock();
             let state = &mut *state;
@@ -131,8 +134,13 @@ impl Session {
             }
             let want = (len as u64).min(size - offset);
             let pieces = extents.pieces(offset, want);
+            // A sequential reader gets the sealed extents ahead of this read prefetched.
+            if let Some((from, len)) = self.store.segments.readahead(self.id, ino, offset, want, size) {
+                ahead.extend(extents.pieces(from, len).into_iter().filter_map(|piece| piece.extent));
+            }
             out = vec![0u8; want as usize];
             let open = state.log.as_mut().and_then(|log| log.current.as_ref().map(|s| s.id));
+            ahead.retain(|extent| Some(extent.segment) != open);
             for piece in pieces {
                 let at = (piece.file_offset - offset) as usize;
                 let source = match piece.extent {
@@ -148,10 +156,12 @@ impl Session {
                 plan.push((at, piece.len as usize, source));
             }
         }
+        if !ahead.is_empty() {
+            self.store.segments.prefetch(&self.volume, &ahead);
+        }
         for (at, len, source) in plan {
             if let Source::Sealed(extent) = source {
-                let segment = self.store.segments.get(&self.volume, extent.segment)?;
-                segment.read_verified(extent.record_offset, extent.record_len, extent.data_offset, &mut out[at..at + len])?;
+                self.store.segments.read(&self.volume, &extent, &mut out[at..at + len])?;
             }
         }
         Ok(out)

@@ -72,6 +72,11 @@ pub(crate) struct Log {
 /// Mutable state of a session, behind one lock.
 pub(crate) struct State {
     pub base: VersionInfo,
+    /// Lineage that `sync` publishes onto; `None` for a session opened on a
+    /// pinned version, whose first sync forks a new lineage.
+    pub lineage: Option<LineageName>,
+    /// Sequence number, in `lineage`, of the entry this session builds on.
+    pub base_entry_seq: u64,
     pub root: RootCheckpoint,
     /// Pages of the base checkpoint loaded so far.
     pub pages: HashMap<u64, Arc<BTreeMap<Ino, InodeRecord>>>,
@@ -105,16 +110,13 @@ impl Store {
     /// Opens a session on a lineage head or a version. Costs one checkpoint
     /// root read, whatever the size of the volume.
     pub fn open_session(self: &Arc<Self>, volume: &VolumeName, base: SessionBase, access: Access) -> Result<Session> {
-        let base_version = match &base {
-            SessionBase::Lineage(lineage) => self.head(volume, lineage)?,
-            SessionBase::Version(id) => self.resolve_version(volume, &id.to_string())?,
+        let (base_version, lineage, base_entry_seq) = match &base {
+            SessionBase::Lineage(lineage) => {
+                let (seq, head) = self.head_entry(volume, lineage)?;
+                (head, Some(lineage.clone()), seq)
+            }
+            SessionBase::Version(id) => (self.resolve_version(volume, &id.to_string())?, None, 0),
         };
-        if access == Access::Writable && matches!(base, SessionBase::Version(_)) {
-            return Err(EngineError::Unsupported(format!(
-                "a writable session on version {} needs lineages, which are not built yet; mount the lineage instead",
-                base_version.id
-            )));
-        }
         let root = self.load_checkpoint(volume, base_version.id)?;
         let id = SessionId::generate();
         let (dir, lock, log) = match access {
@@ -131,6 +133,8 @@ impl Store {
         let state = State {
             next_ino: root.next_ino,
             base: base_version,
+            lineage,
+            base_entry_seq,
             root,
             pages: HashMap::new(),
             inodes: HashMap::new(),
@@ -219,6 +223,12 @@ impl Session {
     /// The version this session builds on (after a sync, the one it published).
     pub fn base_version(&self) -> VersionInfo {
         self.state.lock().base.clone()
+    }
+
+    /// Lineage that `sync` publishes onto, or `None` before the first sync
+    /// of a session opened on a pinned version.
+    pub fn lineage(&self) -> Option<LineageName> {
+        self.state.lock().lineage.clone()
     }
 
     /// True when the session holds changes that `sync` would publish.

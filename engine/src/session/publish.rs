@@ -20,7 +20,7 @@ use crate::format::checkpoint::{
     INODES_PER_PAGE,
 };
 use crate::ids::{Ino, LineageName, VersionId, VolumeName};
-use crate::store::{checkpoint_key, chunk_key, page_key, segment_key, Store, VersionInfo};
+use crate::store::{checkpoint_key, chunk_key, page_key, segment_key, EntryKind, Store, VersionInfo};
 use crate::tree::{Attr, Content, FileKind, Inode, Owner, Timestamp};
 
 use super::{Session, State, SyncOutcome};
@@ -64,7 +64,7 @@ pub(crate) fn publish_empty_version(store: &Arc<Store>, volume: &VolumeName) -> 
         bytes: 0,
         segments: Vec::new(),
     };
-    if !store.publish_version(volume, &info)? {
+    if !store.publish_entry(volume, &LineageName::main(), 1, &info, crate::store::EntryKind::Commit)? {
         return Err(EngineError::exists("volume", volume.as_str()));
     }
     Ok(info)
@@ -80,10 +80,11 @@ impl Session {
         if state.dirty.is_empty() {
             return Ok(SyncOutcome::NothingToPublish { base: state.base.clone() });
         }
-        let lineage = state.base.lineage.clone();
-        let head = self.store.head(&self.volume, &lineage)?;
-        if head.id != state.base.id {
-            return Err(self.head_moved(state, &head));
+        if let Some(lineage) = &state.lineage {
+            let (seq, head) = self.store.head_entry(&self.volume, lineage)?;
+            if seq != state.base_entry_seq {
+                return Err(self.head_moved(state, lineage, &head));
+            }
         }
 
         // Step 1: seal.
@@ -100,10 +101,15 @@ impl Session {
         let version = VersionId::generate();
         let (root, new_pages) = self.write_checkpoint(state, version)?;
 
-        // Step 4: the conditional head write.
+        // Step 4: the conditional head write. A session on a pinned version
+        // first forks its own lineage from that version.
+        let (lineage, seq) = match &state.lineage {
+            Some(lineage) => (lineage.clone(), state.base_entry_seq + 1),
+            None => (self.store.fork(&self.volume, state.base.id, None)?.0, 2),
+        };
         let info = VersionInfo {
             id: version,
-            seq: state.base.seq + 1,
+            seq,
             parent: Some(state.base.id),
             lineage: lineage.clone(),
             created_at: Timestamp::now(),
@@ -112,9 +118,9 @@ impl Session {
             bytes: root.bytes,
             segments: segments.iter().map(|(id, _)| *id).collect(),
         };
-        if !self.store.publish_version(&self.volume, &info)? {
+        if !self.store.publish_entry(&self.volume, &lineage, seq, &info, EntryKind::Commit)? {
             let head = self.store.head(&self.volume, &lineage)?;
-            return Err(self.head_moved(state, &head));
+            return Err(self.head_moved(state, &lineage, &head));
         }
         tracing::info!(volume = %self.volume, version = %info.id, seq = info.seq, segments = segments.len(), "published version");
 
@@ -126,6 +132,8 @@ impl Session {
             }
         }
         state.base = info.clone();
+        state.lineage = Some(lineage);
+        state.base_entry_seq = seq;
         state.root = root;
         state.pages.extend(new_pages);
         state.dirty.clear();
@@ -134,10 +142,10 @@ impl Session {
         Ok(SyncOutcome::Published(info))
     }
 
-    fn head_moved(&self, state: &State, head: &VersionInfo) -> EngineError {
+    fn head_moved(&self, state: &State, lineage: &LineageName, head: &VersionInfo) -> EngineError {
         EngineError::HeadMoved {
             volume: self.volume.to_string(),
-            lineage: state.base.lineage.to_string(),
+            lineage: lineage.to_string(),
             base: state.base.id.to_string(),
             head: head.id.to_string(),
         }

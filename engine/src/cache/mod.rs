@@ -1,0 +1,660 @@
+//! The tiered read cache of sealed segments: memory, then the local disk,
+//! then ranged GETs from the object store.
+//!
+//! A read of a sealed segment takes one of two paths:
+//! 1. Whole local segments: a segment that this host wrote (in its session
+//!    directory until it is published, then under `cache/segments/`) or
+//!    fetched whole is read through a memory map.
+//! 2. Blocks: any other segment is read in blocks of [`BLOCK_BYTES`] at
+//!    block-aligned offsets. A block comes from the memory tier, else the
+//!    disk tier, else from one ranged GET that also covers the missing
+//!    blocks next to it, up to `request_max_bytes`. A block that is already
+//!    being fetched is waited for and never requested twice.
+//!
+//! Sequential reads of a file grow a readahead window ([`readahead`]); the
+//! blocks ahead are fetched by a pool of threads while the reader works.
+//!
+//! Invariants:
+//! - Bytes are returned only after the CRC of the record that holds them
+//!   matched, checked against the very block instances the bytes are copied
+//!   from: a block remembers the records it has checked, and a block fetched
+//!   again starts with none.
+//! - A record that fails its CRC is fetched once more from the object store,
+//!   past the disk tier. If it fails again, the read fails with
+//!   [`EngineError::CorruptSegment`] naming the segment and record offset.
+//! - Every in-flight block is completed, with bytes or with an error, even
+//!   when the thread fetching it unwinds, so a waiting reader never hangs.
+
+mod config;
+mod disk;
+mod memory;
+mod readahead;
+mod stats;
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::{Condvar, Mutex};
+
+pub use config::{parse_size, CacheConfig};
+pub use disk::DiskUsage;
+pub use stats::{CacheCounters, CacheStats, DiskTierStats, HostCacheStats, MemoryTierStats, StoreStats};
+
+use crate::error::{EngineError, Result};
+use crate::extent::Extent;
+use crate::format::record;
+use crate::ids::{Ino, SegmentId, SessionId, VolumeName};
+use crate::object_store::ObjectStore;
+use crate::segment::{self, SealedSegment};
+use crate::store::{segment_key, Store};
+use disk::{DiskTier, Evicted, Load};
+use memory::MemoryTier;
+use readahead::Readahead;
+use stats::{Counters, StatsWriter};
+
+/// Size of a cache block, the unit of the memory and disk tiers. Part of the
+/// disk tier's layout: block `i` of a segment holds its bytes from `i * BLOCK_BYTES`.
+pub const BLOCK_BYTES: u64 = 1 << 20;
+
+/// First readahead window of a sequential stream; it doubles on every sequential read.
+const READAHEAD_INITIAL_BYTES: u64 = BLOCK_BYTES;
+
+/// The negative cache of segments without a whole local file is cleared at this size.
+const REMOTE_ONLY_MAX: usize = 100_000;
+
+/// Identifies block `index` of a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct BlockKey {
+    pub segment: SegmentId,
+    pub index: u64,
+}
+
+/// Bytes of one block, immutable once made.
+pub(crate) struct Block {
+    data: Vec<u8>,
+    /// Offsets of the records whose CRC was checked against these bytes.
+    verified: Mutex<HashSet<u64>>,
+}
+
+impl Block {
+    pub fn new(data: Vec<u8>) -> Self {
+        Block { data, verified: Mutex::new(HashSet::new()) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// A block being fetched, which other readers wait for.
+struct Pending {
+    result: Mutex<Option<std::result::Result<Arc<Block>, String>>>,
+    ready: Condvar,
+}
+
+impl Pending {
+    fn new() -> Self {
+        Pending { result: Mutex::new(None), ready: Condvar::new() }
+    }
+
+    fn complete(&self, result: std::result::Result<Arc<Block>, String>) {
+        let mut slot = self.result.lock();
+        if slot.is_none() {
+            *slot = Some(result);
+            self.ready.notify_all();
+        }
+    }
+
+    fn is_complete(&self) -> bool {
+        self.result.lock().is_some()
+    }
+
+    fn wait(&self) -> std::result::Result<Arc<Block>, String> {
+        let mut slot = self.result.lock();
+        while slot.is_none() {
+            self.ready.wait(&mut slot);
+        }
+        slot.clone().expect("completed above")
+    }
+}
+
+/// Outcome of trying to claim a block for fetching.
+enum Claim {
+    /// This caller fetches the block and must complete the pending entry.
+    Claimed(Arc<Pending>),
+    /// Another caller is fetching it.
+    InFlight(Arc<Pending>),
+    /// It arrived in memory meanwhile.
+    Ready(Arc<Block>),
+}
+
+/// Blocks of one segment that one caller claimed. Dropping it completes
+/// every block still pending with an error, so waiters never hang.
+struct Claims {
+    core: Arc<Core>,
+    volume: VolumeName,
+    segment: SegmentId,
+    /// Claimed block indexes, ascending, with their pending entries.
+    items: Vec<(u64, Arc<Pending>)>,
+}
+
+impl Drop for Claims {
+    fn drop(&mut self) {
+        for (index, pending) in &self.items {
+            if !pending.is_complete() {
+                let key = BlockKey { segment: self.segment, index: *index };
+                self.core.fail(&key, pending, "the fetch of this block was abandoned".into());
+            }
+        }
+    }
+}
+
+/// State shared by readers and the readahead threads.
+struct Core {
+    objects: Arc<dyn ObjectStore>,
+    config: CacheConfig,
+    memory: MemoryTier,
+    disk: DiskTier,
+    inflight: Mutex<HashMap<BlockKey, Arc<Pending>>>,
+    /// Whole local segments that are open, by id.
+    whole: Mutex<HashMap<SegmentId, Arc<SealedSegment>>>,
+    /// Segments known to have no whole local file.
+    remote_only: Mutex<HashSet<SegmentId>>,
+    readahead: Readahead,
+    counters: Counters,
+}
+
+/// A run of contiguous claimed blocks handed to a readahead thread.
+type Job = Claims;
+
+/// The read cache of one store: sealed segments on the local disk, blocks in
+/// memory and on disk, and readahead.
+pub(crate) struct SegmentCache {
+    core: Arc<Core>,
+    /// Readahead threads, started by the first prefetch. Dropping the sender stops them.
+    pool: OnceLock<crossbeam::channel::Sender<Job>>,
+    _stats: StatsWriter,
+}
+
+impl SegmentCache {
+    /// Opens the cache under `cache_root` (`$CHALK_HOME/cache`).
+    pub fn new(cache_root: &Path, objects: Arc<dyn ObjectStore>, config: CacheConfig) -> Result<Self> {
+        let disk = DiskTier::new(cache_root, config.disk_limit_bytes)?;
+        let core = Arc::new(Core {
+            objects,
+            memory: MemoryTier::new(config.memory_limit_bytes),
+            disk,
+            inflight: Mutex::new(HashMap::new()),
+            whole: Mutex::new(HashMap::new()),
+            remote_only: Mutex::new(HashSet::new()),
+            readahead: Readahead::new(READAHEAD_INITIAL_BYTES, config.readahead_max_bytes, config.request_max_bytes),
+            counters: Counters::default(),
+            config,
+        });
+        let snapshot_core = Arc::clone(&core);
+        let stats = StatsWriter::start(
+            cache_root.join("stats"),
+            core.config.memory_limit_bytes,
+            Arc::new(move || (snapshot_core.memory.usage().0, snapshot_core.counters.snapshot())),
+        );
+        Ok(SegmentCache { core, pool: OnceLock::new(), _stats: stats })
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.core.config
+    }
+
+    pub fn path(&self, id: SegmentId) -> PathBuf {
+        self.core.disk.segments_dir().join(segment::file_name(id))
+    }
+
+    /// Copies `buf.len()` bytes of a sealed extent, starting at its
+    /// `data_offset`, after checking the CRC of the record that holds them.
+    pub fn read(&self, volume: &VolumeName, extent: &Extent, buf: &mut [u8]) -> Result<()> {
+        if let Some(whole) = self.core.whole_segment(extent.segment)? {
+            return whole.read_verified(extent.record_offset, extent.record_len, extent.data_offset, buf);
+        }
+        self.core.read_blocks(volume, extent, buf)
+    }
+
+    /// Records a read of `len` bytes at `offset` of a file of `size` bytes
+    /// and returns the file range to prefetch, as `(offset, len)`, if any.
+    pub fn readahead(&self, session: SessionId, ino: Ino, offset: u64, len: u64, size: u64) -> Option<(u64, u64)> {
+        self.core.readahead.advise(session, ino, offset, len, size)
+    }
+
+    /// Starts fetching the blocks that hold `extents` in the background.
+    pub fn prefetch(&self, volume: &VolumeName, extents: &[Extent]) {
+        let mut by_segment: BTreeMap<SegmentId, BTreeSet<u64>> = BTreeMap::new();
+        for extent in extents {
+            if matches!(self.core.whole_segment(extent.segment), Ok(Some(_))) {
+                continue;
+            }
+            let (first, last) = record_blocks(extent);
+            by_segment.entry(extent.segment).or_default().extend(first..=last);
+        }
+        let request_blocks = (self.core.config.request_max_bytes / BLOCK_BYTES).max(1);
+        for (segment, indexes) in by_segment {
+            let mut run: Option<Claims> = None;
+            for index in indexes {
+                let key = BlockKey { segment, index };
+                if self.core.memory.contains(&key) {
+                    continue;
+                }
+                let Claim::Claimed(pending) = self.core.claim(&key) else { continue };
+                let continues = run.as_ref().is_some_and(|r| {
+                    r.items.last().is_some_and(|(last, _)| last + 1 == index) && (r.items.len() as u64) < request_blocks
+                });
+                if !continues {
+                    if let Some(full) = run.take() {
+                        self.submit(full);
+                    }
+                    run = Some(Claims { core: Arc::clone(&self.core), volume: volume.clone(), segment, items: Vec::new() });
+                }
+                run.as_mut().expect("set above").items.push((index, pending));
+            }
+            if let Some(last) = run {
+                self.submit(last);
+            }
+        }
+    }
+
+    fn submit(&self, job: Job) {
+        let sender = self.pool.get_or_init(|| start_pool(&self.core));
+        // A send fails only when every thread has exited; dropping the job
+        // completes its blocks with an error, and readers fetch them themselves.
+        let _ = sender.send(job);
+    }
+
+    /// Registers a sealed segment that still lives in a session directory.
+    pub fn insert_unpublished(&self, id: SegmentId, path: &Path) -> Result<Arc<SealedSegment>> {
+        let sealed = Arc::new(SealedSegment::open(id, path)?);
+        self.core.whole.lock().insert(id, sealed.clone());
+        Ok(sealed)
+    }
+
+    /// Moves a published segment from its session directory into the disk
+    /// tier. The open memory map stays valid across the rename.
+    pub fn adopt(&self, from: &Path, id: SegmentId) -> Result<()> {
+        let to = self.path(id);
+        std::fs::rename(from, &to).map_err(|e| EngineError::io("moving segment into the cache", &to, e))?;
+        self.core.remote_only.lock().remove(&id);
+        let len = std::fs::metadata(&to).map(|m| m.len()).unwrap_or(0);
+        self.core.note_disk_added(len);
+        Ok(())
+    }
+
+    pub fn forget(&self, id: SegmentId) {
+        self.core.whole.lock().remove(&id);
+    }
+
+    /// The cache as this process sees it.
+    pub fn stats(&self) -> CacheStats {
+        let (memory_bytes, memory_blocks) = self.core.memory.usage();
+        CacheStats { memory_bytes, memory_blocks, counters: self.core.counters.snapshot() }
+    }
+}
+
+fn start_pool(core: &Arc<Core>) -> crossbeam::channel::Sender<Job> {
+    let (sender, receiver) = crossbeam::channel::unbounded::<Job>();
+    for n in 0..core.config.fetch_threads {
+        let core = Arc::clone(core);
+        let receiver = receiver.clone();
+        let spawned = std::thread::Builder::new().name(format!("chalk-readahead-{n}")).spawn(move || {
+            for mut job in receiver {
+                let blocks = job.items.len() as u64;
+                let volume = job.volume.clone();
+                match core.fetch(&volume, &mut job, Tiers::DiskAndStore) {
+                    Ok(()) => Counters::add(&core.counters.prefetched_blocks, blocks),
+                    // A reader that needs these blocks fetches them again and reports the error.
+                    Err(err) => tracing::debug!(segment = %job.segment, error = %err, "readahead failed"),
+                }
+            }
+        });
+        if let Err(err) = spawned {
+            tracing::warn!(error = %err, "failed to start a readahead thread");
+        }
+    }
+    sender
+}
+
+/// Where a fetch may find blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tiers {
+    DiskAndStore,
+    /// Past the disk tier, for bytes that failed a check.
+    StoreOnly,
+}
+
+/// First and last block index that hold the record of `extent`.
+fn record_blocks(extent: &Extent) -> (u64, u64) {
+    let end = extent.record_offset + extent.record_len as u64;
+    (extent.record_offset / BLOCK_BYTES, (end.max(1) - 1) / BLOCK_BYTES)
+}
+
+impl Core {
+    /// Returns the whole local file of a segment, opening it on first use.
+    fn whole_segment(&self, id: SegmentId) -> Result<Option<Arc<SealedSegment>>> {
+        if let Some(found) = self.whole.lock().get(&id) {
+            return Ok(Some(found.clone()));
+        }
+        if self.remote_only.lock().contains(&id) {
+            return Ok(None);
+        }
+        let path = self.disk.segments_dir().join(segment::file_name(id));
+        match SealedSegment::open(id, &path) {
+            Ok(sealed) => {
+                self.disk.touch_segment(&path);
+                Ok(Some(self.whole.lock().entry(id).or_insert(Arc::new(sealed)).clone()))
+            }
+            Err(EngineError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                let mut remote_only = self.remote_only.lock();
+                if remote_only.len() >= REMOTE_ONLY_MAX {
+                    remote_only.clear();
+                }
+                remote_only.insert(id);
+                Ok(None)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Reads an extent through the block tiers.
+    fn read_blocks(self: &Arc<Self>, volume: &VolumeName, extent: &Extent, buf: &mut [u8]) -> Result<()> {
+        let record_start = extent.record_offset;
+        let record_end = record_start + extent.record_len as u64;
+        let data_end = extent.data_offset + buf.len() as u64;
+        if extent.data_offset < record_start || data_end > record_end || extent.record_len == 0 {
+            return Err(EngineError::CorruptSegment {
+                object: "extent",
+                segment: extent.segment,
+                offset: extent.data_offset,
+                detail: format!("extent [{}, {data_end}) is outside its record [{record_start}, {record_end})", extent.data_offset),
+            });
+        }
+        let (first, last) = record_blocks(extent);
+        for tiers in [Tiers::DiskAndStore, Tiers::StoreOnly] {
+            let blocks = self.blocks(volume, extent.segment, first, last, tiers)?;
+            let span = Span { first, blocks: &blocks };
+            if let Err(detail) = span.covers(record_end) {
+                return Err(EngineError::CorruptSegment { object: "extent", segment: extent.segment, offset: record_start, detail });
+            }
+            match span.verify(record_start, record_end) {
+                Ok(()) => {
+                    span.copy(extent.data_offset, buf);
+                    return Ok(());
+                }
+                Err(detail) if tiers == Tiers::DiskAndStore => {
+                    tracing::warn!(segment = %extent.segment, offset = record_start, detail = %detail, "cached record failed its CRC check; fetching it again");
+                    Counters::add(&self.counters.corrupt_blocks, blocks.len() as u64);
+                    for index in first..=last {
+                        let key = BlockKey { segment: extent.segment, index };
+                        self.memory.remove(&key);
+                        self.disk.remove(&key);
+                    }
+                }
+                Err(detail) => {
+                    tracing::error!(segment = %extent.segment, offset = record_start, detail = %detail, "corrupt record in the object store");
+                    return Err(EngineError::CorruptSegment { object: "record", segment: extent.segment, offset: record_start, detail });
+                }
+            }
+        }
+        unreachable!("the second pass returns")
+    }
+
+    /// Returns blocks `first..=last` of a segment from the tiers, fetching
+    /// the missing ones with as few GETs as possible.
+    fn blocks(self: &Arc<Self>, volume: &VolumeName, segment: SegmentId, first: u64, last: u64, tiers: Tiers) -> Result<Vec<Arc<Block>>> {
+        let mut found: Vec<Option<Arc<Block>>> = vec![None; (last - first + 1) as usize];
+        let mut waits = Vec::new();
+        let mut claims = Claims { core: Arc::clone(self), volume: volume.clone(), segment, items: Vec::new() };
+        for index in first..=last {
+            let key = BlockKey { segment, index };
+            let slot = (index - first) as usize;
+            if tiers == Tiers::DiskAndStore {
+                if let Some(block) = self.memory.get(&key) {
+                    Counters::add(&self.counters.memory_hits, 1);
+                    found[slot] = Some(block);
+                    continue;
+                }
+            }
+            Counters::add(&self.counters.memory_misses, 1);
+            match self.claim(&key) {
+                Claim::Claimed(pending) => claims.items.push((index, pending)),
+                Claim::InFlight(pending) => {
+                    Counters::add(&self.counters.coalesced_waits, 1);
+                    waits.push((slot, pending));
+                }
+                Claim::Ready(block) => found[slot] = Some(block),
+            }
+        }
+
+        if !claims.items.is_empty() {
+            self.fetch(volume, &mut claims, tiers)?;
+            for (index, pending) in &claims.items {
+                found[(index - first) as usize] = Some(pending.wait().map_err(|detail| self.fetch_error(segment, *index, detail))?);
+            }
+        }
+        for (slot, pending) in waits {
+            let index = first + slot as u64;
+            found[slot] = Some(pending.wait().map_err(|detail| self.fetch_error(segment, index, detail))?);
+        }
+        Ok(found.into_iter().map(|block| block.expect("every slot is filled")).collect())
+    }
+
+    fn fetch_error(&self, segment: SegmentId, index: u64, detail: String) -> EngineError {
+        EngineError::ObjectStore {
+            url: self.objects.url(),
+            detail: format!("fetching bytes {} of segment {segment} failed: {detail}", index * BLOCK_BYTES),
+        }
+    }
+
+    /// Claims a block for fetching, unless it is in flight or arrived meanwhile.
+    fn claim(&self, key: &BlockKey) -> Claim {
+        let mut inflight = self.inflight.lock();
+        if let Some(pending) = inflight.get(key) {
+            return Claim::InFlight(pending.clone());
+        }
+        // A fetch may have completed between the caller's memory lookup and this lock.
+        if self.memory.contains(key) {
+            if let Some(block) = self.memory.get(key) {
+                return Claim::Ready(block);
+            }
+        }
+        let pending = Arc::new(Pending::new());
+        inflight.insert(*key, pending.clone());
+        Claim::Claimed(pending)
+    }
+
+    /// Fills the claimed blocks from the disk tier, then from the object
+    /// store with one ranged GET per run of contiguous blocks. Every claimed
+    /// block is completed; the first error is returned.
+    fn fetch(&self, volume: &VolumeName, claims: &mut Claims, tiers: Tiers) -> Result<()> {
+        let segment = claims.segment;
+        let mut missing: Vec<(u64, Arc<Pending>)> = Vec::new();
+        for (index, pending) in &claims.items {
+            let key = BlockKey { segment, index: *index };
+            if tiers == Tiers::DiskAndStore {
+                match self.disk.load(&key) {
+                    Load::Hit(data) => {
+                        Counters::add(&self.counters.disk_hits, 1);
+                        self.publish(&key, pending, data, false);
+                        continue;
+                    }
+                    Load::Corrupt => Counters::add(&self.counters.corrupt_blocks, 1),
+                    Load::Miss => {}
+                }
+                Counters::add(&self.counters.disk_misses, 1);
+            }
+            missing.push((*index, pending.clone()));
+        }
+
+        let request_blocks = (self.config.request_max_bytes / BLOCK_BYTES).max(1) as usize;
+        let mut first_error = None;
+        let mut start = 0;
+        while start < missing.len() {
+            let mut end = start + 1;
+            while end < missing.len() && missing[end].0 == missing[end - 1].0 + 1 && end - start < request_blocks {
+                end += 1;
+            }
+            if let Err(err) = self.fetch_run(volume, segment, &missing[start..end]) {
+                first_error.get_or_insert(err);
+            }
+            start = end;
+        }
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    /// Fetches contiguous blocks with one ranged GET and publishes them.
+    fn fetch_run(&self, volume: &VolumeName, segment: SegmentId, run: &[(u64, Arc<Pending>)]) -> Result<()> {
+        let first = run[0].0;
+        let offset = first * BLOCK_BYTES;
+        let len = run.len() as u64 * BLOCK_BYTES;
+        let bytes = match self.objects.get_range(&segment_key(volume, segment), offset, len) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                for (index, pending) in run {
+                    self.fail(&BlockKey { segment, index: *index }, pending, err.to_string());
+                }
+                return Err(err);
+            }
+        };
+        Counters::add(&self.counters.store_gets, 1);
+        Counters::add(&self.counters.store_bytes, bytes.len() as u64);
+        for (index, pending) in run {
+            let key = BlockKey { segment, index: *index };
+            let from = ((index - first) * BLOCK_BYTES) as usize;
+            if from >= bytes.len() {
+                let detail = format!("the segment object ends at byte {}, before this block", offset + bytes.len() as u64);
+                self.fail(&key, pending, detail);
+                continue;
+            }
+            let to = (from + BLOCK_BYTES as usize).min(bytes.len());
+            self.publish(&key, pending, bytes[from..to].to_vec(), true);
+        }
+        Ok(())
+    }
+
+    /// Puts a fetched block in memory, wakes its waiters and, for a block
+    /// from the object store, writes it to the disk tier.
+    fn publish(&self, key: &BlockKey, pending: &Pending, data: Vec<u8>, from_store: bool) {
+        let block = Arc::new(Block::new(data));
+        let evicted = self.memory.insert(*key, block.clone());
+        Counters::add(&self.counters.memory_evictions, evicted as u64);
+        pending.complete(Ok(block.clone()));
+        self.inflight.lock().remove(key);
+        if from_store {
+            let evicted = self.disk.store(key, &block.data);
+            self.forget_evicted(evicted);
+        }
+    }
+
+    fn fail(&self, key: &BlockKey, pending: &Pending, detail: String) {
+        pending.complete(Err(detail));
+        self.inflight.lock().remove(key);
+    }
+
+    fn note_disk_added(&self, bytes: u64) {
+        let evicted = self.disk.note_added(bytes);
+        self.forget_evicted(evicted);
+    }
+
+    fn forget_evicted(&self, evicted: Evicted) {
+        Counters::add(&self.counters.disk_evictions, evicted.files);
+        if !evicted.segments.is_empty() {
+            let mut whole = self.whole.lock();
+            for id in evicted.segments {
+                whole.remove(&id);
+            }
+        }
+    }
+}
+
+/// Consecutive blocks of one segment, starting at block `first`.
+struct Span<'a> {
+    first: u64,
+    blocks: &'a [Arc<Block>],
+}
+
+impl Span<'_> {
+    /// Checks that the blocks are contiguous bytes up to at least `end`.
+    fn covers(&self, end: u64) -> std::result::Result<(), String> {
+        let mut reached = self.first * BLOCK_BYTES;
+        for (i, block) in self.blocks.iter().enumerate() {
+            reached += block.len() as u64;
+            if i + 1 < self.blocks.len() && block.len() as u64 != BLOCK_BYTES {
+                return Err(format!("the segment object ends at byte {reached}, inside the record"));
+            }
+        }
+        if reached < end {
+            return Err(format!("the segment object ends at byte {reached}, before the record end {end}"));
+        }
+        Ok(())
+    }
+
+    /// Checks the CRC of the record `[start, end)`, unless every block has
+    /// already checked it.
+    fn verify(&self, start: u64, end: u64) -> std::result::Result<(), String> {
+        if self.blocks.iter().all(|b| b.verified.lock().contains(&start)) {
+            return Ok(());
+        }
+        let record: Cow<[u8]> = if self.blocks.len() == 1 {
+            Cow::Borrowed(self.slice(&self.blocks[0], self.first, start, end))
+        } else {
+            let mut bytes = Vec::with_capacity((end - start) as usize);
+            for (i, block) in self.blocks.iter().enumerate() {
+                bytes.extend_from_slice(self.slice(block, self.first + i as u64, start, end));
+            }
+            Cow::Owned(bytes)
+        };
+        record::verify_record(&record)?;
+        for block in self.blocks {
+            block.verified.lock().insert(start);
+        }
+        Ok(())
+    }
+
+    /// The part of block `index` that falls in the segment range `[start, end)`.
+    fn slice<'b>(&self, block: &'b Block, index: u64, start: u64, end: u64) -> &'b [u8] {
+        let block_start = index * BLOCK_BYTES;
+        let from = start.saturating_sub(block_start).min(block.len() as u64) as usize;
+        let to = end.saturating_sub(block_start).min(block.len() as u64) as usize;
+        &block.data[from..to.max(from)]
+    }
+
+    /// Copies segment bytes from `offset` into `buf`.
+    fn copy(&self, offset: u64, buf: &mut [u8]) {
+        let end = offset + buf.len() as u64;
+        let mut at = 0;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let part = self.slice(block, self.first + i as u64, offset, end);
+            buf[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        assert_eq!(at, buf.len(), "the span covers the copied range");
+    }
+}
+
+/// Reads the host-wide statistics of the cache under `cache_root`, without
+/// opening any object store.
+pub fn host_stats(cache_root: &Path, config: &CacheConfig) -> Result<HostCacheStats> {
+    let disk = DiskTier::new(cache_root, config.disk_limit_bytes)?;
+    stats::host_stats(cache_root, disk.usage(), config.disk_limit_bytes, config.memory_limit_bytes)
+}
+
+impl Store {
+    /// The read cache as this process sees it.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.segments.stats()
+    }
+
+    /// Sizes and tuning of this store's read cache.
+    pub fn cache_config(&self) -> &CacheConfig {
+        self.segments.config()
+    }
+}

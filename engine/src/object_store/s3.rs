@@ -1,0 +1,1109 @@
+//! The S3 object store (`s3://bucket/prefix`), built on `aws-sdk-s3`.
+//!
+//! Configuration comes from the standard AWS chain of `aws-config`: region
+//! from `AWS_REGION` or the profile, endpoint from `AWS_ENDPOINT_URL` (or
+//! `AWS_ENDPOINT_URL_S3`), credentials from the environment, profiles, SSO,
+//! web identity, the container endpoint or instance metadata. A custom
+//! endpoint switches to path-style addressing, which S3-compatible servers
+//! such as Garage need. [`S3Settings`] reads the `CHALK_S3_*` settings.
+//!
+//! Integrity:
+//! - Every upload request carries `x-amz-checksum-crc32` (per part for a
+//!   multipart upload), so the server rejects bytes damaged on the way.
+//! - Every object also carries the CRC32 of its whole contents in the user
+//!   metadata `chalk-crc32`. A whole-object download (`get`, `get_to_file`)
+//!   checks it before returning anything; a mismatch is retried like a
+//!   network error and, once the attempts are used up, reported as
+//!   [`EngineError::CorruptObject`].
+//! - Ranged reads return unchecked bytes: the engine checks the CRC of each
+//!   segment record it reads.
+//!
+//! Requests: at most `concurrency` are in flight per store, every request
+//! has connect, first-byte and attempt timeouts, stalled downloads are cut,
+//! and failed attempts are retried with exponential backoff and full jitter
+//! up to `max_attempts`. The engine API is synchronous, so the store owns a
+//! small tokio runtime and blocks on it.
+//!
+//! Conditional writes: `put_if_absent` sends `If-None-Match: *`. Some
+//! S3-compatible stores accept that header and ignore it (Garage 2.5 does).
+//! Before its first `put_if_absent`, the store reads the probe record
+//! [`PROBE_RECORD_KEY`]; when it is missing, it probes (creates one new key
+//! twice with `If-None-Match: *`; the second create must fail) and records
+//! the answer, so clients that only read never write. On a store that ignores
+//! conditional writes, `put_if_absent` checks for the key and then writes it,
+//! which is safe only while one host at a time publishes to a lineage
+//! (single-writer mode).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::future::Future;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::{RequestChecksumCalculation, StalledStreamProtectionConfig};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::Client;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use super::{validate_key, ConditionalWrites, ListPage, ObjectMeta, ObjectStore};
+use crate::cache::parse_size;
+use crate::error::{EngineError, Result};
+
+/// Key, under the store's prefix, of the recorded answer of the conditional-write probe.
+pub const PROBE_RECORD_KEY: &str = "store/conditional-writes";
+
+/// Prefix of the keys that the probe creates and deletes again.
+const PROBE_KEY_PREFIX: &str = "store/probes/";
+
+/// User metadata key of the whole-object CRC32 (sent as `x-amz-meta-chalk-crc32`).
+const CRC_METADATA_KEY: &str = "chalk-crc32";
+
+/// S3 rejects multipart parts smaller than this, except the last one.
+const PART_MIN_BYTES: u64 = 5 << 20;
+
+/// S3 allows at most this many parts in one multipart upload.
+const PARTS_MAX: u64 = 10_000;
+
+/// Tuning of the S3 store. Every field has a `CHALK_S3_*` setting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Settings {
+    /// Requests in flight at once, per store (`CHALK_S3_CONCURRENCY`, default 16).
+    pub concurrency: usize,
+    /// Objects larger than this are uploaded in parts of this size
+    /// (`CHALK_S3_PART_SIZE`, default 8 MiB, at least 5 MiB).
+    pub part_bytes: u64,
+    /// Attempts per request before it fails (`CHALK_S3_MAX_ATTEMPTS`, default 6).
+    pub max_attempts: u32,
+    /// Limit on opening a connection (`CHALK_S3_CONNECT_TIMEOUT_MS`, default 3000).
+    pub connect_timeout: Duration,
+    /// Limit on the first byte of a response, counted from the start of the
+    /// request (`CHALK_S3_READ_TIMEOUT_MS`, default 30000).
+    pub read_timeout: Duration,
+    /// Limit on one attempt up to its response headers
+    /// (`CHALK_S3_ATTEMPT_TIMEOUT_MS`, default 60000).
+    pub attempt_timeout: Duration,
+    /// First retry delay; each later one doubles, up to `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        S3Settings {
+            concurrency: 16,
+            part_bytes: 8 << 20,
+            max_attempts: 6,
+            connect_timeout: Duration::from_millis(3000),
+            read_timeout: Duration::from_millis(30_000),
+            attempt_timeout: Duration::from_millis(60_000),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl S3Settings {
+    /// Reads the `CHALK_S3_*` settings, using the default for each one that is unset.
+    pub fn from_env() -> Result<Self> {
+        let mut settings = S3Settings::default();
+        if let Some(value) = env_setting("CHALK_S3_CONCURRENCY") {
+            settings.concurrency = parse_number("CHALK_S3_CONCURRENCY", &value, 1, 1024)? as usize;
+        }
+        if let Some(value) = env_setting("CHALK_S3_PART_SIZE") {
+            let bytes = parse_size(&value).map_err(|e| invalid_setting("CHALK_S3_PART_SIZE", &value, &e))?;
+            if bytes < PART_MIN_BYTES {
+                return Err(invalid_setting("CHALK_S3_PART_SIZE", &value, "S3 needs parts of at least 5 MiB"));
+            }
+            settings.part_bytes = bytes;
+        }
+        if let Some(value) = env_setting("CHALK_S3_MAX_ATTEMPTS") {
+            settings.max_attempts = parse_number("CHALK_S3_MAX_ATTEMPTS", &value, 1, 100)? as u32;
+        }
+        for (name, field) in [
+            ("CHALK_S3_CONNECT_TIMEOUT_MS", &mut settings.connect_timeout),
+            ("CHALK_S3_READ_TIMEOUT_MS", &mut settings.read_timeout),
+            ("CHALK_S3_ATTEMPT_TIMEOUT_MS", &mut settings.attempt_timeout),
+        ] {
+            if let Some(value) = env_setting(name) {
+                *field = Duration::from_millis(parse_number(name, &value, 1, 3_600_000)?);
+            }
+        }
+        Ok(settings)
+    }
+}
+
+fn env_setting(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|value| !value.trim().is_empty())
+}
+
+fn invalid_setting(name: &str, value: &str, reason: &str) -> EngineError {
+    EngineError::InvalidArgument(format!("{name}={value:?} is invalid: {reason}"))
+}
+
+fn parse_number(name: &str, value: &str, min: u64, max: u64) -> Result<u64> {
+    match value.trim().parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(invalid_setting(name, value, &format!("expected a whole number from {min} to {max}"))),
+    }
+}
+
+/// Bucket and key prefix of an `s3://bucket/prefix` URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Location {
+    pub bucket: String,
+    /// Empty, or ends with `/`.
+    pub prefix: String,
+}
+
+impl S3Location {
+    /// Parses `s3://bucket` or `s3://bucket/some/prefix` (a trailing `/` is optional).
+    pub fn parse(url: &str) -> Result<Self> {
+        let invalid = |reason: &str| {
+            EngineError::InvalidArgument(format!(
+                "object store URL {url:?} {reason}; use s3://bucket or s3://bucket/prefix"
+            ))
+        };
+        let rest = url.strip_prefix("s3://").ok_or_else(|| invalid("does not start with s3://"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let bucket_ok = (3..=63).contains(&bucket.len())
+            && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+        if !bucket_ok {
+            return Err(invalid("names an invalid bucket (3 to 63 characters of a-z, 0-9, '.' and '-')"));
+        }
+        let prefix = prefix.trim_end_matches('/');
+        if !prefix.is_empty() {
+            validate_key(prefix).map_err(|_| invalid("has an invalid prefix"))?;
+        }
+        let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+        Ok(S3Location { bucket: bucket.to_owned(), prefix })
+    }
+}
+
+/// Contents of the probe record.
+#[derive(Serialize, Deserialize)]
+struct ProbeRecord {
+    /// `honoured` or `ignored`.
+    conditional_writes: String,
+    probed_at_unix_ms: u64,
+}
+
+/// Result of a create with `If-None-Match: *`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Conditional {
+    Created,
+    /// The key exists: another writer created it first.
+    Exists,
+    /// The store answered 501 Not Implemented to the header.
+    Unsupported,
+}
+
+/// Why one attempt failed, and whether another attempt may succeed.
+#[derive(Debug)]
+struct Failure {
+    kind: FailureKind,
+    detail: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FailureKind {
+    /// Network errors, timeouts, throttling and server errors.
+    Transient,
+    /// Bytes that do not match their checksum; retried, then reported as corruption.
+    Corrupt,
+    /// Errors another attempt cannot fix: access denied, missing bucket, bad request.
+    Permanent,
+}
+
+impl Failure {
+    fn transient(detail: impl Into<String>) -> Self {
+        Failure { kind: FailureKind::Transient, detail: detail.into() }
+    }
+
+    fn corrupt(detail: impl Into<String>) -> Self {
+        Failure { kind: FailureKind::Corrupt, detail: detail.into() }
+    }
+
+    /// Classifies an SDK error. `status` is the HTTP status when a response arrived.
+    fn from_sdk<E, R>(error: &SdkError<E, R>, status: Option<u16>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        let detail = describe(error, status);
+        let kind = match error {
+            SdkError::ConstructionFailure(_) => FailureKind::Permanent,
+            SdkError::TimeoutError(_) | SdkError::ResponseError(_) => FailureKind::Transient,
+            SdkError::DispatchFailure(failure) if failure.is_user() => FailureKind::Permanent,
+            SdkError::DispatchFailure(_) => FailureKind::Transient,
+            SdkError::ServiceError(service) => {
+                let code = service.err().code().unwrap_or_default();
+                match status {
+                    Some(408 | 409 | 429) | Some(500..=599) => FailureKind::Transient,
+                    _ if matches!(code, "SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable") => {
+                        FailureKind::Transient
+                    }
+                    _ => FailureKind::Permanent,
+                }
+            }
+            _ => FailureKind::Transient,
+        };
+        Failure { kind, detail }
+    }
+}
+
+/// One line about an SDK error: the HTTP status, the S3 error code and the cause chain.
+fn describe<E, R>(error: &SdkError<E, R>, status: Option<u16>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let mut text = String::new();
+    if let Some(status) = status {
+        text.push_str(&format!("HTTP {status}: "));
+    }
+    match error {
+        SdkError::TimeoutError(_) => text.push_str("request timed out"),
+        _ => text.push_str(&DisplayErrorContext(error).to_string()),
+    }
+    text
+}
+
+/// HTTP status of the response that an SDK error carries, if any.
+fn status_of<E>(error: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<u16> {
+    error.raw_response().map(|response| response.status().as_u16())
+}
+
+/// Formats a CRC32 as the base64 of its big-endian bytes, as `x-amz-checksum-crc32` expects.
+fn crc_header(crc: u32) -> String {
+    aws_smithy_types::base64::encode(crc.to_be_bytes())
+}
+
+fn crc_metadata(crc: u32) -> String {
+    format!("{crc:08x}")
+}
+
+/// State shared by the store and the tasks it spawns.
+struct Inner {
+    client: Client,
+    location: S3Location,
+    url: String,
+    settings: S3Settings,
+    permits: Semaphore,
+}
+
+/// Object store in an S3 bucket, under an optional key prefix.
+pub struct S3Store {
+    /// `Some` until drop. Dropping a runtime inside another runtime panics,
+    /// so `Drop` shuts it down in the background instead.
+    runtime: Option<tokio::runtime::Runtime>,
+    inner: Arc<Inner>,
+    /// The probe's answer once it is known to this process.
+    conditional_writes: Mutex<Option<ConditionalWrites>>,
+}
+
+impl S3Store {
+    /// Opens `s3://bucket/prefix` with the AWS configuration of the environment
+    /// and the `CHALK_S3_*` settings. Sends no request: a wrong endpoint or
+    /// missing credentials show up on the first request.
+    pub fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, S3Settings::from_env()?)
+    }
+
+    pub fn open_with(url: &str, settings: S3Settings) -> Result<Self> {
+        let location = S3Location::parse(url)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("chalk-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| EngineError::ObjectStore { url: url.to_owned(), detail: format!("failed to start the S3 runtime: {e}") })?;
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(settings.connect_timeout)
+            .read_timeout(settings.read_timeout)
+            .operation_attempt_timeout(settings.attempt_timeout)
+            .build();
+        // Retries happen in this module, which also retries failed checksums
+        // and broken response bodies; SDK retries would multiply the attempts.
+        let loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(timeouts)
+            .stalled_stream_protection(
+                StalledStreamProtectionConfig::enabled().grace_period(Duration::from_secs(10)).build(),
+            );
+        let sdk_config = block_on_runtime(&runtime, loader.load());
+        if sdk_config.region().is_none() {
+            return Err(EngineError::InvalidArgument(format!(
+                "no AWS region is configured for {url}; set AWS_REGION (Garage uses the region `garage`)"
+            )));
+        }
+        let custom_endpoint = sdk_config.endpoint_url().is_some() || env_setting("AWS_ENDPOINT_URL_S3").is_some();
+        let config = aws_sdk_s3::config::Builder::from(&sdk_config)
+            .force_path_style(custom_endpoint)
+            // This module computes and sends every checksum itself.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .build();
+        let inner = Inner {
+            client: Client::from_conf(config),
+            url: format!("s3://{}/{}", location.bucket, location.prefix),
+            location,
+            permits: Semaphore::new(settings.concurrency),
+            settings,
+        };
+        tracing::debug!(url = %inner.url, path_style = custom_endpoint, "opened S3 object store");
+        Ok(S3Store { runtime: Some(runtime), inner: Arc::new(inner), conditional_writes: Mutex::new(None) })
+    }
+
+    pub fn settings(&self) -> &S3Settings {
+        &self.inner.settings
+    }
+
+    /// Runs `future` to completion on the store's runtime. From inside
+    /// another tokio runtime, where blocking on a runtime panics, it blocks a
+    /// separate thread instead.
+    fn block_on<F>(&self, future: F) -> F::Output
+    where
+        F: Future + Send,
+        F::Output: Send,
+    {
+        block_on_runtime(self.runtime.as_ref().expect("the runtime lives until drop"), future)
+    }
+
+    /// Creates `key` with `If-None-Match: *`, whatever the probe found.
+    fn put_conditional(&self, key: &str, data: &[u8]) -> Result<Conditional> {
+        validate_key(key)?;
+        let body = Bytes::copy_from_slice(data);
+        self.block_on(self.inner.put_conditional(key, body))
+    }
+
+    /// Returns whether an object exists at `key`.
+    fn exists(&self, key: &str) -> Result<bool> {
+        validate_key(key)?;
+        self.block_on(self.inner.exists(key))
+    }
+
+    /// Finds out whether the store honours `If-None-Match: *`, from the probe
+    /// record or, when there is none yet, by probing and recording the answer.
+    fn probe(&self) -> Result<ConditionalWrites> {
+        if let Some(bytes) = self.get(PROBE_RECORD_KEY)? {
+            let record: ProbeRecord = serde_json::from_slice(&bytes).map_err(|e| EngineError::CorruptObject {
+                key: PROBE_RECORD_KEY.to_owned(),
+                detail: format!("invalid probe record: {e}"),
+            })?;
+            return match record.conditional_writes.as_str() {
+                "honoured" => Ok(ConditionalWrites::Honoured),
+                "ignored" => Ok(ConditionalWrites::Ignored),
+                other => Err(EngineError::CorruptObject {
+                    key: PROBE_RECORD_KEY.to_owned(),
+                    detail: format!("unknown probe answer {other:?}"),
+                }),
+            };
+        }
+
+        // Create one new key twice: a store that honours the header refuses the second create.
+        let key = format!("{PROBE_KEY_PREFIX}{}", ulid::Ulid::new());
+        let answer = match self.put_conditional(&key, b"first")? {
+            Conditional::Created => match self.put_conditional(&key, b"second")? {
+                Conditional::Exists => ConditionalWrites::Honoured,
+                Conditional::Created | Conditional::Unsupported => ConditionalWrites::Ignored,
+            },
+            // A store that rejects the header outright has no conditional writes either.
+            Conditional::Unsupported => ConditionalWrites::Ignored,
+            Conditional::Exists => {
+                return Err(EngineError::ObjectStore {
+                    url: self.url(),
+                    detail: format!("the new probe key {key} already exists; retry the command"),
+                })
+            }
+        };
+        if let Err(err) = self.delete(&key) {
+            tracing::warn!(key = %key, error = %err, "failed to delete the conditional-write probe key");
+        }
+
+        let record = ProbeRecord {
+            conditional_writes: match answer {
+                ConditionalWrites::Honoured => "honoured".into(),
+                ConditionalWrites::Ignored => "ignored".into(),
+            },
+            probed_at_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        self.put(PROBE_RECORD_KEY, &serde_json::to_vec(&record).expect("serializable"))?;
+        tracing::info!(url = %self.url(), conditional_writes = %record.conditional_writes, "probed the object store for conditional writes");
+        Ok(answer)
+    }
+}
+
+/// Runs `future` on `runtime`, from a separate thread when the caller is
+/// itself inside a tokio runtime (where `Runtime::block_on` panics).
+fn block_on_runtime<F>(runtime: &tokio::runtime::Runtime, future: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_err() {
+        return runtime.block_on(future);
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| runtime.block_on(future))
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+impl Drop for S3Store {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Inner {
+    fn full_key(&self, key: &str) -> String {
+        format!("{}{key}", self.location.prefix)
+    }
+
+    fn error(&self, detail: String) -> EngineError {
+        EngineError::ObjectStore { url: self.url.clone(), detail }
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good or uses up the
+    /// attempts, sleeping an exponential, fully jittered delay in between.
+    async fn retry<T, F, Fut>(&self, operation: &'static str, key: &str, mut attempt: F) -> Result<T>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = std::result::Result<T, Failure>>,
+    {
+        let mut number = 1;
+        loop {
+            let failure = match attempt(number).await {
+                Ok(value) => return Ok(value),
+                Err(failure) => failure,
+            };
+            let retry = failure.kind != FailureKind::Permanent && number < self.settings.max_attempts;
+            if !retry {
+                let detail = format!("{operation} {key} failed after {number} attempt(s): {}", failure.detail);
+                return Err(match failure.kind {
+                    FailureKind::Corrupt => EngineError::CorruptObject { key: key.to_owned(), detail },
+                    FailureKind::Transient | FailureKind::Permanent => self.error(detail),
+                });
+            }
+            let delay = backoff(&self.settings, number);
+            tracing::warn!(
+                url = %self.url, operation, key, attempt = number, delay_ms = delay.as_millis() as u64,
+                error = %failure.detail, "object store request failed; retrying"
+            );
+            tokio::time::sleep(delay).await;
+            number += 1;
+        }
+    }
+
+    async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.permits.acquire().await.expect("the request semaphore is never closed")
+    }
+
+    async fn put_single(&self, key: &str, body: Bytes) -> Result<()> {
+        let full_key = self.full_key(key);
+        let crc = crc32fast::hash(&body);
+        self.retry("PUT", key, |_| {
+            let request = self
+                .client
+                .put_object()
+                .bucket(&self.location.bucket)
+                .key(&full_key)
+                .checksum_crc32(crc_header(crc))
+                .metadata(CRC_METADATA_KEY, crc_metadata(crc))
+                .body(ByteStream::from(body.clone()));
+            async move {
+                let _permit = self.permit().await;
+                request.send().await.map(|_| ()).map_err(|e| Failure::from_sdk(&e, status_of(&e)))
+            }
+        })
+        .await
+    }
+
+    async fn put_conditional(&self, key: &str, body: Bytes) -> Result<Conditional> {
+        let full_key = self.full_key(key);
+        let crc = crc32fast::hash(&body);
+        // Set once an attempt was sent. A failed attempt may still have
+        // created the object, so a later 412 may be this writer's own success.
+        let mut maybe_created = false;
+        let created = self
+            .retry("conditional PUT", key, |_| {
+                let request = self
+                    .client
+                    .put_object()
+                    .bucket(&self.location.bucket)
+                    .key(&full_key)
+                    .if_none_match("*")
+                    .checksum_crc32(crc_header(crc))
+                    .metadata(CRC_METADATA_KEY, crc_metadata(crc))
+                    .body(ByteStream::from(body.clone()));
+                let earlier_attempt_may_have_created = maybe_created;
+                let outcome = async move {
+                    let _permit = self.permit().await;
+                    match request.send().await {
+                        Ok(_) => Ok(Some(Conditional::Created)),
+                        Err(e) => match status_of(&e) {
+                            Some(412) if earlier_attempt_may_have_created => Ok(None),
+                            Some(412) => Ok(Some(Conditional::Exists)),
+                            Some(501) => Ok(Some(Conditional::Unsupported)),
+                            status => Err(Failure::from_sdk(&e, status)),
+                        },
+                    }
+                };
+                maybe_created = true;
+                outcome
+            })
+            .await?;
+        match created {
+            Some(outcome) => Ok(outcome),
+            // The object is this writer's if it holds exactly these bytes.
+            None => match self.get_whole(key).await? {
+                Some(stored) if stored == body => Ok(Conditional::Created),
+                _ => Ok(Conditional::Exists),
+            },
+        }
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool> {
+        let full_key = self.full_key(key);
+        self.retry("HEAD", key, |_| {
+            let request = self.client.head_object().bucket(&self.location.bucket).key(&full_key);
+            async move {
+                let _permit = self.permit().await;
+                match request.send().await {
+                    Ok(_) => Ok(true),
+                    Err(e) if status_of(&e) == Some(404) => Ok(false),
+                    Err(e) => Err(Failure::from_sdk(&e, status_of(&e))),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Downloads a whole object and checks its CRC32. `None` when it does not exist.
+    async fn get_whole(&self, key: &str) -> Result<Option<Bytes>> {
+        let full_key = self.full_key(key);
+        self.retry("GET", key, |_| {
+            let request = self
+                .client
+                .get_object()
+                .bucket(&self.location.bucket)
+                .key(&full_key)
+                .checksum_mode(ChecksumMode::Enabled);
+            async move {
+                let _permit = self.permit().await;
+                let output = match request.send().await {
+                    Ok(output) => output,
+                    Err(e) if status_of(&e) == Some(404) => return Ok(None),
+                    Err(e) => return Err(Failure::from_sdk(&e, status_of(&e))),
+                };
+                let expected = expected_crc(output.metadata(), output.checksum_crc32());
+                let body = output
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| Failure::transient(format!("response body failed: {}", DisplayErrorContext(&e))))?
+                    .into_bytes();
+                check_crc(expected, crc32fast::hash(&body), body.len() as u64)?;
+                Ok(Some(body))
+            }
+        })
+        .await
+    }
+
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let full_key = self.full_key(key);
+        let last = offset + len - 1;
+        self.retry("ranged GET", key, |_| {
+            let request = self
+                .client
+                .get_object()
+                .bucket(&self.location.bucket)
+                .key(&full_key)
+                .range(format!("bytes={offset}-{last}"));
+            async move {
+                let _permit = self.permit().await;
+                let output = match request.send().await {
+                    Ok(output) => output,
+                    // The range starts at or past the end of the object.
+                    Err(e) if status_of(&e) == Some(416) => return Ok(Vec::new()),
+                    Err(e) => return Err(Failure::from_sdk(&e, status_of(&e))),
+                };
+                let expected_len = match output.content_range().and_then(total_from_content_range) {
+                    Some(total) => total.saturating_sub(offset).min(len),
+                    None => output.content_length().map_or(len, |n| n.max(0) as u64),
+                };
+                let body = output
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| Failure::transient(format!("response body failed: {}", DisplayErrorContext(&e))))?
+                    .into_bytes();
+                if body.len() as u64 != expected_len {
+                    return Err(Failure::transient(format!(
+                        "response body has {} bytes, expected {expected_len}",
+                        body.len()
+                    )));
+                }
+                Ok(body.to_vec())
+            }
+        })
+        .await
+    }
+
+    /// Streams a whole object into `path` and checks its CRC32. `false` when it does not exist.
+    async fn get_to_file(&self, key: &str, path: &Path) -> Result<bool> {
+        let full_key = self.full_key(key);
+        self.retry("GET", key, |_| {
+            let request = self
+                .client
+                .get_object()
+                .bucket(&self.location.bucket)
+                .key(&full_key)
+                .checksum_mode(ChecksumMode::Enabled);
+            async move {
+                let _permit = self.permit().await;
+                let mut output = match request.send().await {
+                    Ok(output) => output,
+                    Err(e) if status_of(&e) == Some(404) => return Ok(false),
+                    Err(e) => return Err(Failure::from_sdk(&e, status_of(&e))),
+                };
+                let expected = expected_crc(output.metadata(), output.checksum_crc32());
+                let local = |e: std::io::Error| Failure {
+                    kind: FailureKind::Permanent,
+                    detail: format!("writing {}: {e}", path.display()),
+                };
+                let mut file = File::create(path).map_err(local)?;
+                let mut hasher = crc32fast::Hasher::new();
+                let mut len = 0u64;
+                while let Some(chunk) = output.body.next().await {
+                    let chunk = chunk
+                        .map_err(|e| Failure::transient(format!("response body failed: {}", DisplayErrorContext(&e))))?;
+                    hasher.update(&chunk);
+                    len += chunk.len() as u64;
+                    file.write_all(&chunk).map_err(local)?;
+                }
+                check_crc(expected, hasher.finalize(), len)?;
+                file.sync_all().map_err(local)?;
+                Ok(true)
+            }
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<ListPage> {
+        let full_prefix = self.full_key(prefix);
+        let full_start_after = start_after.map(|key| self.full_key(key));
+        let max_keys = limit.clamp(1, 1000) as i32;
+        let output = self
+            .retry("LIST", prefix, |_| {
+                let request = self
+                    .client
+                    .list_objects_v2()
+                    .bucket(&self.location.bucket)
+                    .prefix(&full_prefix)
+                    .set_start_after(full_start_after.clone())
+                    .max_keys(max_keys);
+                async move {
+                    let _permit = self.permit().await;
+                    request.send().await.map_err(|e| Failure::from_sdk(&e, status_of(&e)))
+                }
+            })
+            .await?;
+        let objects: Vec<ObjectMeta> = output
+            .contents()
+            .iter()
+            .filter_map(|object| {
+                let key = object.key()?.strip_prefix(&self.location.prefix)?;
+                Some(ObjectMeta { key: key.to_owned(), size: object.size().unwrap_or(0).max(0) as u64 })
+            })
+            .collect();
+        let next_start_after = match output.is_truncated() {
+            Some(true) => output.contents().last().and_then(|o| o.key()).map(|k| {
+                k.strip_prefix(&self.location.prefix).unwrap_or(k).to_owned()
+            }),
+            _ => None,
+        };
+        Ok(ListPage { objects, next_start_after })
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let full_key = self.full_key(key);
+        self.retry("DELETE", key, |_| {
+            let request = self.client.delete_object().bucket(&self.location.bucket).key(&full_key);
+            async move {
+                let _permit = self.permit().await;
+                match request.send().await {
+                    Ok(_) => Ok(()),
+                    Err(e) if status_of(&e) == Some(404) => Ok(()),
+                    Err(e) => Err(Failure::from_sdk(&e, status_of(&e))),
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// Expected CRC32 of a whole object: the `chalk-crc32` metadata, else a
+/// full-object `x-amz-checksum-crc32` (a multipart object's composite
+/// checksum, which ends in `-N`, is not a CRC of the contents).
+fn expected_crc(metadata: Option<&HashMap<String, String>>, checksum: Option<&str>) -> Option<u32> {
+    if let Some(value) = metadata.and_then(|m| m.get(CRC_METADATA_KEY)) {
+        return u32::from_str_radix(value, 16).ok();
+    }
+    let checksum = checksum?;
+    if checksum.contains('-') {
+        return None;
+    }
+    let bytes: [u8; 4] = aws_smithy_types::base64::decode(checksum).ok()?.try_into().ok()?;
+    Some(u32::from_be_bytes(bytes))
+}
+
+fn check_crc(expected: Option<u32>, computed: u32, len: u64) -> std::result::Result<(), Failure> {
+    match expected {
+        Some(expected) if expected != computed => Err(Failure::corrupt(format!(
+            "CRC32 mismatch in the downloaded object: stored {expected:08x}, computed {computed:08x} over {len} bytes"
+        ))),
+        Some(_) => Ok(()),
+        None => {
+            // Objects written by Chalk always carry the metadata; others are returned unchecked.
+            tracing::debug!(len, "downloaded object carries no CRC32 to check");
+            Ok(())
+        }
+    }
+}
+
+/// Delay before the attempt after attempt `failed`: uniform in
+/// `[0, min(backoff_max, backoff_initial * 2^(failed - 1))]` (full jitter).
+fn backoff(settings: &S3Settings, failed: u32) -> Duration {
+    let exponent = failed.saturating_sub(1).min(20);
+    let ceiling = settings.backoff_initial.saturating_mul(1 << exponent).min(settings.backoff_max);
+    let millis = ceiling.as_millis() as u64;
+    Duration::from_millis(rand::thread_rng().gen_range(0..=millis))
+}
+
+/// Total object size from a `Content-Range: bytes a-b/total` header.
+fn total_from_content_range(value: &str) -> Option<u64> {
+    value.rsplit('/').next()?.trim().parse().ok()
+}
+
+// Multipart uploads.
+impl Inner {
+    /// Uploads `len` bytes that `read_part(offset, len)` returns, in parts of
+    /// `part_bytes` uploaded in parallel, each with its CRC32. The whole-object
+    /// CRC32 `crc` goes into the metadata. A failed upload is aborted.
+    async fn put_multipart<R>(self: &Arc<Self>, key: &str, len: u64, crc: u32, read_part: R) -> Result<()>
+    where
+        R: Fn(u64, usize) -> std::io::Result<Vec<u8>> + Send + Sync + 'static,
+    {
+        let full_key = self.full_key(key);
+        let part_bytes = self.settings.part_bytes.max(len.div_ceil(PARTS_MAX));
+        let upload_id = self
+            .retry("create multipart upload", key, |_| {
+                let request = self
+                    .client
+                    .create_multipart_upload()
+                    .bucket(&self.location.bucket)
+                    .key(&full_key)
+                    .checksum_algorithm(ChecksumAlgorithm::Crc32)
+                    .metadata(CRC_METADATA_KEY, crc_metadata(crc));
+                async move {
+                    let _permit = self.permit().await;
+                    request.send().await.map_err(|e| Failure::from_sdk(&e, status_of(&e)))
+                }
+            })
+            .await?
+            .upload_id()
+            .map(str::to_owned)
+            .ok_or_else(|| self.error(format!("create multipart upload {key}: the response has no upload id")))?;
+
+        let read_part = Arc::new(read_part);
+        let mut tasks = tokio::task::JoinSet::new();
+        let parts = len.div_ceil(part_bytes);
+        for index in 0..parts {
+            let inner = Arc::clone(self);
+            let read_part = Arc::clone(&read_part);
+            let (key, full_key, upload_id) = (key.to_owned(), full_key.clone(), upload_id.clone());
+            let offset = index * part_bytes;
+            let size = part_bytes.min(len - offset) as usize;
+            tasks.spawn(async move {
+                inner.upload_part(&key, &full_key, &upload_id, index as i32 + 1, offset, size, read_part.as_ref()).await
+            });
+        }
+        let mut completed = Vec::with_capacity(parts as usize);
+        let mut first_error = None;
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(part)) => completed.push(part),
+                Ok(Err(err)) => {
+                    first_error.get_or_insert(err);
+                    tasks.abort_all();
+                }
+                Err(join_error) if join_error.is_cancelled() => {}
+                Err(join_error) => std::panic::resume_unwind(join_error.into_panic()),
+            }
+        }
+        if let Some(err) = first_error {
+            self.abort_multipart(&full_key, &upload_id).await;
+            return Err(err);
+        }
+
+        completed.sort_by_key(|part| part.part_number());
+        let upload = CompletedMultipartUpload::builder().set_parts(Some(completed)).build();
+        let result = self
+            .retry("complete multipart upload", key, |_| {
+                let request = self
+                    .client
+                    .complete_multipart_upload()
+                    .bucket(&self.location.bucket)
+                    .key(&full_key)
+                    .upload_id(&upload_id)
+                    .multipart_upload(upload.clone());
+                async move {
+                    let _permit = self.permit().await;
+                    request.send().await.map(|_| ()).map_err(|e| Failure::from_sdk(&e, status_of(&e)))
+                }
+            })
+            .await;
+        if result.is_err() {
+            self.abort_multipart(&full_key, &upload_id).await;
+        }
+        result
+    }
+
+    /// Reads and uploads one part. The request permit is held from the read
+    /// to the last attempt, so part buffers in memory stay within `concurrency`.
+    #[allow(clippy::too_many_arguments)]
+    async fn upload_part<R>(
+        &self,
+        key: &str,
+        full_key: &str,
+        upload_id: &str,
+        number: i32,
+        offset: u64,
+        size: usize,
+        read_part: &R,
+    ) -> Result<CompletedPart>
+    where
+        R: Fn(u64, usize) -> std::io::Result<Vec<u8>> + Send + Sync,
+    {
+        let _permit = self.permit().await;
+        let body = Bytes::from(tokio::task::block_in_place(|| read_part(offset, size)).map_err(|e| {
+            self.error(format!("reading part {number} of {key} at offset {offset}: {e}"))
+        })?);
+        if body.len() != size {
+            return Err(self.error(format!("part {number} of {key} has {} bytes, expected {size}", body.len())));
+        }
+        let crc = crc_header(crc32fast::hash(&body));
+        let output = self
+            .retry("upload part", key, |_| {
+                let request = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.location.bucket)
+                    .key(full_key)
+                    .upload_id(upload_id)
+                    .part_number(number)
+                    .checksum_crc32(&crc)
+                    .body(ByteStream::from(body.clone()));
+                async move { request.send().await.map_err(|e| Failure::from_sdk(&e, status_of(&e))) }
+            })
+            .await?;
+        Ok(CompletedPart::builder()
+            .part_number(number)
+            .set_e_tag(output.e_tag().map(str::to_owned))
+            .checksum_crc32(crc)
+            .build())
+    }
+
+    /// Aborts a multipart upload once, without retries. Parts left behind by
+    /// a failed abort are garbage for `gc`.
+    async fn abort_multipart(&self, full_key: &str, upload_id: &str) {
+        let request =
+            self.client.abort_multipart_upload().bucket(&self.location.bucket).key(full_key).upload_id(upload_id);
+        if let Err(e) = request.send().await {
+            tracing::warn!(url = %self.url, key = full_key, upload_id, error = %DisplayErrorContext(&e), "failed to abort multipart upload");
+        }
+    }
+}
+
+impl ObjectStore for S3Store {
+    fn url(&self) -> String {
+        self.inner.url.clone()
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        validate_key(key)?;
+        if data.len() as u64 <= self.inner.settings.part_bytes {
+            return self.block_on(self.inner.put_single(key, Bytes::copy_from_slice(data)));
+        }
+        let crc = crc32fast::hash(data);
+        let shared = Bytes::copy_from_slice(data);
+        let read_part = move |offset: u64, size: usize| Ok(shared.slice(offset as usize..offset as usize + size).to_vec());
+        self.block_on(self.inner.put_multipart(key, data.len() as u64, crc, read_part))
+    }
+
+    fn put_file(&self, key: &str, path: &Path) -> Result<()> {
+        validate_key(key)?;
+        let file = File::open(path).map_err(|e| EngineError::io("opening file to upload", path, e))?;
+        let len = file.metadata().map_err(|e| EngineError::io("reading size of", path, e))?.len();
+        if len <= self.inner.settings.part_bytes {
+            let data = std::fs::read(path).map_err(|e| EngineError::io("reading file to upload", path, e))?;
+            return self.block_on(self.inner.put_single(key, Bytes::from(data)));
+        }
+        let crc = file_crc(&file, len).map_err(|e| EngineError::io("reading file to upload", path, e))?;
+        let read_part = move |offset: u64, size: usize| {
+            let mut buf = vec![0u8; size];
+            file.read_exact_at(&mut buf, offset)?;
+            Ok(buf)
+        };
+        self.block_on(self.inner.put_multipart(key, len, crc, read_part))
+    }
+
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> Result<bool> {
+        match self.conditional_writes()? {
+            ConditionalWrites::Honoured => match self.put_conditional(key, data)? {
+                Conditional::Created => Ok(true),
+                Conditional::Exists => Ok(false),
+                Conditional::Unsupported => Err(EngineError::ObjectStore {
+                    url: self.url(),
+                    detail: format!(
+                        "creating {key}: the store rejects If-None-Match although the probe record {PROBE_RECORD_KEY} \
+                         says it honours it; delete that record so that the next publish probes again"
+                    ),
+                }),
+            },
+            // Single-writer mode: a second writer between the check and the
+            // write overwrites the object, and one of the two writes is lost.
+            ConditionalWrites::Ignored => {
+                if self.exists(key)? {
+                    return Ok(false);
+                }
+                self.put(key, data)?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        validate_key(key)?;
+        Ok(self.block_on(self.inner.get_whole(key))?.map(|bytes| bytes.to_vec()))
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        validate_key(key)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        self.block_on(self.inner.get_range(key, offset, len))
+    }
+
+    fn get_to_file(&self, key: &str, path: &Path) -> Result<bool> {
+        validate_key(key)?;
+        self.block_on(self.inner.get_to_file(key, path))
+    }
+
+    fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<ListPage> {
+        self.block_on(self.inner.list(prefix, start_after, limit))
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        validate_key(key)?;
+        self.block_on(self.inner.delete(key))
+    }
+
+    fn conditional_writes(&self) -> Result<ConditionalWrites> {
+        let mut known = self.conditional_writes.lock();
+        if let Some(answer) = *known {
+            return Ok(answer);
+        }
+        let answer = self.probe()?;
+        if answer == ConditionalWrites::Ignored {
+            tracing::warn!(
+                url = %self.url(),
+                "the object store ignores conditional writes (If-None-Match), so Chalk runs in single-writer mode: \
+                 publishing to one lineage from more than one host at a time can lose a version there"
+            );
+        }
+        *known = Some(answer);
+        Ok(answer)
+    }
+}
+
+/// CRC32 of the first `len` bytes of `file`, read in 1 MiB pieces.
+fn file_crc(file: &File, len: u64) -> std::io::Result<u32> {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0;
+    while offset < len {
+        let n = buf.len().min((len - offset) as usize);
+        file.read_exact_at(&mut buf[..n], offset)?;
+        hasher.update(&buf[..n]);
+        offset += n as u64;
+    }
+    Ok(hasher.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn location_parses_bucket_and_prefix() {
+        let plain = S3Location::parse("s3://bucket").unwrap();
+        assert_eq!(plain, S3Location { bucket: "bucket".into(), prefix: String::new() });
+        let nested = S3Location::parse("s3://my-bucket/team/volumes/").unwrap();
+        assert_eq!(nested.prefix, "team/volumes/");
+        assert_eq!(S3Location::parse("s3://my.bucket/p").unwrap().prefix, "p/");
+        for bad in ["s3://", "s3://B", "s3://ab", "s3://bucket/a//b", "s3://bucket/../x", "file:///x"] {
+            assert!(S3Location::parse(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn crc_header_is_base64_big_endian() {
+        // CRC32 of "123456789" is cbf43926.
+        let crc = crc32fast::hash(b"123456789");
+        assert_eq!(crc, 0xcbf4_3926);
+        assert_eq!(crc_header(crc), "y/Q5Jg==");
+        assert_eq!(expected_crc(None, Some("y/Q5Jg==")), Some(crc));
+        assert_eq!(expected_crc(None, Some("y/Q5Jg==-3")), None);
+        let metadata = HashMap::from([(CRC_METADATA_KEY.to_owned(), crc_metadata(crc))]);
+        assert_eq!(expected_crc(Some(&metadata), Some("AAAAAA==")), Some(crc));
+    }
+
+    #[test]
+    fn content_range_total_is_parsed() {
+        assert_eq!(total_from_content_range("bytes 0-9/100"), Some(100));
+        assert_eq!(total_from_content_range("bytes */100"), Some(100));
+        assert_eq!(total_from_content_range("bytes 0-9/*"), None);
+    }
+
+    #[test]
+    fn backoff_stays_under_the_cap() {
+        let settings = S3Settings::default();
+        for failed in 1..40 {
+            let delay = backoff(&settings, failed);
+            assert!(delay <= settings.backoff_max, "attempt {failed}: {delay:?}");
+        }
+        let first: Vec<Duration> = (0..100).map(|_| backoff(&settings, 1)).collect();
+        assert!(first.iter().all(|d| *d <= settings.backoff_initial), "{first:?}");
+        assert!(first.iter().any(|d| *d != first[0]), "delays are not jittered: {first:?}");
+    }
+}
