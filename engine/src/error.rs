@@ -61,14 +61,14 @@ pub enum EngineError {
 
     #[error(
         "corrupt {object} in segment {segment} at offset {offset}: {detail}; \
-         run `chalk fsck` to find the affected versions"
+         if the damaged copy is the local cache, delete it from $CHALK_HOME/cache/segments so it is fetched again"
     )]
     CorruptSegment { object: &'static str, segment: SegmentId, offset: u64, detail: String },
 
-    #[error("corrupt object {key:?}: {detail}; run `chalk fsck` to check the store")]
+    #[error("corrupt object {key:?}: {detail}; the object store's copy is damaged or missing")]
     CorruptObject { key: String, detail: String },
 
-    #[error("lineage {lineage:?} of volume {volume:?} moved to version {head} after this session started at {base}; sync again from a new mount")]
+    #[error("lineage {lineage:?} of volume {volume:?} moved to version {head} after this session started at {base}; another writer published first, and this session keeps its writes")]
     HeadMoved { volume: String, lineage: String, base: String, head: String },
 
     #[error("object store {url}: {detail}")]

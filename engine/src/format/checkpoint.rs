@@ -7,7 +7,7 @@
 //! | offset | size | field          | meaning                                |
 //! |--------|------|----------------|----------------------------------------|
 //! | 0      | 4    | magic          | `0x504B4843` (`"CHKP"` little-endian)  |
-//! | 4      | 2    | format version | 1                                      |
+//! | 4      | 2    | format version | 2                                      |
 //! | 6      | 2    | object type    | see [`ObjectType`]                     |
 //! | 8      | 4    | payload length | bytes after the frame                  |
 //! | 12     | 4    | payload CRC    | CRC32 of the payload                   |
@@ -27,7 +27,7 @@ use crate::ids::{Ino, SegmentId};
 use crate::tree::{Attr, FileKind, Timestamp};
 
 pub const OBJECT_MAGIC: u32 = 0x504B_4843;
-pub const OBJECT_FORMAT_VERSION: u16 = 1;
+pub const OBJECT_FORMAT_VERSION: u16 = 2;
 pub const FRAME_LEN: usize = 16;
 /// Inode numbers per page: inode `n` lives in page `n / INODES_PER_PAGE`.
 pub const INODES_PER_PAGE: u64 = 256;

@@ -43,9 +43,23 @@ impl FileStore {
         Ok(tmp)
     }
 
+    /// Creates the directories above an object and syncs the parent of each
+    /// one it created, so a new directory survives a crash with its object.
     fn prepare_parent(&self, path: &Path) -> Result<PathBuf> {
         let parent = path.parent().expect("object path has a parent").to_owned();
+        if parent.is_dir() {
+            return Ok(parent);
+        }
+        let mut missing = Vec::new();
+        let mut dir = parent.as_path();
+        while !dir.exists() && dir != self.root {
+            missing.push(dir.to_owned());
+            dir = dir.parent().expect("object directories lie under the root");
+        }
         fs::create_dir_all(&parent).map_err(|e| EngineError::io("creating object directory", &parent, e))?;
+        for created in missing.iter().rev() {
+            sync_dir(created.parent().expect("created directories have a parent"))?;
+        }
         Ok(parent)
     }
 

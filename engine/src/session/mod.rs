@@ -165,7 +165,12 @@ pub(crate) fn discard_abandoned_sessions(store: &Store) {
     for entry in entries.flatten() {
         let dir = entry.path();
         let Ok(lock) = File::open(dir.join("lock")) else {
-            let _ = std::fs::remove_dir_all(&dir);
+            // A session creates its directory and then its lock file; only a
+            // directory that stayed without one for a minute is abandoned.
+            let age = entry.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|age| age > std::time::Duration::from_secs(60)) {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
             continue;
         };
         // SAFETY: flock on a valid descriptor owned by `lock`.

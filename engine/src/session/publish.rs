@@ -77,7 +77,12 @@ impl Session {
         self.check_writable()?;
         let mut state = self.state.lock();
         let state = &mut *state;
-        if state.dirty.is_empty() {
+        // Inodes created and unlinked since the base (kept only while open)
+        // change nothing that a version would hold.
+        let base_next_ino = state.root.next_ino;
+        let inodes = &state.inodes;
+        let effective = state.dirty.iter().any(|ino| ino.0 < base_next_ino || inodes.get(ino).is_some_and(|i| i.attr.nlink > 0));
+        if !effective {
             return Ok(SyncOutcome::NothingToPublish { base: state.base.clone() });
         }
         if let Some(lineage) = &state.lineage {
