@@ -1,5 +1,6 @@
 //! `chalk`: the command-line tool of Chalk volumes.
 
+mod cache_cmd;
 mod mount_cmd;
 mod output;
 mod transfer;
@@ -18,6 +19,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    cache: cache_cmd::CacheFlags,
 }
 
 #[derive(Subcommand)]
@@ -25,6 +28,9 @@ enum Command {
     /// Create, fill, mount and inspect volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Inspect the read cache of this host.
+    #[command(subcommand)]
+    Cache(cache_cmd::CacheCommand),
 }
 
 #[derive(Subcommand)]
@@ -82,19 +88,52 @@ enum VolumeCommand {
         #[arg(short, long)]
         recursive: bool,
     },
-    /// List the versions of a volume, oldest first.
+    /// List the versions of a lineage (main by default), oldest first.
     Versions {
+        name: String,
+        /// Lineage to list.
+        #[arg(long, conflicts_with = "all")]
+        lineage: Option<String>,
+        /// List the versions of every lineage.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the lineages of a volume with their heads.
+    Lineages {
         name: String,
         #[arg(long)]
         json: bool,
     },
+    /// Create a lineage whose first version is VERSION; copies no data.
+    Fork {
+        name: String,
+        /// Version id, unique prefix or tag to fork from.
+        #[arg(long)]
+        from: String,
+        /// Name of the new lineage (default: fork-<8 characters>).
+        #[arg(long)]
+        lineage: Option<String>,
+    },
+    /// Rename or delete a lineage.
+    #[command(subcommand)]
+    Lineage(LineageCommand),
+    /// Give a version a tag, usable wherever a version id is.
+    Tag { name: String, version: String, tag: String },
     /// Mount a volume as a directory (in the foreground unless --daemon).
     Mount {
         name: String,
         dir: PathBuf,
-        /// Mount this version, read-only.
+        /// Mount this version (id, unique prefix or tag), read-only unless --writable.
         #[arg(long)]
         version: Option<String>,
+        /// Mount the head of this lineage (default: main).
+        #[arg(long, conflicts_with = "version")]
+        lineage: Option<String>,
+        /// With --version: make the mount writable; its first sync forks a new lineage.
+        #[arg(long, requires = "version", conflicts_with = "read_only")]
+        writable: bool,
         /// Mount the latest version read-only.
         #[arg(long)]
         read_only: bool,
@@ -105,9 +144,30 @@ enum VolumeCommand {
     /// Unmount a mounted volume, discarding writes that were not synced.
     Unmount { dir: PathBuf },
     /// Publish the writes of a mount (DIR), or of every writable mount of a volume (NAME).
-    Sync { target: String },
+    Sync {
+        target: String,
+        /// Message stored with each new version.
+        #[arg(short, long)]
+        message: Option<String>,
+    },
     /// Delete a volume and all its versions.
     Delete { name: String },
+    /// Fetch files into the local disk cache ahead of a job (the whole volume without PATH).
+    Warm {
+        name: String,
+        paths: Vec<String>,
+        /// Version id or unique prefix (default: the latest version).
+        #[arg(long)]
+        version: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LineageCommand {
+    /// Rename a lineage.
+    Rename { name: String, from: String, to: String },
+    /// Delete a lineage; its versions stay readable by id until gc.
+    Delete { name: String, lineage: String },
 }
 
 fn open_store() -> anyhow::Result<Arc<Store>> {
@@ -122,7 +182,11 @@ fn volume_name(name: &str) -> anyhow::Result<VolumeName> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let Command::Volume(command) = cli.command;
+    cli.cache.export();
+    let command = match cli.command {
+        Command::Volume(command) => command,
+        Command::Cache(command) => return cache_cmd::run_cache(command),
+    };
     match command {
         VolumeCommand::Create { name } => {
             let volume = volume_name(&name)?;
@@ -181,22 +245,59 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 SyncOutcome::NothingToPublish { .. } => bail!("nothing removed"),
             }
         }
-        VolumeCommand::Versions { name, json } => {
+        VolumeCommand::Versions { name, lineage, all, json } => {
             let store = open_store()?;
             let volume = volume_name(&name)?;
-            output::print_versions(&store.versions(&volume, &LineageName::main())?, json)?;
+            let versions = match (all, lineage) {
+                (true, _) => store.all_versions(&volume)?,
+                (false, Some(lineage)) => store.versions(&volume, &LineageName::new(&lineage)?)?,
+                (false, None) => store.versions(&volume, &LineageName::main())?,
+            };
+            output::print_versions(&versions, json)?;
         }
-        VolumeCommand::Mount { name, dir, version, read_only, daemon } => {
+        VolumeCommand::Lineages { name, json } => {
             let store = open_store()?;
-            mount_cmd::run_mount(store, &volume_name(&name)?, &dir, version.as_deref(), read_only, daemon)?;
+            output::print_lineages(&store.lineages(&volume_name(&name)?)?, json)?;
+        }
+        VolumeCommand::Fork { name, from, lineage } => {
+            let store = open_store()?;
+            let volume = volume_name(&name)?;
+            let from = store.resolve_version(&volume, &from)?;
+            let lineage = lineage.map(|l| LineageName::new(&l)).transpose()?;
+            let (lineage, version) = store.fork(&volume, from.id, lineage)?;
+            println!("created lineage {lineage} of {volume} at version {}", version.id);
+        }
+        VolumeCommand::Lineage(LineageCommand::Rename { name, from, to }) => {
+            let store = open_store()?;
+            let volume = volume_name(&name)?;
+            store.rename_lineage(&volume, &LineageName::new(&from)?, &LineageName::new(&to)?)?;
+            println!("renamed lineage {from} of {volume} to {to}");
+        }
+        VolumeCommand::Lineage(LineageCommand::Delete { name, lineage }) => {
+            let store = open_store()?;
+            let volume = volume_name(&name)?;
+            store.delete_lineage(&volume, &LineageName::new(&lineage)?)?;
+            println!("deleted lineage {lineage} of {volume}");
+        }
+        VolumeCommand::Tag { name, version, tag } => {
+            let store = open_store()?;
+            let volume = volume_name(&name)?;
+            let version = store.resolve_version(&volume, &version)?;
+            store.tag(&volume, version.id, &tag)?;
+            println!("tagged version {} of {volume} as {tag}", version.id);
+        }
+        VolumeCommand::Mount { name, dir, version, lineage, writable, read_only, daemon } => {
+            let store = open_store()?;
+            let request = mount_cmd::MountRequest { version, lineage, read_only, writable };
+            mount_cmd::run_mount(store, &volume_name(&name)?, &dir, &request, daemon)?;
         }
         VolumeCommand::Unmount { dir } => {
             let store = open_store()?;
             mount_cmd::run_unmount(&store, &dir)?;
         }
-        VolumeCommand::Sync { target } => {
+        VolumeCommand::Sync { target, message } => {
             let store = open_store()?;
-            for line in mount_cmd::run_sync(&store, &target)? {
+            for line in mount_cmd::run_sync(&store, &target, message.as_deref())? {
                 println!("{line}");
             }
         }
@@ -205,6 +306,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let volume = volume_name(&name)?;
             store.delete_volume(&volume)?;
             println!("deleted volume {volume}");
+        }
+        VolumeCommand::Warm { name, paths, version } => {
+            let store = open_store()?;
+            let volume = volume_name(&name)?;
+            let summary = cache_cmd::run_warm(&store, &volume, &paths, version.as_deref())?;
+            println!(
+                "warmed {} files ({}) of {volume} into the cache under {}",
+                summary.files,
+                output::human_bytes(summary.bytes),
+                store.local_root().join("cache").display()
+            );
         }
     }
     Ok(())

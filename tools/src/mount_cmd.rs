@@ -85,30 +85,41 @@ enum ControlRequest {
     Status,
 }
 
+/// What `chalk volume mount` was asked to mount.
+#[derive(Clone, Debug, Default)]
+pub struct MountRequest {
+    /// Version id, unique prefix or tag to mount.
+    pub version: Option<String>,
+    /// Lineage whose head to mount (default `main`).
+    pub lineage: Option<String>,
+    pub read_only: bool,
+    /// Makes a `--version` mount writable; its first sync forks a new lineage.
+    pub writable: bool,
+}
+
 /// Mounts `volume` on `dir` and serves it until it is unmounted or the
 /// process gets SIGINT, SIGTERM or SIGHUP. Unsynced writes are discarded
 /// when the mount ends.
 ///
-/// With `version`, the mount is read-only on that version; otherwise it
-/// follows the `main` lineage, writable unless `read_only`. With `daemon`,
+/// With a version, the mount is read-only on that version unless
+/// `writable`; otherwise it follows a lineage, writable unless `read_only`. With `daemon`,
 /// the command re-executes itself in the background and returns once the
 /// background process reports the mount ready.
 pub fn run_mount(
     store: Arc<Store>,
     volume: &VolumeName,
     dir: &Path,
-    version: Option<&str>,
-    read_only: bool,
+    request: &MountRequest,
     daemon: bool,
 ) -> anyhow::Result<()> {
     if !daemon {
         install_stop_handlers()?;
-        let active = start_mount(&store, volume, dir, version, read_only, None)?;
+        let active = start_mount(&store, volume, dir, request, None)?;
         println!("{}", active.summary());
         return serve_until_stopped(active);
     }
     match std::env::var(READY_FD_ENV) {
-        Ok(fd) => run_daemon_child(&store, volume, dir, version, read_only, &fd),
+        Ok(fd) => run_daemon_child(&store, volume, dir, request, &fd),
         Err(_) => spawn_daemon_and_wait(),
     }
 }
@@ -149,7 +160,7 @@ pub fn run_unmount(store: &Store, dir: &Path) -> anyhow::Result<()> {
 /// is a mounted directory, otherwise every writable mount of the volume named
 /// `target` on this host. Returns one line per mount: the new version id, or
 /// a sentence saying there was nothing to publish.
-pub fn run_sync(store: &Store, target: &str) -> anyhow::Result<Vec<String>> {
+pub fn run_sync(store: &Store, target: &str, message: Option<&str>) -> anyhow::Result<Vec<String>> {
     let registrations = live_registrations(&run_dir(store))?;
     let target_path = Path::new(target);
     let target_dir = if target_path.is_dir() { Some(mount_point_path(target_path)?) } else { None };
@@ -163,7 +174,7 @@ pub fn run_sync(store: &Store, target: &str) -> anyhow::Result<Vec<String>> {
                     dir.display()
                 );
             }
-            let line = sync_mount(registration)
+            let line = sync_mount(registration, message)
                 .with_context(|| format!("sync of the mount at {} failed", dir.display()))?;
             return Ok(vec![line]);
         }
@@ -191,7 +202,7 @@ pub fn run_sync(store: &Store, target: &str) -> anyhow::Result<Vec<String>> {
     let mut lines = Vec::new();
     let mut failures = Vec::new();
     for registration in writable {
-        match sync_mount(registration) {
+        match sync_mount(registration, message) {
             Ok(line) => lines.push(line),
             Err(error) => failures.push(format!("the mount at {}: {error:#}", registration.dir.display())),
         }
@@ -261,8 +272,7 @@ fn start_mount(
     store: &Arc<Store>,
     volume: &VolumeName,
     dir: &Path,
-    version: Option<&str>,
-    read_only: bool,
+    request: &MountRequest,
     log: Option<PathBuf>,
 ) -> anyhow::Result<ActiveMount> {
     let run_dir = run_dir(store);
@@ -279,15 +289,24 @@ fn start_mount(
         );
     }
 
-    let (base, access) = match version {
-        Some(version) => {
+    let (base, access) = match (&request.version, &request.lineage) {
+        (Some(_), Some(_)) => bail!("give either --version or --lineage, not both"),
+        (Some(version), None) => {
             let info = store
                 .resolve_version(volume, version)
                 .with_context(|| format!("version {version:?} of volume {volume} not found; list versions with `chalk volume versions {volume}`"))?;
-            (SessionBase::Version(info.id), Access::ReadOnly)
+            // A version mount is read-only unless asked otherwise; its syncs fork a new lineage.
+            let access = if request.writable && !request.read_only { Access::Writable } else { Access::ReadOnly };
+            (SessionBase::Version(info.id), access)
         }
-        None if read_only => (SessionBase::Lineage(LineageName::main()), Access::ReadOnly),
-        None => (SessionBase::Lineage(LineageName::main()), Access::Writable),
+        (None, lineage) => {
+            let lineage = match lineage {
+                Some(name) => LineageName::new(name)?,
+                None => LineageName::main(),
+            };
+            let access = if request.read_only { Access::ReadOnly } else { Access::Writable };
+            (SessionBase::Lineage(lineage), access)
+        }
     };
     let session = Arc::new(
         store
@@ -553,8 +572,7 @@ fn run_daemon_child(
     store: &Arc<Store>,
     volume: &VolumeName,
     dir: &Path,
-    version: Option<&str>,
-    read_only: bool,
+    request: &MountRequest,
     ready_fd: &str,
 ) -> anyhow::Result<()> {
     let ready_fd: i32 = ready_fd
@@ -585,7 +603,7 @@ fn run_daemon_child(
         return Err(error);
     }
 
-    let active = match start_mount(store, volume, dir, version, read_only, Some(log)) {
+    let active = match start_mount(store, volume, dir, request, Some(log)) {
         Ok(active) => active,
         Err(error) => {
             let _ = writeln!(ready, "error {error:#}");
@@ -790,8 +808,8 @@ fn unmount_dir(dir: &Path, registered: bool) -> anyhow::Result<()> {
 }
 
 /// Sends a sync request to one mount and returns the line to print.
-fn sync_mount(registration: &Registration) -> anyhow::Result<String> {
-    let reply = control_request(registration, &serde_json::json!({"op": "sync", "message": null}))?;
+fn sync_mount(registration: &Registration, message: Option<&str>) -> anyhow::Result<String> {
+    let reply = control_request(registration, &serde_json::json!({"op": "sync", "message": message}))?;
     if reply["ok"].as_bool() != Some(true) {
         let error = reply["error"].as_str().unwrap_or("the mount process gave no reason");
         bail!("{error}");

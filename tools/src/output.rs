@@ -1,6 +1,6 @@
 //! Human-readable tables and `--json` output of the CLI.
 
-use chalk_engine::{FileKind, PathEntry, Timestamp, VersionInfo, VolumeName, VolumeSummary};
+use chalk_engine::{FileKind, LineageSummary, PathEntry, Timestamp, VersionInfo, VolumeName, VolumeSummary};
 use serde_json::json;
 
 /// Formats a byte count with binary units (`1.5 MiB`).
@@ -129,16 +129,44 @@ pub fn print_entries(entries: &[PathEntry], json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn print_lineages(lineages: &[LineageSummary], json: bool) -> anyhow::Result<()> {
+    if json {
+        let list: Vec<_> = lineages
+            .iter()
+            .map(|l| {
+                json!({
+                    "name": l.name.to_string(),
+                    "entries": l.entries,
+                    "head": version_json(&l.head),
+                    "forked_from": l.forked_from.map(|v| v.to_string()),
+                })
+            })
+            .collect();
+        return print_json(&json!(list));
+    }
+    println!("{:<24} {:<26} {:>8}  FORKED FROM", "LINEAGE", "HEAD", "VERSIONS");
+    for l in lineages {
+        let forked = l.forked_from.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        println!("{:<24} {:<26} {:>8}  {forked}", l.name.as_str(), l.head.id.to_string(), l.entries);
+    }
+    Ok(())
+}
+
 pub fn print_versions(versions: &[VersionInfo], json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(&json!(versions.iter().map(version_json).collect::<Vec<_>>()));
     }
-    println!("{:>4}  {:<26}  {:<20}  {:>8} {:>10}  MESSAGE", "SEQ", "ID", "CREATED", "FILES", "SIZE");
+    println!(
+        "{:>4}  {:<26}  {:<12}  {:<26}  {:<20}  {:>8} {:>10}  MESSAGE",
+        "SEQ", "ID", "LINEAGE", "PARENT", "CREATED", "FILES", "SIZE"
+    );
     for v in versions {
         println!(
-            "{:>4}  {:<26}  {:<20}  {:>8} {:>10}  {}",
+            "{:>4}  {:<26}  {:<12}  {:<26}  {:<20}  {:>8} {:>10}  {}",
             v.seq,
             v.id.to_string(),
+            v.lineage.as_str(),
+            v.parent.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             rfc3339(v.created_at),
             v.files,
             human_bytes(v.bytes),

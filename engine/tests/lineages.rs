@@ -1,0 +1,153 @@
+//! Lineages: forks that copy nothing, sessions on pinned versions that
+//! publish into lineages of their own, tags, renames and deletes.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use chalk_engine::object_store::list_all;
+use chalk_engine::{
+    Access, EngineError, LineageName, Owner, Session, SessionBase, Store, StoreConfig, SyncOutcome, VersionInfo,
+    VolumeName,
+};
+
+fn setup(root: &Path) -> (Arc<Store>, VolumeName) {
+    let store = Store::open(StoreConfig::with_local_root(root)).unwrap();
+    let volume = VolumeName::new("v").unwrap();
+    store.create_volume(&volume).unwrap();
+    (store, volume)
+}
+
+fn lineage(name: &str) -> LineageName {
+    LineageName::new(name).unwrap()
+}
+
+fn put(session: &Session, path: &str, data: &[u8]) {
+    session.write_file_from(path, &mut &data[..], 0o644, Owner::current()).unwrap();
+}
+
+fn read(session: &Session, path: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    session.read_file_to(path, &mut out).unwrap();
+    out
+}
+
+fn published(outcome: SyncOutcome) -> VersionInfo {
+    match outcome {
+        SyncOutcome::Published(info) => info,
+        other => panic!("expected a published version, got {other:?}"),
+    }
+}
+
+fn object_count(store: &Store) -> usize {
+    list_all(store.objects().as_ref(), "volumes/").unwrap().len()
+}
+
+#[test]
+fn fork_writes_one_object() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let session = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::Writable).unwrap();
+    for i in 0..300 {
+        put(&session, &format!("d/f{i}"), b"data");
+    }
+    let base = published(session.sync(None).unwrap());
+    let before = object_count(&store);
+    let (name, version) = store.fork(&volume, base.id, Some(lineage("exp"))).unwrap();
+    assert_eq!(name.as_str(), "exp");
+    assert_eq!(version.id, base.id);
+    assert_eq!(object_count(&store), before + 1);
+    assert_eq!(store.head(&volume, &name).unwrap().id, base.id);
+    assert!(matches!(store.fork(&volume, base.id, Some(lineage("exp"))), Err(EngineError::AlreadyExists { .. })));
+}
+
+#[test]
+fn forked_lineage_diverges_from_main() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let main = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::Writable).unwrap();
+    put(&main, "shared.txt", b"base");
+    let base = published(main.sync(None).unwrap());
+    store.fork(&volume, base.id, Some(lineage("exp"))).unwrap();
+
+    let fork = store.open_session(&volume, SessionBase::Lineage(lineage("exp")), Access::Writable).unwrap();
+    put(&fork, "shared.txt", b"fork");
+    let forked = published(fork.sync(Some("on exp")).unwrap());
+    assert_eq!(forked.lineage.as_str(), "exp");
+    assert_eq!(forked.seq, 2);
+    assert_eq!(forked.parent, Some(base.id));
+
+    put(&main, "main-only.txt", b"main");
+    let on_main = published(main.sync(None).unwrap());
+    assert_eq!(on_main.parent, Some(base.id));
+
+    let exp_versions: Vec<_> = store.versions(&volume, &lineage("exp")).unwrap().iter().map(|v| v.id).collect();
+    assert_eq!(exp_versions, vec![base.id, forked.id]);
+    let reader = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::ReadOnly).unwrap();
+    assert_eq!(read(&reader, "shared.txt"), b"base");
+    assert!(reader.resolve_path("main-only.txt").is_ok());
+    let all = store.all_versions(&volume).unwrap();
+    assert_eq!(all.len(), 4, "create, base, fork commit and main commit, each once");
+}
+
+#[test]
+fn pinned_session_publishes_into_new_lineage() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let main = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::Writable).unwrap();
+    put(&main, "f", b"base");
+    let base = published(main.sync(None).unwrap());
+
+    let a = store.open_session(&volume, SessionBase::Version(base.id), Access::Writable).unwrap();
+    let b = store.open_session(&volume, SessionBase::Version(base.id), Access::Writable).unwrap();
+    assert!(a.lineage().is_none());
+    put(&a, "a.txt", b"approach a");
+    put(&b, "b.txt", b"approach b");
+    let from_a = published(a.sync(None).unwrap());
+    let from_b = published(b.sync(None).unwrap());
+    assert_ne!(from_a.lineage, from_b.lineage);
+    assert!(from_a.lineage.as_str().starts_with("fork-"), "{}", from_a.lineage);
+    assert_eq!(from_a.parent, Some(base.id));
+    assert_eq!(a.lineage(), Some(from_a.lineage.clone()));
+
+    // The base version and main are unchanged.
+    assert_eq!(store.head(&volume, &LineageName::main()).unwrap().id, base.id);
+    let pinned = store.open_session(&volume, SessionBase::Version(base.id), Access::ReadOnly).unwrap();
+    assert!(pinned.resolve_path("a.txt").is_err());
+    assert!(pinned.resolve_path("b.txt").is_err());
+
+    // A second sync continues on the session's own lineage.
+    put(&a, "a2.txt", b"more");
+    let again = published(a.sync(None).unwrap());
+    assert_eq!(again.lineage, from_a.lineage);
+    assert_eq!(again.seq, 3);
+    assert_eq!(store.lineages(&volume).unwrap().len(), 3);
+}
+
+#[test]
+fn tags_resolve_like_ids() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let first = store.head(&volume, &LineageName::main()).unwrap();
+    store.tag(&volume, first.id, "empty").unwrap();
+    assert_eq!(store.resolve_version(&volume, "empty").unwrap().id, first.id);
+    assert!(matches!(store.tag(&volume, first.id, "empty"), Err(EngineError::AlreadyExists { .. })));
+    assert!(matches!(store.tag(&volume, first.id, "../x"), Err(EngineError::InvalidName { .. })));
+    let session = store.open_session(&volume, SessionBase::Version(store.resolve_version(&volume, "empty").unwrap().id), Access::ReadOnly);
+    assert!(session.is_ok());
+}
+
+#[test]
+fn lineage_rename_and_delete() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let first = store.head(&volume, &LineageName::main()).unwrap();
+    store.fork(&volume, first.id, Some(lineage("tmp"))).unwrap();
+    store.rename_lineage(&volume, &lineage("tmp"), &lineage("kept")).unwrap();
+    assert!(matches!(store.head(&volume, &lineage("tmp")), Err(EngineError::NotFound { .. })));
+    assert_eq!(store.head(&volume, &lineage("kept")).unwrap().id, first.id);
+    store.delete_lineage(&volume, &lineage("kept")).unwrap();
+    assert!(matches!(store.versions(&volume, &lineage("kept")), Err(EngineError::NotFound { .. })));
+    assert!(matches!(store.delete_lineage(&volume, &LineageName::main()), Err(EngineError::NotPermitted(_))));
+    // The version stays readable by id.
+    assert_eq!(store.resolve_version(&volume, &first.id.to_string()).unwrap().id, first.id);
+}

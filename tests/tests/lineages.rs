@@ -1,0 +1,148 @@
+//! The fork example of the product page, end to end: two writable mounts of
+//! one version write different files and sync into two lineages, the base
+//! version stays unchanged, and no data is copied.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use tempfile::TempDir;
+
+fn chalk_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("CHALK_BIN") {
+        return PathBuf::from(path);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
+    [target.join("release/chalk"), target.join("debug/chalk")]
+        .into_iter()
+        .filter_map(|p| Some((fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+        .expect("chalk binary not found; build it with `cargo build --release -p chalk-tools` or set CHALK_BIN")
+}
+
+struct Home(TempDir);
+
+impl Home {
+    fn new() -> Home {
+        Home(tempfile::Builder::new().prefix("chalk-lineage-").tempdir_in("/var/tmp").unwrap())
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(chalk_binary()).env("CHALK_HOME", self.0.path()).env_remove("CHALK_STORE").args(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "chalk {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    fn objects_bytes(&self) -> u64 {
+        fn walk(dir: &Path) -> u64 {
+            fs::read_dir(dir)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| if e.file_type().unwrap().is_dir() { walk(&e.path()) } else { e.metadata().unwrap().len() })
+                        .sum()
+                })
+                .unwrap_or(0)
+        }
+        walk(&self.0.path().join("objects/volumes"))
+    }
+}
+
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let done = Command::new("fusermount3").arg("-u").arg(&self.0).stderr(Stdio::null()).status();
+        if !done.is_ok_and(|s| s.success()) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+fn mount(home: &Home, name: &str, args: &[&str]) -> MountGuard {
+    let dir = home.0.path().join(name);
+    fs::create_dir_all(&dir).unwrap();
+    let mut full = vec!["volume", "mount", "my-data", dir.to_str().unwrap()];
+    full.extend_from_slice(args);
+    full.push("--daemon");
+    home.ok(&full);
+    MountGuard(dir)
+}
+
+#[test]
+fn fork_example_two_mounts_two_lineages() {
+    let home = Home::new();
+    home.ok(&["volume", "create", "my-data"]);
+    let model = home.0.path().join("model.bin");
+    fs::write(&model, vec![5u8; 4 << 20]).unwrap();
+    home.ok(&["volume", "put", "my-data", model.to_str().unwrap(), "models/latest.bin"]);
+    let versions = home.json(&["volume", "versions", "my-data", "--json"]);
+    let base = versions.as_array().unwrap().last().unwrap()["id"].as_str().unwrap().to_owned();
+    let bytes_before = home.objects_bytes();
+
+    let a = mount(&home, "a", &["--version", &base, "--writable"]);
+    let b = mount(&home, "b", &["--version", &base, "--writable"]);
+    fs::write(a.0.join("approach_a.txt"), b"result of approach a").unwrap();
+    fs::write(b.0.join("approach_b.txt"), b"result of approach b").unwrap();
+    assert!(!b.0.join("approach_a.txt").exists(), "writes leaked between sandboxes");
+    let id_a = home.ok(&["volume", "sync", a.0.to_str().unwrap()]).trim().to_owned();
+    let id_b = home.ok(&["volume", "sync", b.0.to_str().unwrap()]).trim().to_owned();
+    assert_ne!(id_a, id_b);
+
+    let lineages = home.json(&["volume", "lineages", "my-data", "--json"]);
+    let lineages = lineages.as_array().unwrap();
+    assert_eq!(lineages.len(), 3, "main and two forks: {lineages:?}");
+    let heads: Vec<&str> = lineages.iter().map(|l| l["head"]["id"].as_str().unwrap()).collect();
+    assert!(heads.contains(&id_a.as_str()) && heads.contains(&id_b.as_str()), "{heads:?}");
+    for fork in lineages.iter().filter(|l| l["name"] != "main") {
+        assert_eq!(fork["forked_from"].as_str(), Some(base.as_str()));
+    }
+
+    // The base version is unchanged and main did not move.
+    let main_head = home.json(&["volume", "versions", "my-data", "--json"]);
+    assert_eq!(main_head.as_array().unwrap().last().unwrap()["id"].as_str(), Some(base.as_str()));
+    let listing = home.json(&["volume", "ls", "my-data", "--version", &base, "--json"]);
+    let names: Vec<&str> = listing.as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["models"]);
+
+    // No data was copied: the store grew by the new files and metadata only.
+    let growth = home.objects_bytes() - bytes_before;
+    assert!(growth < 512 * 1024, "the store grew by {growth} bytes for two small files");
+
+    // A version mount without --writable stays read-only.
+    let ro = mount(&home, "ro", &["--version", &id_a]);
+    let err = fs::write(ro.0.join("x"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    assert_eq!(fs::read(ro.0.join("approach_a.txt")).unwrap(), b"result of approach a");
+}
+
+#[test]
+fn lineage_mount_follows_its_head() {
+    let home = Home::new();
+    home.ok(&["volume", "create", "my-data"]);
+    let base = home.json(&["volume", "versions", "my-data", "--json"]).as_array().unwrap()[0]["id"].as_str().unwrap().to_owned();
+    home.ok(&["volume", "fork", "my-data", "--from", &base, "--lineage", "exp"]);
+    let exp = mount(&home, "exp", &["--lineage", "exp"]);
+    fs::write(exp.0.join("on-exp.txt"), b"exp").unwrap();
+    home.ok(&["volume", "sync", exp.0.to_str().unwrap(), "--message", "first on exp"]);
+    let versions = home.json(&["volume", "versions", "my-data", "--lineage", "exp", "--json"]);
+    let versions = versions.as_array().unwrap();
+    assert_eq!(versions.len(), 2);
+    assert_eq!(versions[1]["message"].as_str(), Some("first on exp"));
+    assert_eq!(versions[1]["lineage"].as_str(), Some("exp"));
+    let main = home.json(&["volume", "ls", "my-data", "--json"]);
+    assert_eq!(main.as_array().unwrap().len(), 0, "the fork's write reached main");
+    home.ok(&["volume", "tag", "my-data", versions[1]["id"].as_str().unwrap(), "winner"]);
+    let tagged = home.json(&["volume", "ls", "my-data", "--version", "winner", "--json"]);
+    assert_eq!(tagged.as_array().unwrap().len(), 1);
+}
