@@ -6,6 +6,7 @@
 //! mounted file system and the `chalk` binary drives [`Store`].
 
 pub mod cache;
+pub mod diff;
 pub mod error;
 pub mod extent;
 pub mod format;
@@ -22,6 +23,7 @@ pub use error::{EngineError, Result};
 pub use ids::{Ino, LineageName, SegmentId, SessionId, VersionId, VolumeName};
 pub use io::IoMode;
 pub use session::{normalize_path, Access, PathEntry, Session, SessionBase, SyncOutcome};
+pub use diff::{Change, ChangeKind};
 pub use lineage::LineageSummary;
 pub use store::{EntryKind, Store, StoreConfig, VersionInfo, VolumeSummary};
 pub use tree::{Attr, DirEntry, FileKind, Owner, RenameMode, SetAttr, StatFs, TimeSet, Timestamp, XattrMode};

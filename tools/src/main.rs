@@ -119,6 +119,14 @@ enum VolumeCommand {
     /// Rename or delete a lineage.
     #[command(subcommand)]
     Lineage(LineageCommand),
+    /// Show what changed from version A to version B (ids, prefixes or tags).
+    Diff {
+        name: String,
+        a: String,
+        b: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Give a version a tag, usable wherever a version id is.
     Tag { name: String, version: String, tag: String },
     /// Mount a volume as a directory (in the foreground unless --daemon).
@@ -278,6 +286,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let volume = volume_name(&name)?;
             store.delete_lineage(&volume, &LineageName::new(&lineage)?)?;
             println!("deleted lineage {lineage} of {volume}");
+        }
+        VolumeCommand::Diff { name, a, b, json } => {
+            let store = open_store()?;
+            let volume = volume_name(&name)?;
+            let a = store.resolve_version(&volume, &a)?;
+            let b = store.resolve_version(&volume, &b)?;
+            output::print_diff(&store.diff(&volume, a.id, b.id)?, json)?;
         }
         VolumeCommand::Tag { name, version, tag } => {
             let store = open_store()?;

@@ -1,6 +1,6 @@
 //! Human-readable tables and `--json` output of the CLI.
 
-use chalk_engine::{FileKind, LineageSummary, PathEntry, Timestamp, VersionInfo, VolumeName, VolumeSummary};
+use chalk_engine::{Change, FileKind, LineageSummary, PathEntry, Timestamp, VersionInfo, VolumeName, VolumeSummary};
 use serde_json::json;
 
 /// Formats a byte count with binary units (`1.5 MiB`).
@@ -125,6 +125,49 @@ pub fn print_entries(entries: &[PathEntry], json: bool) -> anyhow::Result<()> {
             _ => String::new(),
         };
         println!("{:<8} {:>10}  {}  {}{}", kind_name(e.attr.kind), human_bytes(e.attr.size), rfc3339(e.attr.mtime), e.path, suffix);
+    }
+    Ok(())
+}
+
+pub fn print_diff(changes: &[Change], json: bool) -> anyhow::Result<()> {
+    if json {
+        let list: Vec<_> = changes
+            .iter()
+            .map(|c| {
+                json!({
+                    "path": c.path,
+                    "change": c.kind.as_str(),
+                    "old_path": c.old_path,
+                    "type": c.file_kind.as_str(),
+                    "old_size": c.old_size,
+                    "new_size": c.new_size,
+                    "content_changed": c.content_changed,
+                    "ranges": c.ranges.iter().map(|(start, end)| json!([start, end])).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        return print_json(&json!(list));
+    }
+    if changes.is_empty() {
+        println!("no differences");
+    }
+    for c in changes {
+        let marker = match c.kind {
+            chalk_engine::ChangeKind::Added => "A",
+            chalk_engine::ChangeKind::Removed => "D",
+            chalk_engine::ChangeKind::Modified => "M",
+            chalk_engine::ChangeKind::Renamed => "R",
+        };
+        let sizes = match (c.old_size, c.new_size) {
+            _ if c.file_kind != FileKind::File => String::new(),
+            (Some(old), Some(new)) if old != new => format!("  {} -> {}", human_bytes(old), human_bytes(new)),
+            (None, Some(new)) => format!("  {}", human_bytes(new)),
+            _ => String::new(),
+        };
+        match &c.old_path {
+            Some(old) => println!("{marker}  {old} -> {}{sizes}", c.path),
+            None => println!("{marker}  {}{sizes}", c.path),
+        }
     }
     Ok(())
 }

@@ -88,7 +88,8 @@ pub fn unframe(object_type: ObjectType, bytes: &[u8]) -> Result<&[u8], String> {
 /// Root of one version's checkpoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RootCheckpoint {
-    /// Next inode number to allocate.
+    /// One past the highest inode number any version up to this one
+    /// allocated. Informational: sessions allocate from random blocks.
     pub next_ino: u64,
     /// Regular files (inodes) in the tree.
     pub files: u64,

@@ -15,6 +15,10 @@ use crate::tree::{
 };
 
 use super::data::FILE_SIZE_MAX;
+use crate::format::checkpoint::INODES_PER_PAGE;
+
+/// Inode numbers in one allocation block.
+const INO_BLOCK: u64 = 1 << 24;
 use super::{Session, State};
 
 /// Checks one directory entry name and returns its bytes.
@@ -60,7 +64,23 @@ impl State {
         self.dirty.insert(ino);
     }
 
+    /// Allocates an inode number from a block of 2^24 numbers that this
+    /// session picked at random among blocks with no inode in the base
+    /// version. Sessions that start from one version and later merge therefore
+    /// never give two different files the same number.
     fn allocate_ino(&mut self) -> Ino {
+        if self.next_ino == self.block_end {
+            let pages_per_block = INO_BLOCK / INODES_PER_PAGE;
+            let block = loop {
+                let block = u64::from(rand::random::<u32>().max(1));
+                let first_page = block * pages_per_block;
+                if self.root.pages.range(first_page..first_page + pages_per_block).next().is_none() {
+                    break block;
+                }
+            };
+            self.next_ino = block * INO_BLOCK;
+            self.block_end = self.next_ino + INO_BLOCK;
+        }
         let ino = Ino(self.next_ino);
         self.next_ino += 1;
         ino
@@ -500,7 +520,7 @@ impl Session {
             return Err(EngineError::io("reading file system statistics of", root, std::io::Error::last_os_error()));
         }
         let state = self.state.lock();
-        let files = state.root.files + state.next_ino.saturating_sub(state.root.next_ino);
+        let files = state.root.files;
         Ok(StatFs {
             blocks: raw.f_blocks as u64 * raw.f_frsize as u64 / 4096,
             blocks_free: raw.f_bfree as u64 * raw.f_frsize as u64 / 4096,
