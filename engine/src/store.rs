@@ -381,11 +381,34 @@ impl Store {
         };
         let bytes = frame(ObjectType::VersionRecord, &serde_json::to_vec(&record).expect("serializable"));
         let key = version_key(volume, lineage, seq);
-        let created = self.objects.put_if_absent(&key, &bytes)?;
+        // Only a commit names a version that no other entry can name, so
+        // only a commit entry found at `key` is known to be this write's.
+        let created = match (self.objects.put_if_absent(&key, &bytes), kind) {
+            (Ok(created), EntryKind::Fork | EntryKind::Promote) => created,
+            (Err(err), EntryKind::Fork | EntryKind::Promote) => return Err(err),
+            (Ok(true), EntryKind::Commit) => true,
+            // A retried request may find the entry its first attempt wrote.
+            (Ok(false), EntryKind::Commit) => matches!(self.entry_names(&key, info.id), Ok(Some(true))),
+            // The store may have applied the write and lost the answer, so
+            // the entry is read back. Only an absent entry leaves the error as is.
+            (Err(err), EntryKind::Commit) => match self.entry_names(&key, info.id) {
+                Ok(Some(ours)) => ours,
+                Ok(None) | Err(_) => return Err(err),
+            },
+        };
         if created {
             self.versions.lock().insert(key, info.clone());
         }
         Ok(created)
+    }
+
+    /// Reads the lineage entry at `key`: `None` when it does not exist,
+    /// otherwise whether it names `version`.
+    fn entry_names(&self, key: &str, version: VersionId) -> Result<Option<bool>> {
+        match self.objects.get(key)? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(decode_version(key, &bytes)?.id == version)),
+        }
     }
 
     /// Reads and checks an object that must exist.

@@ -84,12 +84,17 @@ pub(crate) struct State {
     pub inodes: HashMap<Ino, Inode>,
     /// Inodes changed since the base version.
     pub dirty: HashSet<Ino>,
+    /// Next inode number to allocate, and the end of its block (equal when no block is picked yet).
     pub next_ino: u64,
+    pub block_end: u64,
     pub log: Option<Log>,
     /// Open file handles per inode.
     pub open_handles: HashMap<Ino, u64>,
     /// Kernel lookup counts per inode.
     pub lookups: HashMap<Ino, u64>,
+    /// A sync whose lineage entry write failed without saying whether the
+    /// entry landed; the next sync finds out.
+    pub unconfirmed: Option<publish::Unconfirmed>,
 }
 
 /// A mount's or a batch's view of a volume. All methods take `&self`; one
@@ -131,7 +136,8 @@ impl Store {
             }
         };
         let state = State {
-            next_ino: root.next_ino,
+            next_ino: 0,
+            block_end: 0,
             base: base_version,
             lineage,
             base_entry_seq,
@@ -142,6 +148,7 @@ impl Store {
             log,
             open_handles: HashMap::new(),
             lookups: HashMap::new(),
+            unconfirmed: None,
         };
         Ok(Session { store: self.clone(), volume: volume.clone(), id, access, dir, _lock: lock, state: Mutex::new(state) })
     }

@@ -9,7 +9,9 @@
 //! 4. Create the version record for the next sequence number with
 //!    create-if-absent. Only this step makes the version visible; if another
 //!    writer took that number first, the sync fails and the session keeps
-//!    its writes.
+//!    its writes. If the write fails and reading the entry back does not
+//!    settle whether it landed, the sync fails and the next sync checks the
+//!    lineage head: a landed entry is adopted instead of published twice.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -24,6 +26,23 @@ use crate::store::{checkpoint_key, chunk_key, page_key, segment_key, EntryKind, 
 use crate::tree::{Attr, Content, FileKind, Inode, Owner, Timestamp};
 
 use super::{Session, State, SyncOutcome};
+
+/// A publish whose lineage entry write returned an error, so the entry may
+/// or may not exist. Everything it refers to was written before.
+pub(crate) struct Unconfirmed {
+    info: VersionInfo,
+    lineage: LineageName,
+    seq: u64,
+    root: RootCheckpoint,
+    new_pages: HashMap<u64, Arc<BTreeMap<Ino, InodeRecord>>>,
+}
+
+/// Whether a session changed anything after the version it carries on from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChangesSince {
+    None,
+    Some,
+}
 
 /// Publishes the empty first version of a new volume: a root directory owned
 /// by the calling user.
@@ -77,11 +96,20 @@ impl Session {
         self.check_writable()?;
         let mut state = self.state.lock();
         let state = &mut *state;
+        if let Some(outcome) = self.settle_unconfirmed(state)? {
+            return Ok(outcome);
+        }
         // Inodes created and unlinked since the base (kept only while open)
         // change nothing that a version would hold.
-        let base_next_ino = state.root.next_ino;
-        let inodes = &state.inodes;
-        let effective = state.dirty.iter().any(|ino| ino.0 < base_next_ino || inodes.get(ino).is_some_and(|i| i.attr.nlink > 0));
+        let dirty: Vec<Ino> = state.dirty.iter().copied().collect();
+        let mut effective = false;
+        for ino in dirty {
+            let linked = state.inodes.get(&ino).is_some_and(|i| i.attr.nlink > 0);
+            if linked || state.base_record(&self.store, ino)?.is_some() {
+                effective = true;
+                break;
+            }
+        }
         if !effective {
             return Ok(SyncOutcome::NothingToPublish { base: state.base.clone() });
         }
@@ -123,28 +151,74 @@ impl Session {
             bytes: root.bytes,
             segments: segments.iter().map(|(id, _)| *id).collect(),
         };
-        if !self.store.publish_entry(&self.volume, &lineage, seq, &info, EntryKind::Commit)? {
+        let landed = match self.store.publish_entry(&self.volume, &lineage, seq, &info, EntryKind::Commit) {
+            Ok(landed) => landed,
+            Err(err) => {
+                state.unconfirmed = Some(Unconfirmed { info, lineage, seq, root, new_pages });
+                return Err(err);
+            }
+        };
+        if !landed {
             let head = self.store.head(&self.volume, &lineage)?;
             return Err(self.head_moved(state, &lineage, &head));
         }
         tracing::info!(volume = %self.volume, version = %info.id, seq = info.seq, segments = segments.len(), "published version");
+        self.carry_on(state, Unconfirmed { info: info.clone(), lineage, seq, root, new_pages }, ChangesSince::None);
+        Ok(SyncOutcome::Published(info))
+    }
 
-        // Carry on from the new version.
+    /// Settles a publish left unconfirmed by the previous sync. When its
+    /// entry is the lineage head, the session carries on from that version,
+    /// which is this sync's result unless changes were made since. Returns
+    /// `None` when the caller should go on publishing.
+    fn settle_unconfirmed(&self, state: &mut State) -> Result<Option<SyncOutcome>> {
+        let Some(pending) = &state.unconfirmed else { return Ok(None) };
+        let (seq, head) = self.store.head_entry(&self.volume, &pending.lineage)?;
+        let pending = state.unconfirmed.take().expect("checked above");
+        // NOTE: an entry that landed and was then overtaken by another
+        // writer is not adopted; the sync reports a moved head, and the
+        // landed version stays in the lineage.
+        if seq != pending.seq || head.id != pending.info.id {
+            return Ok(None);
+        }
+        tracing::info!(volume = %self.volume, version = %head.id, seq, "a sync whose answer was lost had published");
+        // Every change appends a record, which opens a segment, so no open
+        // segment means no change since the unconfirmed sync sealed its own.
+        let changes = match state.log.as_ref().is_some_and(|log| log.current.is_some()) {
+            true => ChangesSince::Some,
+            false => ChangesSince::None,
+        };
+        let info = pending.info.clone();
+        self.carry_on(state, pending, changes);
+        Ok(match changes {
+            ChangesSince::None => Some(SyncOutcome::Published(info)),
+            ChangesSince::Some => None,
+        })
+    }
+
+    /// Makes a published version the session's base. Its segments move into
+    /// the segment cache; with [`ChangesSince::Some`] the changed inodes stay
+    /// dirty, so the next publish includes the changes made after it.
+    fn carry_on(&self, state: &mut State, published: Unconfirmed, changes: ChangesSince) {
         let log = state.log.as_mut().expect("writable sessions have a log");
-        for (segment, path) in log.sealed.drain(..) {
+        let (adopted, later): (Vec<_>, Vec<_>) =
+            log.sealed.drain(..).partition(|(segment, _)| published.info.segments.contains(segment));
+        log.sealed = later;
+        for (segment, path) in adopted {
             if let Err(err) = self.store.segments.adopt(&path, segment) {
                 tracing::warn!(segment = %segment, error = %err, "published segment stays in the session directory");
             }
         }
-        state.base = info.clone();
-        state.lineage = Some(lineage);
-        state.base_entry_seq = seq;
-        state.root = root;
-        state.pages.extend(new_pages);
-        state.dirty.clear();
-        let open = &state.open_handles;
-        state.inodes.retain(|ino, inode| inode.attr.nlink > 0 || open.contains_key(ino));
-        Ok(SyncOutcome::Published(info))
+        state.base = published.info;
+        state.lineage = Some(published.lineage);
+        state.base_entry_seq = published.seq;
+        state.root = published.root;
+        state.pages.extend(published.new_pages);
+        if changes == ChangesSince::None {
+            state.dirty.clear();
+            let open = &state.open_handles;
+            state.inodes.retain(|ino, inode| inode.attr.nlink > 0 || open.contains_key(ino));
+        }
     }
 
     fn head_moved(&self, state: &State, lineage: &LineageName, head: &VersionInfo) -> EngineError {
@@ -168,7 +242,7 @@ impl Session {
             by_page.entry(ino.0 / INODES_PER_PAGE).or_default().push(*ino);
         }
         let mut root = state.root.clone();
-        root.next_ino = state.next_ino;
+        root.next_ino = root.next_ino.max(state.next_ino);
         let mut files = root.files as i128;
         let mut bytes = root.bytes as i128;
         let mut new_pages = HashMap::new();
