@@ -71,6 +71,13 @@ pub enum EngineError {
     #[error("lineage {lineage:?} of volume {volume:?} moved to version {head} after this session started at {base}; another writer published first, and this session keeps its writes")]
     HeadMoved { volume: String, lineage: String, base: String, head: String },
 
+    #[error(
+        "sync conflicts with lineage {lineage:?} of volume {volume:?}: version {head} changed the same paths ({}); \
+         this session keeps its writes; sync with --on-conflict fork to publish into a new lineage, or ours to overwrite",
+        paths.join(", ")
+    )]
+    Conflict { volume: String, lineage: String, head: String, paths: Vec<String> },
+
     #[error("object store {url}: {detail}")]
     ObjectStore { url: String, detail: String },
 

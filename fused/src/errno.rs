@@ -34,6 +34,7 @@ pub(crate) fn errno_of(error: &EngineError) -> Errno {
         EngineError::CorruptObject { .. } => libc::EIO,
         // Only `sync` returns HeadMoved, and sync is not a FUSE operation.
         EngineError::HeadMoved { .. } => libc::EIO,
+        EngineError::Conflict { .. } => libc::EIO,
         EngineError::ObjectStore { .. } => libc::EIO,
         EngineError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         EngineError::NoSpace { .. } => libc::ENOSPC,

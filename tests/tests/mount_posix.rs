@@ -809,9 +809,7 @@ fn sync_by_volume_name_publishes_each_writable_mount() {
 }
 
 #[test]
-fn sync_by_volume_name_reports_moved_head() {
-    // NOTE: both mounts start at the same head, so the second sync finds the
-    // head moved. Until syncs rebase onto a moved head, it fails and keeps its writes.
+fn sync_by_volume_name_rebases_disjoint_mounts() {
     let store = Store::new();
     store.create_volume("vol");
     let first = store.mount("vol", &[]);
@@ -819,16 +817,30 @@ fn sync_by_volume_name_reports_moved_head() {
     fs::write(first.join("one.txt"), b"1").unwrap();
     fs::write(second.join("two.txt"), b"2").unwrap();
 
-    let output = store.run(&["volume", "sync", "vol"]);
-    assert!(!output.status.success(), "sync reported success although one mount failed");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("moved"), "error does not say the head moved: {stderr}");
+    let stdout = store.run_ok(&["volume", "sync", "vol"]);
+    let lines: Vec<&str> = stdout.lines().filter(|line| !line.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 2, "one version per writable mount, got {stdout:?}");
 
-    let published = usize::from(first.join("one.txt").exists()) + usize::from(second.join("two.txt").exists());
-    assert_eq!(published, 2, "a mount lost its writes");
     let fresh = store.mount("vol", &[]);
-    let visible = usize::from(fresh.join("one.txt").exists()) + usize::from(fresh.join("two.txt").exists());
-    assert_eq!(visible, 1, "exactly one mount's file is published");
+    assert!(fresh.join("one.txt").exists(), "first mount's file after sync by volume name");
+    assert!(fresh.join("two.txt").exists(), "second mount's file after the rebase");
+}
+
+#[test]
+fn sync_of_overlapping_mounts_reports_conflict() {
+    let store = Store::new();
+    store.create_volume("vol");
+    let first = store.mount("vol", &[]);
+    let second = store.mount("vol", &[]);
+    fs::write(first.join("same.txt"), b"first").unwrap();
+    fs::write(second.join("same.txt"), b"second").unwrap();
+
+    store.sync(first.path());
+    let output = store.run(&["volume", "sync", second.path().to_str().unwrap()]);
+    assert!(!output.status.success(), "overlapping sync reported success");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("same.txt"), "conflict does not name the path: {stderr}");
+    assert_eq!(fs::read(second.join("same.txt")).unwrap(), b"second", "the conflicting mount lost its write");
 }
 
 #[test]

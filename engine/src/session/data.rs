@@ -109,62 +109,61 @@ impl Session {
 
     /// Reads up to `len` bytes at `offset`; the result is short only at the end of the file.
     pub fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Vec<u8>> {
-        enum Source {
-            Hole,
-            Copied,
-            Sealed(Extent),
-        }
-        let mut out;
-        let mut plan = Vec::new();
-        let mut ahead: Vec<Extent> = Vec::new();
-        {
+        let (mut out, sealed) = {
             let mut state = self.state.lock();
-            let state = &mut *state;
-            let inode = state.inode(&self.store, &self.volume, ino)?;
-            let size = inode.attr.size;
-            let extents = match &inode.content {
-                Content::File(extents) => extents,
-                Content::Directory(_) => return Err(EngineError::IsDirectory { ino }),
-                Content::Symlink(_) | Content::Special => {
-                    return Err(EngineError::InvalidArgument(format!("inode {ino} is not a regular file")))
-                }
-            };
-            if offset >= size {
-                return Ok(Vec::new());
-            }
-            let want = (len as u64).min(size - offset);
-            let pieces = extents.pieces(offset, want);
-            // A sequential reader gets the sealed extents ahead of this read prefetched.
-            if let Some((from, len)) = self.store.segments.readahead(self.id, ino, offset, want, size) {
-                ahead.extend(extents.pieces(from, len).into_iter().filter_map(|piece| piece.extent));
-            }
-            out = vec![0u8; want as usize];
-            let open = state.log.as_mut().and_then(|log| log.current.as_ref().map(|s| s.id));
-            ahead.retain(|extent| Some(extent.segment) != open);
-            for piece in pieces {
-                let at = (piece.file_offset - offset) as usize;
-                let source = match piece.extent {
-                    None => Source::Hole,
-                    Some(extent) if Some(extent.segment) == open => {
-                        let log = state.log.as_mut().expect("open segment implies a log");
-                        let segment = log.current.as_ref().expect("open segment exists");
-                        segment.read_at(&mut log.writer, extent.data_offset, &mut out[at..at + piece.len as usize])?;
-                        Source::Copied
-                    }
-                    Some(extent) => Source::Sealed(extent),
-                };
-                plan.push((at, piece.len as usize, source));
-            }
-        }
-        if !ahead.is_empty() {
-            self.store.segments.prefetch(&self.volume, &ahead);
-        }
-        for (at, len, source) in plan {
-            if let Source::Sealed(extent) = source {
-                self.store.segments.read(&self.volume, &extent, &mut out[at..at + len])?;
-            }
-        }
+            self.plan_read(&mut state, ino, offset, len)?
+        };
+        self.read_sealed(&mut out, sealed)?;
         Ok(out)
+    }
+
+    /// Reads like [`Session::read`] with the session lock already held.
+    pub(crate) fn read_in(&self, state: &mut State, ino: Ino, offset: u64, len: u32) -> Result<Vec<u8>> {
+        let (mut out, sealed) = self.plan_read(state, ino, offset, len)?;
+        self.read_sealed(&mut out, sealed)?;
+        Ok(out)
+    }
+
+    /// Copies holes and bytes of the open segment into the result, and
+    /// returns the pieces that live in sealed segments.
+    fn plan_read(&self, state: &mut State, ino: Ino, offset: u64, len: u32) -> Result<(Vec<u8>, Vec<(usize, usize, Extent)>)> {
+        let inode = state.inode(&self.store, &self.volume, ino)?;
+        let size = inode.attr.size;
+        let extents = match &inode.content {
+            Content::File(extents) => extents,
+            Content::Directory(_) => return Err(EngineError::IsDirectory { ino }),
+            Content::Symlink(_) | Content::Special => {
+                return Err(EngineError::InvalidArgument(format!("inode {ino} is not a regular file")))
+            }
+        };
+        if offset >= size {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let want = (len as u64).min(size - offset);
+        let pieces = extents.pieces(offset, want);
+        let mut out = vec![0u8; want as usize];
+        let mut sealed = Vec::new();
+        let open = state.log.as_mut().and_then(|log| log.current.as_ref().map(|s| s.id));
+        for piece in pieces {
+            let at = (piece.file_offset - offset) as usize;
+            match piece.extent {
+                None => {}
+                Some(extent) if Some(extent.segment) == open => {
+                    let log = state.log.as_mut().expect("open segment implies a log");
+                    let segment = log.current.as_ref().expect("open segment exists");
+                    segment.read_at(&mut log.writer, extent.data_offset, &mut out[at..at + piece.len as usize])?;
+                }
+                Some(extent) => sealed.push((at, piece.len as usize, extent)),
+            }
+        }
+        Ok((out, sealed))
+    }
+
+    fn read_sealed(&self, out: &mut [u8], sealed: Vec<(usize, usize, Extent)>) -> Result<()> {
+        for (at, len, extent) in sealed {
+            self.store.segments.read(&self.volume, &extent, &mut out[at..at + len])?;
+        }
+        Ok(())
     }
 
     /// Current size of a file, for `O_APPEND` writes.

@@ -17,6 +17,7 @@ mod data;
 mod ops;
 mod paths;
 mod publish;
+mod rebase;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -28,6 +29,8 @@ use parking_lot::Mutex;
 
 pub use paths::{normalize_path, PathEntry};
 pub(crate) use publish::publish_empty_version;
+pub use publish::SyncOptions;
+pub use rebase::OnConflict;
 
 use crate::error::{EngineError, Result};
 use crate::format::checkpoint::{decode_chunk, decode_page, InodeRecord, RootCheckpoint, StoredContent, INODES_PER_PAGE};

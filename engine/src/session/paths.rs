@@ -55,6 +55,23 @@ fn join(parent: &str, name: &[u8]) -> String {
 }
 
 impl super::State {
+    /// Looks up a path from the volume root without following symlinks;
+    /// `None` when a component does not exist.
+    pub(crate) fn resolve(&mut self, store: &crate::store::Store, volume: &crate::ids::VolumeName, path: &str) -> Result<Option<Ino>> {
+        let mut ino = Ino::ROOT;
+        for name in normalize_path(path)? {
+            let next = match &self.inode(store, volume, ino)?.content {
+                crate::tree::Content::Directory(entries) => entries.get(&name).map(|(child, _)| *child),
+                _ => None,
+            };
+            match next {
+                Some(child) => ino = child,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(ino))
+    }
+
     /// Returns every path that names `ino`, one per hard link, from its links
     /// and its ancestors' links. The root's path is the empty string.
     pub(crate) fn paths_of(&mut self, store: &crate::store::Store, volume: &crate::ids::VolumeName, ino: Ino) -> Result<Vec<String>> {

@@ -89,10 +89,25 @@ pub(crate) fn publish_empty_version(store: &Arc<Store>, volume: &VolumeName) -> 
     Ok(info)
 }
 
+/// Options of [`Session::sync_with`].
+#[derive(Clone, Debug, Default)]
+pub struct SyncOptions {
+    /// Message stored with the new version.
+    pub message: Option<String>,
+    pub on_conflict: super::OnConflict,
+}
+
 impl Session {
     /// Publishes every change of this session as one new version on its
-    /// lineage, then carries on from that version.
+    /// lineage, rebasing onto a moved head when the changes do not overlap,
+    /// then carries on from that version.
     pub fn sync(&self, message: Option<&str>) -> Result<SyncOutcome> {
+        self.sync_with(&SyncOptions { message: message.map(str::to_owned), ..SyncOptions::default() })
+    }
+
+    /// Like [`Session::sync`], with a choice of what to do on conflicts.
+    pub fn sync_with(&self, options: &SyncOptions) -> Result<SyncOutcome> {
+        let message = options.message.as_deref();
         self.check_writable()?;
         let mut state = self.state.lock();
         let state = &mut *state;
@@ -113,10 +128,14 @@ impl Session {
         if !effective {
             return Ok(SyncOutcome::NothingToPublish { base: state.base.clone() });
         }
-        if let Some(lineage) = &state.lineage {
-            let (seq, head) = self.store.head_entry(&self.volume, lineage)?;
+        if let Some(lineage) = state.lineage.clone() {
+            let (seq, head) = self.store.head_entry(&self.volume, &lineage)?;
             if seq != state.base_entry_seq {
-                return Err(self.head_moved(state, lineage, &head));
+                match self.rebase_onto(state, &lineage, seq, head, options.on_conflict)? {
+                    super::rebase::Rebase::Rebased => {}
+                    // Publishing without a lineage forks one from the base below.
+                    super::rebase::Rebase::Fork => state.lineage = None,
+                }
             }
         }
 
