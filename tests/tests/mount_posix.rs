@@ -841,6 +841,12 @@ fn sync_of_overlapping_mounts_reports_conflict() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("same.txt"), "conflict does not name the path: {stderr}");
     assert_eq!(fs::read(second.join("same.txt")).unwrap(), b"second", "the conflicting mount lost its write");
+
+    let forked = store.run_ok(&["volume", "sync", second.path().to_str().unwrap(), "--on-conflict", "fork"]);
+    assert_eq!(forked.trim().len(), 26, "sync --on-conflict fork printed {forked:?}");
+    let lineages = store.run_ok(&["volume", "lineages", "vol", "--json"]);
+    let lineages: serde_json::Value = serde_json::from_str(&lineages).unwrap();
+    assert_eq!(lineages.as_array().unwrap().len(), 2, "main and the fork: {lineages}");
 }
 
 #[test]

@@ -157,6 +157,10 @@ enum VolumeCommand {
         /// Message stored with each new version.
         #[arg(short, long)]
         message: Option<String>,
+        /// When the lineage changed the same paths: error (default), fork
+        /// (publish into a new lineage) or ours (overwrite them).
+        #[arg(long, value_parser = ["error", "fork", "ours"])]
+        on_conflict: Option<String>,
     },
     /// Delete a volume and all its versions.
     Delete { name: String },
@@ -310,9 +314,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let store = open_store()?;
             mount_cmd::run_unmount(&store, &dir)?;
         }
-        VolumeCommand::Sync { target, message } => {
+        VolumeCommand::Sync { target, message, on_conflict } => {
             let store = open_store()?;
-            for line in mount_cmd::run_sync(&store, &target, message.as_deref())? {
+            for line in mount_cmd::run_sync(&store, &target, message.as_deref(), on_conflict.as_deref())? {
                 println!("{line}");
             }
         }

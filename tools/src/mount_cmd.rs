@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use chalk_engine::{Access, LineageName, Session, SessionBase, Store, SyncOutcome, VolumeName};
+use chalk_engine::{Access, LineageName, OnConflict, Session, SessionBase, Store, SyncOptions, SyncOutcome, VolumeName};
 use chalk_fused::{MountHandle, MountOptions};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -81,6 +81,9 @@ enum ControlRequest {
     Sync {
         #[serde(default)]
         message: Option<String>,
+        /// `error` (default), `fork` or `ours`.
+        #[serde(default)]
+        on_conflict: Option<String>,
     },
     Status,
 }
@@ -160,7 +163,8 @@ pub fn run_unmount(store: &Store, dir: &Path) -> anyhow::Result<()> {
 /// is a mounted directory, otherwise every writable mount of the volume named
 /// `target` on this host. Returns one line per mount: the new version id, or
 /// a sentence saying there was nothing to publish.
-pub fn run_sync(store: &Store, target: &str, message: Option<&str>) -> anyhow::Result<Vec<String>> {
+pub fn run_sync(store: &Store, target: &str, message: Option<&str>, on_conflict: Option<&str>) -> anyhow::Result<Vec<String>> {
+    parse_on_conflict(on_conflict)?;
     let registrations = live_registrations(&run_dir(store))?;
     let target_path = Path::new(target);
     let target_dir = if target_path.is_dir() { Some(mount_point_path(target_path)?) } else { None };
@@ -174,7 +178,7 @@ pub fn run_sync(store: &Store, target: &str, message: Option<&str>) -> anyhow::R
                     dir.display()
                 );
             }
-            let line = sync_mount(registration, message)
+            let line = sync_mount(registration, message, on_conflict)
                 .with_context(|| format!("sync of the mount at {} failed", dir.display()))?;
             return Ok(vec![line]);
         }
@@ -202,7 +206,7 @@ pub fn run_sync(store: &Store, target: &str, message: Option<&str>) -> anyhow::R
     let mut lines = Vec::new();
     let mut failures = Vec::new();
     for registration in writable {
-        match sync_mount(registration, message) {
+        match sync_mount(registration, message, on_conflict) {
             Ok(line) => lines.push(line),
             Err(error) => failures.push(format!("the mount at {}: {error:#}", registration.dir.display())),
         }
@@ -471,7 +475,9 @@ fn handle_control_request(
                 "base": registration.base_version,
             })
         }
-        ControlRequest::Sync { message } => match session.sync(message.as_deref()) {
+        ControlRequest::Sync { message, on_conflict } => match parse_on_conflict(on_conflict.as_deref())
+            .and_then(|on_conflict| Ok(session.sync_with(&SyncOptions { message, on_conflict })?))
+        {
             Ok(SyncOutcome::Published(version)) => {
                 let id = version.id.to_string();
                 tracing::info!(version = %id, lineage = %version.lineage, "sync published a version");
@@ -808,8 +814,19 @@ fn unmount_dir(dir: &Path, registered: bool) -> anyhow::Result<()> {
 }
 
 /// Sends a sync request to one mount and returns the line to print.
-fn sync_mount(registration: &Registration, message: Option<&str>) -> anyhow::Result<String> {
-    let reply = control_request(registration, &serde_json::json!({"op": "sync", "message": message}))?;
+/// Reads an `--on-conflict` value.
+pub fn parse_on_conflict(value: Option<&str>) -> anyhow::Result<OnConflict> {
+    match value {
+        None | Some("error") => Ok(OnConflict::Error),
+        Some("fork") => Ok(OnConflict::Fork),
+        Some("ours") => Ok(OnConflict::Ours),
+        Some(other) => bail!("invalid --on-conflict value {other:?}; use error, fork or ours"),
+    }
+}
+
+fn sync_mount(registration: &Registration, message: Option<&str>, on_conflict: Option<&str>) -> anyhow::Result<String> {
+    let request = serde_json::json!({"op": "sync", "message": message, "on_conflict": on_conflict});
+    let reply = control_request(registration, &request)?;
     if reply["ok"].as_bool() != Some(true) {
         let error = reply["error"].as_str().unwrap_or("the mount process gave no reason");
         bail!("{error}");
