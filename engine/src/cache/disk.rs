@@ -205,7 +205,7 @@ impl DiskTier {
         let Some(_guard) = self.evicting.try_lock() else { return Evicted::default() };
         let mut entries = self.scan();
         let mut used: u64 = entries.iter().map(|e| e.bytes).sum();
-        let target = self.limit_bytes / 100 * EVICT_TO_PERCENT;
+        let target = (self.limit_bytes as u128 * EVICT_TO_PERCENT as u128 / 100) as u64;
         entries.sort_by_key(|e| e.modified);
 
         let mut evicted = Evicted::default();

@@ -237,13 +237,15 @@ impl SegmentCache {
         }
         let request_blocks = (self.core.config.request_max_bytes / BLOCK_BYTES).max(1);
         for (segment, indexes) in by_segment {
+            let keys: Vec<BlockKey> = indexes
+                .into_iter()
+                .map(|index| BlockKey { segment, index })
+                .filter(|key| !self.core.memory.contains(key))
+                .collect();
             let mut run: Option<Claims> = None;
-            for index in indexes {
-                let key = BlockKey { segment, index };
-                if self.core.memory.contains(&key) {
-                    continue;
-                }
-                let Claim::Claimed(pending) = self.core.claim(&key) else { continue };
+            for (key, claim) in self.core.claim_all(&keys) {
+                let Claim::Claimed(pending) = claim else { continue };
+                let index = key.index;
                 let continues = run.as_ref().is_some_and(|r| {
                     r.items.last().is_some_and(|(last, _)| last + 1 == index) && (r.items.len() as u64) < request_blocks
                 });
@@ -378,16 +380,15 @@ impl Core {
         for tiers in [Tiers::DiskAndStore, Tiers::StoreOnly] {
             let blocks = self.blocks(volume, extent.segment, first, last, tiers)?;
             let span = Span { first, blocks: &blocks };
-            if let Err(detail) = span.covers(record_end) {
-                return Err(EngineError::CorruptSegment { object: "extent", segment: extent.segment, offset: record_start, detail });
-            }
-            match span.verify(record_start, record_end) {
+            // A short or damaged response looks like a record cut by the end of
+            // the object, or one that fails its CRC: both are fetched once more.
+            match span.covers(record_end).and_then(|()| span.verify(record_start, record_end)) {
                 Ok(()) => {
                     span.copy(extent.data_offset, buf);
                     return Ok(());
                 }
                 Err(detail) if tiers == Tiers::DiskAndStore => {
-                    tracing::warn!(segment = %extent.segment, offset = record_start, detail = %detail, "cached record failed its CRC check; fetching it again");
+                    tracing::warn!(segment = %extent.segment, offset = record_start, detail = %detail, "record failed its checks; fetching it again");
                     Counters::add(&self.counters.corrupt_blocks, blocks.len() as u64);
                     for index in first..=last {
                         let key = BlockKey { segment: extent.segment, index };
@@ -408,21 +409,31 @@ impl Core {
     /// the missing ones with as few GETs as possible.
     fn blocks(self: &Arc<Self>, volume: &VolumeName, segment: SegmentId, first: u64, last: u64, tiers: Tiers) -> Result<Vec<Arc<Block>>> {
         let mut found: Vec<Option<Arc<Block>>> = vec![None; (last - first + 1) as usize];
-        let mut waits = Vec::new();
-        let mut claims = Claims { core: Arc::clone(self), volume: volume.clone(), segment, items: Vec::new() };
+        let mut missing = Vec::new();
         for index in first..=last {
             let key = BlockKey { segment, index };
-            let slot = (index - first) as usize;
-            if tiers == Tiers::DiskAndStore {
-                if let Some(block) = self.memory.get(&key) {
+            let in_memory = match tiers {
+                Tiers::DiskAndStore => self.memory.get(&key),
+                Tiers::StoreOnly => None,
+            };
+            match in_memory {
+                Some(block) => {
                     Counters::add(&self.counters.memory_hits, 1);
-                    found[slot] = Some(block);
-                    continue;
+                    found[(index - first) as usize] = Some(block);
+                }
+                None => {
+                    Counters::add(&self.counters.memory_misses, 1);
+                    missing.push(key);
                 }
             }
-            Counters::add(&self.counters.memory_misses, 1);
-            match self.claim(&key) {
-                Claim::Claimed(pending) => claims.items.push((index, pending)),
+        }
+
+        let mut waits = Vec::new();
+        let mut claims = Claims { core: Arc::clone(self), volume: volume.clone(), segment, items: Vec::new() };
+        for (key, claim) in self.claim_all(&missing) {
+            let slot = (key.index - first) as usize;
+            match claim {
+                Claim::Claimed(pending) => claims.items.push((key.index, pending)),
                 Claim::InFlight(pending) => {
                     Counters::add(&self.counters.coalesced_waits, 1);
                     waits.push((slot, pending));
@@ -451,21 +462,25 @@ impl Core {
         }
     }
 
-    /// Claims a block for fetching, unless it is in flight or arrived meanwhile.
-    fn claim(&self, key: &BlockKey) -> Claim {
+    /// Claims blocks for fetching, except those in flight or arrived
+    /// meanwhile. One lock covers all of them, so that two readers of one
+    /// range do not split it between them into smaller GETs.
+    fn claim_all(&self, keys: &[BlockKey]) -> Vec<(BlockKey, Claim)> {
         let mut inflight = self.inflight.lock();
-        if let Some(pending) = inflight.get(key) {
-            return Claim::InFlight(pending.clone());
-        }
-        // A fetch may have completed between the caller's memory lookup and this lock.
-        if self.memory.contains(key) {
-            if let Some(block) = self.memory.get(key) {
-                return Claim::Ready(block);
-            }
-        }
-        let pending = Arc::new(Pending::new());
-        inflight.insert(*key, pending.clone());
-        Claim::Claimed(pending)
+        keys.iter()
+            .map(|key| {
+                if let Some(pending) = inflight.get(key) {
+                    return (*key, Claim::InFlight(pending.clone()));
+                }
+                // A fetch may have completed between the caller's memory lookup and this lock.
+                if let Some(block) = self.memory.get(key) {
+                    return (*key, Claim::Ready(block));
+                }
+                let pending = Arc::new(Pending::new());
+                inflight.insert(*key, pending.clone());
+                (*key, Claim::Claimed(pending))
+            })
+            .collect()
     }
 
     /// Fills the claimed blocks from the disk tier, then from the object

@@ -52,6 +52,11 @@ impl Readahead {
         let stream = streams.entry((session, ino)).or_default();
         let end = offset.saturating_add(len).min(size);
         let sequential = offset.abs_diff(stream.next) <= SEQUENTIAL_SLACK_BYTES;
+        if sequential && end <= stream.next {
+            // A read behind the stream (a repeated read, or one that another
+            // thread delivered late) neither grows nor resets the window.
+            return None;
+        }
         if sequential {
             stream.window = match stream.window {
                 0 => self.initial_bytes.min(self.max_bytes),
@@ -117,6 +122,18 @@ mod tests {
         let (offset, len) = readahead.advise(session, ino, 100 * MIB + 4096, MIB, 1 << 30).unwrap();
         assert_eq!(offset, 101 * MIB + 4096);
         assert_eq!(len, MIB);
+    }
+
+    #[test]
+    fn repeated_read_changes_nothing() {
+        let readahead = Readahead::new(MIB, 64 * MIB, MIB);
+        let (session, ino) = (SessionId::generate(), Ino(5));
+        assert!(readahead.advise(session, ino, 0, MIB, 1 << 30).is_some());
+        assert_eq!(readahead.advise(session, ino, 0, MIB, 1 << 30), None);
+        assert_eq!(readahead.advise(session, ino, 4096, 4096, 1 << 30), None);
+        // The stream goes on where it was, with a doubled window.
+        let (offset, len) = readahead.advise(session, ino, MIB, MIB, 1 << 30).unwrap();
+        assert_eq!((offset, offset + len), (2 * MIB, 4 * MIB));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use file::FileStore;
-pub use s3::{S3Location, S3Settings, S3Store, PROBE_RECORD_KEY};
+pub use s3::{S3Endpoint, S3Location, S3Settings, S3Store, PROBE_RECORD_KEY};
 
 use crate::error::{EngineError, Result};
 
