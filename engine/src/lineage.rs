@@ -170,3 +170,44 @@ impl Store {
         Ok(out)
     }
 }
+
+impl Store {
+    /// Makes `version` the head of `onto` when that is a fast-forward: the
+    /// lineage's head is `version` or one of its ancestors.
+    pub fn promote(&self, volume: &VolumeName, version: VersionId, onto: &LineageName) -> Result<VersionInfo> {
+        let source = self.resolve_version(volume, &version.to_string())?;
+        let (seq, head) = self.head_entry(volume, onto)?;
+        if head.id == source.id {
+            return Ok(source);
+        }
+        let mut cursor = source.parent;
+        let mut fast_forward = false;
+        while let Some(id) = cursor {
+            if id == head.id {
+                fast_forward = true;
+                break;
+            }
+            cursor = self.resolve_version(volume, &id.to_string())?.parent;
+        }
+        if !fast_forward {
+            // NOTE: promoting onto a lineage that moved since the fork needs a
+            // three-way merge of checkpoints, which is not built; only
+            // fast-forwards are supported.
+            return Err(EngineError::Unsupported(format!(
+                "promoting {} onto {onto} of volume {volume} is not a fast-forward: {onto} moved to {} since; \
+                 mount {onto} and copy the files over instead",
+                source.id, head.id
+            )));
+        }
+        if !self.publish_entry(volume, onto, seq + 1, &source, EntryKind::Promote)? {
+            return Err(EngineError::HeadMoved {
+                volume: volume.to_string(),
+                lineage: onto.to_string(),
+                base: head.id.to_string(),
+                head: self.head(volume, onto)?.id.to_string(),
+            });
+        }
+        tracing::info!(volume = %volume, lineage = %onto, version = %source.id, "promoted version");
+        Ok(source)
+    }
+}

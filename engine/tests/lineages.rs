@@ -151,3 +151,56 @@ fn lineage_rename_and_delete() {
     // The version stays readable by id.
     assert_eq!(store.resolve_version(&volume, &first.id.to_string()).unwrap().id, first.id);
 }
+
+#[test]
+fn copy_shares_extents_and_restores_old_files() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let main = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::Writable).unwrap();
+    let data = vec![7u8; 3 << 20];
+    put(&main, "data/big.bin", &data);
+    put(&main, "data/small.txt", b"small");
+    let first = published(main.sync(None).unwrap());
+    main.remove_path("data", true).unwrap();
+    published(main.sync(None).unwrap());
+
+    let before = object_count(&store);
+    let old = store.open_session(&volume, SessionBase::Version(first.id), Access::ReadOnly).unwrap();
+    let copied = main.copy_path(&old, "data", "restored", true, Owner::current()).unwrap();
+    assert_eq!(copied, 2);
+    let restored = published(main.sync(None).unwrap());
+    assert_eq!(read(&main, "restored/big.bin"), data);
+    assert_eq!(read(&main, "restored/small.txt"), b"small");
+    // Only metadata objects were written: no segment larger than a few KiB.
+    let new_bytes: u64 = list_all(store.objects().as_ref(), "volumes/v/segments/")
+        .unwrap()
+        .iter()
+        .filter(|o| restored.segments.iter().any(|s| o.key.contains(&s.to_string())))
+        .map(|o| o.size)
+        .sum();
+    assert!(new_bytes < 64 * 1024, "the copy wrote {new_bytes} bytes of segments");
+    assert!(object_count(&store) - before < 12);
+
+    main.move_path("restored/small.txt", "moved/small.txt", Owner::current()).unwrap();
+    assert!(main.resolve_path("restored/small.txt").is_err());
+    assert_eq!(read(&main, "moved/small.txt"), b"small");
+}
+
+#[test]
+fn promote_fast_forwards_only() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let base = store.head(&volume, &LineageName::main()).unwrap();
+    store.fork(&volume, base.id, Some(lineage("exp"))).unwrap();
+    let exp = store.open_session(&volume, SessionBase::Lineage(lineage("exp")), Access::Writable).unwrap();
+    put(&exp, "winner.txt", b"w");
+    let winner = published(exp.sync(None).unwrap());
+    store.promote(&volume, winner.id, &LineageName::main()).unwrap();
+    assert_eq!(store.head(&volume, &LineageName::main()).unwrap().id, winner.id);
+
+    store.fork(&volume, base.id, Some(lineage("stale"))).unwrap();
+    let stale = store.open_session(&volume, SessionBase::Lineage(lineage("stale")), Access::Writable).unwrap();
+    put(&stale, "late.txt", b"l");
+    let late = published(stale.sync(None).unwrap());
+    assert!(matches!(store.promote(&volume, late.id, &LineageName::main()), Err(EngineError::Unsupported(_))));
+}

@@ -127,6 +127,27 @@ enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Copy a path inside a volume as one new version, sharing data instead of copying it.
+    Cp {
+        name: String,
+        src: String,
+        dst: String,
+        #[arg(short, long)]
+        recursive: bool,
+        /// Copy from this version (id, prefix or tag) instead of the latest.
+        #[arg(long)]
+        from_version: Option<String>,
+    },
+    /// Move a path inside a volume as one new version.
+    Mv { name: String, src: String, dst: String },
+    /// Make a lineage's head or a version the head of another lineage (fast-forward only).
+    Promote {
+        name: String,
+        /// Lineage name or version id, prefix or tag.
+        source: String,
+        #[arg(long, default_value = "main")]
+        onto: String,
+    },
     /// Give a version a tag, usable wherever a version id is.
     Tag { name: String, version: String, tag: String },
     /// Mount a volume as a directory (in the foreground unless --daemon).
@@ -297,6 +318,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let a = store.resolve_version(&volume, &a)?;
             let b = store.resolve_version(&volume, &b)?;
             output::print_diff(&store.diff(&volume, a.id, b.id)?, json)?;
+        }
+        VolumeCommand::Cp { name, src, dst, recursive, from_version } => {
+            let store = open_store()?;
+            let volume = volume_name(&name)?;
+            let session = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::Writable)?;
+            let copied = match from_version {
+                Some(version) => {
+                    let from = transfer::open_reader(&store, &volume, Some(&version))?;
+                    session.copy_path(&from, &src, &dst, recursive, chalk_engine::Owner::current())?
+                }
+                None => session.copy_path(&session, &src, &dst, recursive, chalk_engine::Owner::current())?,
+            };
+            match session.sync(Some(&format!("cp {src} {dst}")))? {
+                SyncOutcome::Published(version) => println!("copied {copied} files to {dst} as version {}", version.id),
+                SyncOutcome::NothingToPublish { .. } => println!("nothing copied"),
+            }
+        }
+        VolumeCommand::Mv { name, src, dst } => {
+            let store = open_store()?;
+            let volume = volume_name(&name)?;
+            let session = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::Writable)?;
+            session.move_path(&src, &dst, chalk_engine::Owner::current())?;
+            match session.sync(Some(&format!("mv {src} {dst}")))? {
+                SyncOutcome::Published(version) => println!("moved {src} to {dst} as version {}", version.id),
+                SyncOutcome::NothingToPublish { .. } => println!("nothing moved"),
+            }
+        }
+        VolumeCommand::Promote { name, source, onto } => {
+            let store = open_store()?;
+            let volume = volume_name(&name)?;
+            let onto = LineageName::new(&onto)?;
+            let version = match LineageName::new(&source).ok().map(|l| store.head(&volume, &l)) {
+                Some(Ok(head)) => head,
+                _ => store.resolve_version(&volume, &source)?,
+            };
+            let promoted = store.promote(&volume, version.id, &onto)?;
+            println!("{onto} of {volume} is now at version {}", promoted.id);
         }
         VolumeCommand::Tag { name, version, tag } => {
             let store = open_store()?;

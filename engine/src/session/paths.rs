@@ -306,3 +306,112 @@ mod tests {
         assert!(normalize_path("/").unwrap().is_empty());
     }
 }
+
+impl Session {
+    /// Copies `src` of `from` (this session or a reader of another version
+    /// of the same volume) to `dst` in this session, sharing extents: no file
+    /// data is copied. Directories are copied whole when `recursive`.
+    pub fn copy_path(&self, from: &Session, src: &str, dst: &str, recursive: bool, owner: Owner) -> Result<u64> {
+        if from.volume != self.volume {
+            return Err(EngineError::InvalidArgument(format!(
+                "cannot copy from volume {} into volume {}",
+                from.volume, self.volume
+            )));
+        }
+        self.check_writable()?;
+        let attr = from.resolve_path(src)?;
+        if self.resolve_path(dst).is_ok() {
+            return Err(EngineError::exists("path", format!("{dst} in volume {}", self.volume)));
+        }
+        match attr.kind {
+            FileKind::Directory if !recursive => Err(EngineError::InvalidPath {
+                path: src.to_owned(),
+                reason: "is a directory; pass -r to copy it and everything under it".into(),
+            }),
+            FileKind::Directory => {
+                let ino = self.make_dirs(dst, owner)?;
+                self.setattr(ino, &SetAttr { mode: Some(attr.perm as u32), ..SetAttr::default() })?;
+                let mut copied = 0;
+                for entry in from.walk(src, false)? {
+                    let name = entry.path.rsplit('/').next().unwrap_or_default().to_owned();
+                    let child_dst = if dst.trim_matches('/').is_empty() { name } else { format!("{}/{name}", dst.trim_end_matches('/')) };
+                    copied += self.copy_path(from, &entry.path, &child_dst, true, owner)?;
+                }
+                Ok(copied)
+            }
+            FileKind::Symlink => {
+                let target = from.readlink(attr.ino)?;
+                let (parent, name) = self.parent_and_name(dst, owner)?;
+                self.symlink(parent, OsStr::from_bytes(&name), &target, owner)?;
+                Ok(0)
+            }
+            FileKind::File => {
+                let extents = from.extents_of(attr.ino)?;
+                let xattrs = from.listxattr(attr.ino)?;
+                let (parent, name) = self.parent_and_name(dst, owner)?;
+                let created = self.create(parent, OsStr::from_bytes(&name), attr.perm as u32, owner)?;
+                self.adopt_extents(created.ino, extents, attr.size, attr.mtime)?;
+                for key in xattrs {
+                    let value = from.getxattr(attr.ino, OsStr::from_bytes(&key))?;
+                    self.setxattr(created.ino, OsStr::from_bytes(&key), &value, crate::tree::XattrMode::CreateOrReplace)?;
+                }
+                Ok(1)
+            }
+            FileKind::Fifo | FileKind::Socket | FileKind::CharDevice | FileKind::BlockDevice => {
+                let (parent, name) = self.parent_and_name(dst, owner)?;
+                self.mknod(parent, OsStr::from_bytes(&name), attr.kind, attr.perm as u32, attr.rdev, owner)?;
+                Ok(0)
+            }
+        }
+    }
+
+    /// Moves `src` to `dst` inside this session, creating missing parent directories of `dst`.
+    pub fn move_path(&self, src: &str, dst: &str, owner: Owner) -> Result<()> {
+        let mut names = normalize_path(src)?;
+        let Some(src_name) = names.pop() else {
+            return Err(EngineError::InvalidPath { path: src.to_owned(), reason: "cannot move the volume root".into() });
+        };
+        let src_parent: Vec<String> = names.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect();
+        let src_parent = self.resolve_path(&src_parent.join("/"))?.ino;
+        self.lookup(src_parent, OsStr::from_bytes(&src_name)).map_err(|err| match err {
+            EngineError::NotFound { .. } => EngineError::not_found("path", format!("{src} in volume {}", self.volume)),
+            other => other,
+        })?;
+        let (dst_parent, dst_name) = self.parent_and_name(dst, owner)?;
+        self.rename(
+            src_parent,
+            OsStr::from_bytes(&src_name),
+            dst_parent,
+            OsStr::from_bytes(&dst_name),
+            crate::tree::RenameMode::NoReplace,
+        )
+    }
+
+    fn parent_and_name(&self, path: &str, owner: Owner) -> Result<(Ino, Vec<u8>)> {
+        let mut names = normalize_path(path)?;
+        let Some(name) = names.pop() else {
+            return Err(EngineError::InvalidPath { path: path.to_owned(), reason: "a destination needs a name".into() });
+        };
+        let parent: Vec<String> = names.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect();
+        Ok((self.make_dirs(&parent.join("/"), owner)?, name))
+    }
+
+    fn extents_of(&self, ino: Ino) -> Result<crate::extent::ExtentMap> {
+        let mut state = self.state.lock();
+        match &state.inode(&self.store, &self.volume, ino)?.content {
+            crate::tree::Content::File(extents) => Ok(extents.clone()),
+            _ => Err(EngineError::InvalidArgument(format!("inode {ino} is not a regular file"))),
+        }
+    }
+
+    /// Gives a new file the extents of another file, sharing its bytes.
+    fn adopt_extents(&self, ino: Ino, extents: crate::extent::ExtentMap, size: u64, mtime: crate::tree::Timestamp) -> Result<()> {
+        let mut state = self.state.lock();
+        let inode = state.inode(&self.store, &self.volume, ino)?;
+        inode.content = crate::tree::Content::File(extents);
+        inode.attr.size = size;
+        inode.attr.mtime = mtime;
+        state.dirty.insert(ino);
+        Ok(())
+    }
+}
