@@ -144,18 +144,18 @@ fn old_versions_stay_readable_and_read_only() {
 }
 
 #[test]
-fn second_writer_gets_head_moved_and_keeps_writes() {
+fn second_writer_conflicts_and_keeps_writes() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let store = store_at(dir.path());
     let volume = new_volume(&store, "v");
     let a = writable(&store, &volume);
     let b = writable(&store, &volume);
-    put(&a, "a", b"from a");
-    put(&b, "b", b"from b");
+    put(&a, "same", b"from a");
+    put(&b, "same", b"from b");
     published(a.sync(None).unwrap());
     let err = b.sync(None).unwrap_err();
-    assert!(matches!(err, EngineError::HeadMoved { .. }), "{err}");
-    assert_eq!(read(&b, "b"), b"from b");
+    assert!(matches!(err, EngineError::Conflict { .. }), "{err}");
+    assert_eq!(read(&b, "same"), b"from b");
     assert_eq!(store.versions(&volume, &LineageName::main()).unwrap().len(), 2);
 }
 
