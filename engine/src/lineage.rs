@@ -84,6 +84,11 @@ impl Store {
     /// Renames a lineage: its entries are copied under the new name, each
     /// with create-if-absent, and then removed from the old one.
     pub fn rename_lineage(&self, volume: &VolumeName, from: &LineageName, to: &LineageName) -> Result<()> {
+        if from.as_str() == LineageName::MAIN {
+            return Err(EngineError::NotPermitted(format!(
+                "renaming lineage main of volume {volume}; fork it under the new name instead"
+            )));
+        }
         let keys = list_all(self.objects().as_ref(), &lineage_prefix(volume, from))?;
         if keys.is_empty() {
             return Err(self.lineage_not_found(volume, from));
@@ -127,11 +132,12 @@ impl Store {
         let valid = !tag.is_empty()
             && tag.len() <= 63
             && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-            && !tag.starts_with(['.', '-']);
+            && !tag.starts_with(['.', '-'])
+            && tag.parse::<VersionId>().is_err();
         if !valid {
             return Err(EngineError::InvalidName {
                 name: format!("tag {tag}"),
-                reason: "use 1 to 63 ASCII letters, digits, '-', '_' or '.', not starting with '.' or '-'",
+                reason: "use 1 to 63 ASCII letters, digits, '-', '_' or '.', not starting with '.' or '-', and not a version id",
             });
         }
         self.resolve_version(volume, &version.to_string())?;

@@ -188,6 +188,19 @@ impl Store {
             let path = config.local_root.join(dir);
             std::fs::create_dir_all(&path).map_err(|e| EngineError::io("creating store directory", &path, e))?;
         }
+        // Only the default object store is created on first use: a missing
+        // directory named by CHALK_STORE is more likely a typo or an unmounted disk.
+        let default_url = format!("file://{}", config.local_root.join("objects").display());
+        if let Some(path) = config.object_store_url.strip_prefix("file://") {
+            if config.object_store_url != default_url && !Path::new(path).is_dir() {
+                return Err(EngineError::NotFound {
+                    what: "object store directory",
+                    name: format!(
+                        "{path} (create it, or unset CHALK_STORE to use {default_url})"
+                    ),
+                });
+            }
+        }
         let objects = object_store::open(&config.object_store_url)?;
         Self::open_with(config, objects)
     }
@@ -330,11 +343,15 @@ impl Store {
         if wanted.is_empty() {
             return Err(EngineError::InvalidArgument("empty version id".into()));
         }
-        if let Some(tagged) = self.tag_target(volume, id_or_prefix.trim())? {
-            return self.resolve_version(volume, &tagged.to_string());
+        let all = self.all_versions(volume)?;
+        let mut matches: Vec<VersionInfo> = all.iter().filter(|v| v.id.to_string().starts_with(&wanted)).cloned().collect();
+        // Ids and id prefixes come first, so a tag can never hide a version id.
+        // A tag names a version by its full id, which is looked up without tags.
+        if matches.is_empty() {
+            if let Some(tagged) = self.tag_target(volume, id_or_prefix.trim())? {
+                matches = all.into_iter().filter(|v| v.id == tagged).collect();
+            }
         }
-        let matches: Vec<VersionInfo> =
-            self.all_versions(volume)?.into_iter().filter(|v| v.id.to_string().starts_with(&wanted)).collect();
         match matches.len() {
             1 => Ok(matches.into_iter().next().expect("one match")),
             0 => Err(EngineError::NotFound {

@@ -204,3 +204,15 @@ fn promote_fast_forwards_only() {
     let late = published(stale.sync(None).unwrap());
     assert!(matches!(store.promote(&volume, late.id, &LineageName::main()), Err(EngineError::Unsupported(_))));
 }
+
+#[test]
+fn tag_cannot_shadow_a_version_id() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let first = store.head(&volume, &LineageName::main()).unwrap();
+    let id = first.id.to_string();
+    assert!(matches!(store.tag(&volume, first.id, &id), Err(EngineError::InvalidName { .. })));
+    // A tag that looks like an id prefix resolves as the prefix, never as the tag.
+    store.tag(&volume, first.id, &id[..6]).unwrap();
+    assert_eq!(store.resolve_version(&volume, &id[..6]).unwrap().id, first.id);
+}

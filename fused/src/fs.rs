@@ -580,6 +580,12 @@ impl Filesystem for ChalkFs {
         reply: ReplyEmpty,
     ) {
         let _span = op_span("setxattr", req, ino.0);
+        // POSIX ACLs would have to change the mode bits too, which the engine
+        // does not do, so they are refused and tools such as `cp -a` fall back to chmod.
+        if name.as_bytes().starts_with(b"system.posix_acl_") {
+            reply.error(log_rejected("setxattr", ino.0, Errno::ENOTSUP, "POSIX ACLs are not supported"));
+            return;
+        }
         let mode = match flags {
             0 => XattrMode::CreateOrReplace,
             libc::XATTR_CREATE => XattrMode::CreateOnly,

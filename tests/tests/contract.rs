@@ -230,3 +230,80 @@ fn pwrite_fallback_serves_cli_round_trip() {
     env.ok(&["volume", "get", "v", "f", got.to_str().unwrap()]);
     assert_eq!(fs::read(got).unwrap(), data);
 }
+
+#[test]
+fn unmount_refuses_other_file_systems() {
+    let env = Env::new();
+    let dir = env.home.path().join("tmpfs");
+    fs::create_dir(&dir).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(&dir).status().unwrap();
+    assert!(mounted.success(), "mounting a tmpfs for the test failed");
+    let _guard = MountGuard(dir.clone());
+    let out = env.run(&["volume", "unmount", dir.to_str().unwrap()]);
+    assert!(!out.status.success(), "unmount of a tmpfs succeeded");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a chalk mount"));
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(mountinfo.contains(dir.to_str().unwrap()), "the tmpfs was unmounted");
+}
+
+#[test]
+fn get_writes_through_devices_and_stdout() {
+    let env = Env::new();
+    env.ok(&["volume", "create", "v"]);
+    let input = env.home.path().join("input.txt");
+    fs::write(&input, b"payload").unwrap();
+    env.ok(&["volume", "put", "v", input.to_str().unwrap(), "dir/"]);
+    assert_eq!(env.ok(&["volume", "get", "v", "dir/input.txt", "-"]), "payload");
+    env.ok(&["volume", "get", "v", "dir/input.txt", "/dev/null"]);
+    let meta = fs::metadata("/dev/null").unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&meta.file_type()), "/dev/null was replaced");
+}
+
+#[test]
+fn missing_store_directory_is_an_error() {
+    let env = Env::new();
+    let out = env
+        .command(env.home.path())
+        .env("CHALK_STORE", format!("file://{}/no-such-store", env.objects.path().display()))
+        .args(["volume", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a missing CHALK_STORE directory was accepted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("object store directory not found"));
+    assert!(!env.objects.path().join("no-such-store").exists(), "the missing directory was created");
+}
+
+#[test]
+fn delete_refuses_a_mounted_volume() {
+    let env = Env::new();
+    env.ok(&["volume", "create", "v"]);
+    let mnt = env.home.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    env.ok(&["volume", "mount", "v", mnt.to_str().unwrap(), "--daemon"]);
+    let _guard = MountGuard(mnt.clone());
+    let out = env.run(&["volume", "delete", "v"]);
+    assert!(!out.status.success(), "a mounted volume was deleted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unmount it first"));
+    env.ok(&["volume", "unmount", mnt.to_str().unwrap()]);
+    let sessions: Vec<_> = fs::read_dir(env.home.path().join("sessions")).unwrap().collect();
+    assert!(sessions.is_empty(), "unmount left the session directory: {sessions:?}");
+    env.ok(&["volume", "delete", "v"]);
+}
+
+#[test]
+fn cp_a_into_mount_keeps_modes() {
+    let env = Env::new();
+    env.ok(&["volume", "create", "v"]);
+    let src = env.home.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("script.sh"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(src.join("script.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mnt = env.home.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    env.ok(&["volume", "mount", "v", mnt.to_str().unwrap(), "--daemon"]);
+    let _guard = MountGuard(mnt.clone());
+    let copied = Command::new("cp").arg("-a").arg(&src).arg(mnt.join("copy")).status().unwrap();
+    assert!(copied.success());
+    let mode = std::os::unix::fs::PermissionsExt::mode(&fs::metadata(mnt.join("copy/script.sh")).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o755);
+}

@@ -266,7 +266,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let store = open_store()?;
             let session = transfer::open_reader(&store, &volume_name(&name)?, version.as_deref())?;
             let summary = transfer::get(&session, &remote, local.as_deref())?;
-            println!("downloaded {} files ({}) to {}", summary.files, output::human_bytes(summary.bytes), summary.local.display());
+            // With `-` the file went to stdout, so the summary must not.
+            if summary.local != std::path::Path::new("-") {
+                println!("downloaded {} files ({}) to {}", summary.files, output::human_bytes(summary.bytes), summary.local.display());
+            }
         }
         VolumeCommand::Rm { name, path, recursive } => {
             let store = open_store()?;
@@ -381,6 +384,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         VolumeCommand::Delete { name } => {
             let store = open_store()?;
             let volume = volume_name(&name)?;
+            let mounts = mount_cmd::live_mounts_of(&store, &volume)?;
+            if !mounts.is_empty() {
+                let list: Vec<String> = mounts.iter().map(|m| m.display().to_string()).collect();
+                bail!("volume {volume} is mounted at {}; unmount it first with `chalk volume unmount DIR`", list.join(", "));
+            }
             store.delete_volume(&volume)?;
             println!("deleted volume {volume}");
         }
@@ -402,7 +410,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CHALK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=error"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    // Like other Unix tools, end quietly when the reader of stdout goes away (`| head`).
+    // SAFETY: restoring the default SIGPIPE action at start-up, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

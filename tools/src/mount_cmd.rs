@@ -133,6 +133,9 @@ pub fn run_unmount(store: &Store, dir: &Path) -> anyhow::Result<()> {
     let mount_point = mount_point_path(dir)?;
     let run_dir = run_dir(store);
     let registration = live_registrations(&run_dir)?.into_iter().find(|r| r.dir == mount_point);
+    if registration.is_none() && !is_chalk_mount(&mount_point) {
+        bail!("{} is not a chalk mount; nothing was unmounted", mount_point.display());
+    }
 
     unmount_dir(&mount_point, registration.is_some())?;
 
@@ -393,6 +396,8 @@ fn serve_until_stopped(active: ActiveMount) -> anyhow::Result<()> {
     handle
         .unmount()
         .with_context(|| format!("unmounting {} failed", mount_point.display()))?;
+    // The control thread still holds a handle, so dropping ours would not end the session.
+    session.discard();
     drop(session);
     Ok(())
 }
@@ -680,6 +685,25 @@ fn write_registration(path: &Path, registration: &Registration) -> anyhow::Resul
 
 /// Reads the registrations in `run_dir` whose process is alive, and removes
 /// the files of processes that are gone.
+/// True when /proc/self/mountinfo lists a chalk FUSE mount (source
+/// `chalk:<volume>`) at `dir`, as a mount whose process died leaves behind.
+fn is_chalk_mount(dir: &Path) -> bool {
+    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let wanted = dir.to_string_lossy();
+    mountinfo.lines().any(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(separator) = fields.iter().position(|f| *f == "-") else { return false };
+        let mount_point = fields.get(4).copied().unwrap_or_default().replace("\\040", " ");
+        let source = fields.get(separator + 2).copied().unwrap_or_default();
+        mount_point == wanted && source.starts_with("chalk:")
+    })
+}
+
+/// Mount points of live mounts of `volume` on this host.
+pub fn live_mounts_of(store: &Store, volume: &VolumeName) -> anyhow::Result<Vec<PathBuf>> {
+    Ok(live_registrations(&run_dir(store))?.into_iter().filter(|r| r.volume == volume.as_str()).map(|r| r.dir).collect())
+}
+
 fn live_registrations(run_dir: &Path) -> anyhow::Result<Vec<Registration>> {
     let entries = match fs::read_dir(run_dir) {
         Ok(entries) => entries,

@@ -129,6 +129,8 @@ pub fn put(session: &Session, local: &Path, remote: Option<&str>) -> anyhow::Res
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_default();
     let remote = match remote {
+        // A trailing slash names the directory a file goes into, as with `cp`.
+        Some(remote) if remote.ends_with('/') && !meta.is_dir() => format!("{remote}{default_name}"),
         Some(remote) => remote.to_owned(),
         None => default_name,
     };
@@ -294,6 +296,24 @@ pub fn get(session: &Session, remote: &str, local: Option<&Path>) -> anyhow::Res
 }
 
 fn download_file(session: &Session, remote: &str, local: &Path) -> anyhow::Result<u64> {
+    if local == Path::new("-") {
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        let n = session.read_file_to(remote, &mut out)?;
+        std::io::Write::flush(&mut out).context("failed to write to standard output")?;
+        return Ok(n);
+    }
+    // Devices, FIFOs and symlinks are written through, never replaced by a regular file.
+    let through_link = fs::symlink_metadata(local).is_ok_and(|m| m.file_type().is_symlink());
+    let special = fs::metadata(local).is_ok_and(|m| !m.is_file() && !m.is_dir());
+    if through_link || special {
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .truncate(!special)
+            .open(local)
+            .with_context(|| format!("failed to open {} for writing", local.display()))?;
+        return Ok(session.read_file_to(remote, &mut out)?);
+    }
     let file_name = local.file_name().context("destination has no file name")?.to_string_lossy().into_owned();
     let tmp = local.with_file_name(format!(".{file_name}.chalk-partial"));
     let result = (|| -> anyhow::Result<u64> {

@@ -37,9 +37,16 @@ impl FileStore {
 
     fn write_temp(&self, data: &[u8]) -> Result<PathBuf> {
         let tmp = self.temp_path();
-        let mut file = File::create(&tmp).map_err(|e| EngineError::io("creating object", &tmp, e))?;
-        file.write_all(data).map_err(|e| EngineError::io("writing object", &tmp, e))?;
-        file.sync_all().map_err(|e| EngineError::io("syncing object", &tmp, e))?;
+        let written = File::create(&tmp)
+            .map_err(|e| EngineError::io("creating object", &tmp, e))
+            .and_then(|mut file| {
+                file.write_all(data).map_err(|e| EngineError::io("writing object", &tmp, e))?;
+                file.sync_all().map_err(|e| EngineError::io("syncing object", &tmp, e))
+            });
+        if let Err(err) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(err);
+        }
         Ok(tmp)
     }
 
@@ -90,11 +97,14 @@ impl ObjectStore for FileStore {
     fn put_file(&self, key: &str, source: &Path) -> Result<()> {
         let path = self.path(key)?;
         let tmp = self.temp_path();
-        fs::copy(source, &tmp).map_err(|e| EngineError::io("copying into object store", source, e))?;
-        File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| EngineError::io("syncing object", &tmp, e))?;
-        self.commit(&tmp, &path)
+        let copied = fs::copy(source, &tmp)
+            .map_err(|e| EngineError::io("copying into object store", &tmp, e))
+            .and_then(|_| File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| EngineError::io("syncing object", &tmp, e)))
+            .and_then(|()| self.commit(&tmp, &path));
+        if copied.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        copied
     }
 
     fn put_if_absent(&self, key: &str, data: &[u8]) -> Result<bool> {

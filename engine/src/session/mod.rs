@@ -111,6 +111,8 @@ pub struct Session {
     pub(crate) dir: Option<PathBuf>,
     /// Held for the session's lifetime so other processes know it is alive.
     _lock: Option<File>,
+    /// Set by [`Session::discard`].
+    discarded: std::sync::atomic::AtomicBool,
     pub(crate) state: Mutex<State>,
 }
 
@@ -153,7 +155,7 @@ impl Store {
             lookups: HashMap::new(),
             unconfirmed: None,
         };
-        Ok(Session { store: self.clone(), volume: volume.clone(), id, access, dir, _lock: lock, state: Mutex::new(state) })
+        Ok(Session { store: self.clone(), volume: volume.clone(), id, access, dir, _lock: lock, discarded: Default::default(), state: Mutex::new(state) })
     }
 }
 
@@ -207,18 +209,7 @@ pub(crate) fn discard_abandoned_sessions(store: &Store) {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let mut state = self.state.lock();
-        if let Some(log) = state.log.take() {
-            for (segment, _) in &log.sealed {
-                self.store.segments.forget(*segment);
-            }
-            drop(log);
-        }
-        if let Some(dir) = &self.dir {
-            if let Err(err) = std::fs::remove_dir_all(dir) {
-                tracing::warn!(session = %self.id, error = %err, "failed to delete the directory of an ended session");
-            }
-        }
+        self.discard();
     }
 }
 
@@ -251,7 +242,32 @@ impl Session {
         !self.state.lock().dirty.is_empty()
     }
 
+    /// Ends the session without publishing: its unsynced writes and its
+    /// directory are deleted, and later changes fail. Dropping the last
+    /// handle does the same; a mount calls this because other threads may
+    /// still hold handles when the process exits.
+    pub fn discard(&self) {
+        self.discarded.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut state = self.state.lock();
+        if let Some(log) = state.log.take() {
+            for (segment, _) in &log.sealed {
+                self.store.segments.forget(*segment);
+            }
+            drop(log);
+        }
+        if let Some(dir) = &self.dir {
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => tracing::warn!(session = %self.id, error = %err, "failed to delete the directory of an ended session"),
+            }
+        }
+    }
+
     pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.discarded.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(EngineError::ReadOnly { reason: format!("session {} on volume {} has ended", self.id, self.volume) });
+        }
         match self.access {
             Access::Writable => Ok(()),
             Access::ReadOnly => Err(EngineError::ReadOnly {
