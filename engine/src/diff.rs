@@ -14,7 +14,7 @@ use crate::session::{Access, Session, SessionBase};
 use crate::store::Store;
 use crate::tree::FileKind;
 
-/// How a path differs between two versions.
+/// Kind of difference of one path between two versions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChangeKind {
     Added,

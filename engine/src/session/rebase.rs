@@ -23,10 +23,10 @@ use crate::tree::{Content, FileKind, Inode};
 
 use super::{Access, Session, SessionBase, State};
 
-/// What a sync does when the session and the lineage changed the same paths.
+/// Policy of a sync when the session and the lineage changed the same paths.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OnConflict {
-    /// Fail with [`EngineError::Conflict`]; the session keeps its writes.
+    /// Fail with [`EngineError::Conflict`], and the session keeps its writes.
     #[default]
     Error,
     /// Publish into a new lineage forked from the session's base.
@@ -35,7 +35,7 @@ pub enum OnConflict {
     Ours,
 }
 
-/// How a session's changes relate to a moved head.
+/// Result of comparing a session's changes with a moved head.
 pub(crate) enum Rebase {
     /// The session now builds on the head.
     Rebased,
@@ -43,8 +43,8 @@ pub(crate) enum Rebase {
     Fork,
 }
 
-/// Paths one side changed. `covering` holds removed or renamed directories,
-/// which also cover every path below them.
+/// Paths one side changed. `covering` contains removed or renamed
+/// directories, which also cover every path below them.
 #[derive(Default)]
 struct Changed {
     paths: BTreeSet<String>,
