@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Run the whole Chalk test suite: machine set-up and release build, the
-# workspace tests under nextest, the doc tests, and the end-to-end demo in
-# quick mode. Every stage runs even when an earlier test stage failed. The
-# last line is "total: N passed, N failed, N skipped", and the exit status is
-# non-zero when any stage failed.
+# workspace tests under nextest, the doc tests, the end-to-end demo in
+# quick mode, other projects' POSIX suites against a mount
+# (scripts/posix-suites.sh) and a short run of each fuzz target
+# (fuzz/run.sh). Every stage runs even when an earlier test stage failed.
+# The last line is "total: N passed, N failed, N skipped", and the exit
+# status is non-zero when any stage failed.
 #
 # Temporary files of the tests and the demo live in one run directory under
 # /var/tmp (not tmpfs, because the engine opens files with O_DIRECT). On exit,
@@ -21,6 +23,8 @@ unset CHALK_HOME CHALK_STORE
 # Resolve symlinks so the paths match the mount points in /proc/self/mountinfo.
 RUN_DIR=$(realpath "$(mktemp -d /var/tmp/chalk-test.XXXXXX)")
 mkdir -p "$RUN_DIR/tmp"
+# State of the S3 test servers of this run, stopped and removed on exit.
+export CHALK_S3_DIR="$RUN_DIR/s3-servers"
 # tempfile, mktemp and the demo create their directories under TMPDIR, which
 # puts every mount of this run under RUN_DIR where the exit trap finds it.
 export TMPDIR="$RUN_DIR/tmp"
@@ -50,6 +54,7 @@ cleanup() {
     local status=$?
     trap - EXIT
     unmount_leftovers
+    bash scripts/s3-servers.sh stop || echo "test.sh: failed to stop the S3 test servers" >&2
     # --one-file-system keeps rm out of any mount that refused to go away.
     rm -rf --one-file-system "$RUN_DIR" || echo "test.sh: failed to remove $RUN_DIR" >&2
     exit "$status"
@@ -87,6 +92,13 @@ count_results() {
             local results
             results=$(grep -E '^test result:' <<<"$plain" || true)
             echo "$(sum_counts passed <<<"$results") $(sum_counts failed <<<"$results") $(sum_counts ignored <<<"$results")"
+            ;;
+        posix | fuzz)
+            # Each script's last line: "posix-suites: 389 passed, 0 failed, 14 skipped"
+            # or "fuzz: 3 passed, 0 failed".
+            local summary
+            summary=$(grep -E '^(posix-suites|fuzz): [0-9]+ passed' <<<"$plain" | tail -n 1 || true)
+            echo "$(sum_counts passed <<<"$summary") $(sum_counts failed <<<"$summary") $(sum_counts skipped <<<"$summary")"
             ;;
         demo)
             local passed failed
@@ -157,9 +169,19 @@ main() {
         exit 1
     fi
 
+    # The S3 tests run against Garage and moto on 127.0.0.1 (Garage is built
+    # into CHALK_TOOL_CACHE the first time, which takes about 14 minutes).
+    # CHALK_TEST_S3=required makes them fail, never skip, without servers.
+    export CHALK_TEST_S3=required AWS_EC2_METADATA_DISABLED=true
+    if run_stage s3-servers bash scripts/s3-servers.sh start; then
+        eval "$(bash scripts/s3-servers.sh env)"
+    fi
+
     run_stage nextest cargo nextest run --workspace --release --no-fail-fast --profile ci || true
     run_stage doctests cargo test --doc --workspace --release || true
     run_stage demo env CHALK_SKIP_SETUP=1 bash scripts/demo.sh --quick || true
+    run_stage posix bash scripts/posix-suites.sh || true
+    run_stage fuzz bash fuzz/run.sh 20 || true
 
     echo "test.sh: finished in $((SECONDS - start)) s"
     print_summary

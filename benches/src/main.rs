@@ -23,6 +23,8 @@ use anyhow::{bail, ensure, Context};
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
+mod s3_cold_read;
+
 /// Stdlib packages staged by `--size small`.
 const SMALL_PACKAGES: [&str; 4] = ["json", "email", "asyncio", "unittest"];
 
@@ -46,6 +48,9 @@ const REMOTE_DIR: &str = "src";
 
 const DOCS_BEGIN_MARKER: &str = "<!-- bench:begin -->";
 const DOCS_END_MARKER: &str = "<!-- bench:end -->";
+/// Markers of the section of the workloads on an S3 server.
+const DOCS_S3_BEGIN_MARKER: &str = "<!-- bench:s3:begin -->";
+const DOCS_S3_END_MARKER: &str = "<!-- bench:s3:end -->";
 
 /// Text written above the markers when `docs/benchmarks.md` does not exist yet.
 const DOCS_INTRO: &str = "\
@@ -134,6 +139,10 @@ enum System {
     ChalkReadOnly,
     /// The `chalk volume put` command.
     ChalkPut,
+    /// A raw `aws-sdk-s3` client that reads objects with parallel ranged GETs.
+    S3RangedGet,
+    /// A read-only mount of a version in S3 on an empty local root.
+    ChalkColdS3,
 }
 
 impl System {
@@ -142,6 +151,8 @@ impl System {
             System::Native => "native",
             System::ChalkReadOnly => "chalk-ro",
             System::ChalkPut => "chalk-put",
+            System::S3RangedGet => "s3-ranged-get",
+            System::ChalkColdS3 => "chalk-s3-cold",
         }
     }
 }
@@ -168,8 +179,42 @@ impl Unit {
     }
 }
 
+/// Group of workloads, which decides the results file and docs section they report to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Group {
+    /// Workloads on the local machine alone, measured against native reads.
+    Local,
+    /// Workloads that need the S3 test server, measured against a raw S3
+    /// client. They run only when named on the command line.
+    S3,
+}
+
+impl Group {
+    /// Returns the system that every workload of the group measures first.
+    fn baseline(self) -> System {
+        match self {
+            Group::Local => System::Native,
+            Group::S3 => System::S3RangedGet,
+        }
+    }
+
+    fn json_name(self) -> &'static str {
+        match self {
+            Group::Local => "latest.json",
+            Group::S3 => "s3-latest.json",
+        }
+    }
+
+    fn docs_markers(self) -> (&'static str, &'static str) {
+        match self {
+            Group::Local => (DOCS_BEGIN_MARKER, DOCS_END_MARKER),
+            Group::S3 => (DOCS_S3_BEGIN_MARKER, DOCS_S3_END_MARKER),
+        }
+    }
+}
+
 /// One benchmark. The harness calls `prepare` once, then `measure` once per
-/// repetition for each of `systems`, in order.
+/// repetition for each of `systems`, in order, then `finish`.
 trait Workload {
     /// Short id used on the command line and in the results, such as `P1`.
     fn id(&self) -> &'static str;
@@ -180,8 +225,12 @@ trait Workload {
     fn unit(&self) -> Unit;
 
     /// Systems in the order they run within a repetition. The first one is
-    /// the baseline of the ratios and must be [`System::Native`].
+    /// the baseline of the ratios and must be the group's [`Group::baseline`].
     fn systems(&self) -> &'static [System];
+
+    fn group(&self) -> Group {
+        Group::Local
+    }
 
     /// Sets up state shared by all repetitions. Not timed.
     fn prepare(&mut self, _bench: &Bench) -> anyhow::Result<()> {
@@ -190,11 +239,20 @@ trait Workload {
 
     /// Runs one repetition of `system` and returns its sample in [`Workload::unit`].
     fn measure(&mut self, system: System, bench: &Bench) -> anyhow::Result<f64>;
+
+    /// Removes what `prepare` set up outside the work directory. Not timed.
+    fn finish(&mut self, _bench: &Bench) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// Returns every workload, in the order they run.
 fn all_workloads() -> Vec<Box<dyn Workload>> {
-    vec![Box::new(PutTree::default()), Box::new(ReadVersionMount::default())]
+    vec![
+        Box::new(PutTree::default()),
+        Box::new(ReadVersionMount::default()),
+        Box::new(s3_cold_read::ColdS3Read::default()),
+    ]
 }
 
 /// P1: `chalk volume put` of the tree into a new volume.
@@ -233,7 +291,9 @@ impl Workload for PutTree {
                 fs::remove_dir_all(&home).with_context(|| format!("failed to remove the store {}", home.display()))?;
                 seconds
             }
-            System::ChalkReadOnly => bail!("P1 does not measure {}", system.as_str()),
+            System::ChalkReadOnly | System::S3RangedGet | System::ChalkColdS3 => {
+                bail!("P1 does not measure {}", system.as_str())
+            }
         }
     }
 }
@@ -327,7 +387,9 @@ impl Workload for ReadVersionMount {
                     .with_context(|| format!("failed to remove the mount point {}", mount_point.display()))?;
                 seconds
             }
-            System::ChalkPut => bail!("R0 does not measure {}", system.as_str()),
+            System::ChalkPut | System::S3RangedGet | System::ChalkColdS3 => {
+                bail!("R0 does not measure {}", system.as_str())
+            }
         }
     }
 }
@@ -443,6 +505,17 @@ impl Chalk {
 
     /// Runs `chalk ARGS` on the store at `home` and returns its stdout.
     fn run<'a>(&self, home: &Path, args: impl IntoIterator<Item = &'a OsStr>) -> anyhow::Result<String> {
+        self.run_with_env(home, args, &[])
+    }
+
+    /// Runs `chalk ARGS` on the store at `home` with the variables of `env`
+    /// added to its environment, and returns its stdout.
+    fn run_with_env<'a>(
+        &self,
+        home: &Path,
+        args: impl IntoIterator<Item = &'a OsStr>,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<String> {
         let args: Vec<&OsStr> = args.into_iter().collect();
         let command_line = format!(
             "chalk {}",
@@ -456,6 +529,7 @@ impl Chalk {
             .env("CHALK_HOME", home)
             // The default object store is file://$CHALK_HOME/objects.
             .env_remove("CHALK_STORE")
+            .envs(env.iter().map(|(name, value)| (*name, value)))
             .stdin(Stdio::null())
             .output()
             .with_context(|| format!("failed to start {}", self.binary.display()))?;
@@ -897,9 +971,12 @@ struct Record {
     median: f64,
     min: f64,
     max: f64,
-    /// Median over the repetitions of the speed ratio between the native
-    /// sample and this system's sample of the same repetition, so 1.0 for native.
-    ratio_to_native: f64,
+    /// The system measured first in each repetition: `native`, or
+    /// `s3-ranged-get` for the S3 workloads.
+    baseline: &'static str,
+    /// Median over the repetitions of the speed ratio between the baseline
+    /// sample and this system's sample of the same repetition, so 1.0 for the baseline.
+    ratio_to_baseline: f64,
     files: u64,
     bytes: u64,
     reps: u32,
@@ -940,7 +1017,8 @@ fn summarize(samples: &[Samples], tree: &Tree, reps: u32) -> Vec<Record> {
                 median: median(values),
                 min: values.iter().copied().fold(f64::INFINITY, f64::min),
                 max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-                ratio_to_native: median(&ratios),
+                baseline: workload.systems()[0].as_str(),
+                ratio_to_baseline: median(&ratios),
                 files: tree.count.files,
                 bytes: tree.count.bytes,
                 reps,
@@ -952,7 +1030,8 @@ fn summarize(samples: &[Samples], tree: &Tree, reps: u32) -> Vec<Record> {
 
 /// Formats the records as a Markdown table, which also reads well on a terminal.
 fn results_table(records: &[Record]) -> String {
-    let mut table = String::from("| workload | system | median | min | max | ratio to native |\n");
+    let baseline = records.first().map_or("baseline", |r| r.baseline);
+    let mut table = format!("| workload | system | median | min | max | ratio to {baseline} |\n");
     table.push_str("| --- | --- | ---: | ---: | ---: | ---: |\n");
     for r in records {
         let _ = writeln!(
@@ -963,7 +1042,7 @@ fn results_table(records: &[Record]) -> String {
             significant(r.median),
             significant(r.min),
             significant(r.max),
-            significant(r.ratio_to_native),
+            significant(r.ratio_to_baseline),
             unit = r.unit
         );
     }
@@ -984,9 +1063,10 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-fn write_json(records: &[Record], dir: &Path) -> anyhow::Result<PathBuf> {
+fn write_json(records: &[Record], path: &Path) -> anyhow::Result<PathBuf> {
+    let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
-    let path = dir.join("latest.json");
+    let path = path.to_owned();
     let mut text = serde_json::to_string_pretty(records)?;
     text.push('\n');
     fs::write(&path, text).with_context(|| format!("failed to write {}", path.display()))?;
@@ -1083,10 +1163,18 @@ fn shell_quote(arg: &str) -> String {
     }
 }
 
-/// Builds the text between the markers of docs/benchmarks.md.
-fn docs_section(records: &[Record], samples: &[Samples], tree: &Tree, size: Size, reps: u32, info: &RunInfo) -> String {
+/// Builds the text between the markers of docs/benchmarks.md. `input` is
+/// the staged tree, which only the local group reads.
+fn docs_section(records: &[Record], samples: &[Samples], input: Option<(&Tree, Size)>, reps: u32, info: &RunInfo) -> String {
     let mut text = String::new();
-    let _ = writeln!(text, "## Latest results\n");
+    match input {
+        Some(_) => {
+            let _ = writeln!(text, "## Latest results\n");
+        }
+        None => {
+            let _ = writeln!(text, "## Latest results on S3\n");
+        }
+    }
     let _ = writeln!(text, "Produced by `{}`", info.command);
     let mut context = Vec::new();
     if let Some(date) = &info.date {
@@ -1125,18 +1213,25 @@ fn docs_section(records: &[Record], samples: &[Samples], tree: &Tree, size: Size
         info.work_fs
     );
 
-    let _ = writeln!(
-        text,
-        "Input (`--size {}`): {}: {} files, {} bytes ({:.1} MiB), {} directories, {} symbolic links (not read). \
-         {reps} repetitions.\n",
-        size.as_str(),
-        tree.origin,
-        tree.count.files,
-        tree.count.bytes,
-        mib(tree.count.bytes),
-        tree.directories,
-        tree.symlinks
-    );
+    match input {
+        Some((tree, size)) => {
+            let _ = writeln!(
+                text,
+                "Input (`--size {}`): {}: {} files, {} bytes ({:.1} MiB), {} directories, {} symbolic links (not read). \
+                 {reps} repetitions.\n",
+                size.as_str(),
+                tree.origin,
+                tree.count.files,
+                tree.count.bytes,
+                mib(tree.count.bytes),
+                tree.directories,
+                tree.symlinks
+            );
+        }
+        None => {
+            let _ = writeln!(text, "{reps} repetitions.\n");
+        }
+    }
 
     text.push_str(&results_table(records));
     text.push('\n');
@@ -1144,30 +1239,40 @@ fn docs_section(records: &[Record], samples: &[Samples], tree: &Tree, size: Size
     for entry in samples {
         let _ = writeln!(text, "- {}: {}", entry.workload.id(), entry.workload.description());
     }
-    let _ = writeln!(
-        text,
-        "- native (every workload): walk the tree with `readdir` and read every regular file with open, read into a \
-         {} KiB buffer, close, in one thread, with the page cache warmed by one untimed pass.",
-        READ_BUFFER_BYTES / 1024
-    );
+    if input.is_some() {
+        let _ = writeln!(
+            text,
+            "- native (every workload): walk the tree with `readdir` and read every regular file with open, read into a \
+             {} KiB buffer, close, in one thread, with the page cache warmed by one untimed pass.",
+            READ_BUFFER_BYTES / 1024
+        );
+    }
     text
 }
 
-/// Replaces the text between the markers of `path` with `section`, creating
-/// the file with an intro if it does not exist. Text outside the markers is kept.
+/// Replaces the text between the markers of the local group in `path` with
+/// `section`; see [`update_docs_between`].
+#[cfg(test)]
 fn update_docs(path: &Path, section: &str) -> anyhow::Result<()> {
+    update_docs_between(path, (DOCS_BEGIN_MARKER, DOCS_END_MARKER), section)
+}
+
+/// Replaces the text between the `markers` of `path` with `section`, creating
+/// the file with an intro if it does not exist. Text outside the markers is kept.
+fn update_docs_between(path: &Path, markers: (&str, &str), section: &str) -> anyhow::Result<()> {
+    let (begin_marker, end_marker) = markers;
     let existing = match fs::read_to_string(path) {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => DOCS_INTRO.to_owned(),
         Err(error) => return Err(error).with_context(|| format!("failed to read {}", path.display())),
     };
-    let block = format!("{DOCS_BEGIN_MARKER}\n{section}{DOCS_END_MARKER}");
-    let updated = match (existing.find(DOCS_BEGIN_MARKER), existing.find(DOCS_END_MARKER)) {
+    let block = format!("{begin_marker}\n{section}{end_marker}");
+    let updated = match (existing.find(begin_marker), existing.find(end_marker)) {
         (Some(begin), Some(end)) if begin < end => {
             format!(
                 "{}{block}{}",
                 &existing[..begin],
-                &existing[end + DOCS_END_MARKER.len()..]
+                &existing[end + end_marker.len()..]
             )
         }
         (None, None) => {
@@ -1181,7 +1286,7 @@ fn update_docs(path: &Path, section: &str) -> anyhow::Result<()> {
             format!("{existing}{separator}{block}\n")
         }
         _ => bail!(
-            "{} has a misplaced or missing {DOCS_BEGIN_MARKER} or {DOCS_END_MARKER}; fix the markers and rerun",
+            "{} has a misplaced or missing {begin_marker} or {end_marker}; fix the markers and rerun",
             path.display()
         ),
     };
@@ -1195,10 +1300,12 @@ fn update_docs(path: &Path, section: &str) -> anyhow::Result<()> {
 // Main
 // ---------------------------------------------------------------------------
 
-/// Returns the workloads named on the command line, or all of them.
+/// Returns the workloads named on the command line, or every workload of
+/// the local group.
 fn select_workloads(ids: &[String]) -> anyhow::Result<Vec<Box<dyn Workload>>> {
     let mut available = all_workloads();
     if ids.is_empty() {
+        available.retain(|workload| workload.group() == Group::Local);
         return Ok(available);
     }
     let known: Vec<&str> = available.iter().map(|workload| workload.id()).collect();
@@ -1218,10 +1325,12 @@ fn select_workloads(ids: &[String]) -> anyhow::Result<Vec<Box<dyn Workload>>> {
 fn run(args: Args) -> anyhow::Result<()> {
     let workloads = select_workloads(&args.workloads)?;
     for workload in &workloads {
+        let baseline = workload.group().baseline();
         ensure!(
-            workload.systems().first() == Some(&System::Native),
-            "workload {} must measure native first",
-            workload.id()
+            workload.systems().first() == Some(&baseline),
+            "workload {} must measure {} first",
+            workload.id(),
+            baseline.as_str()
         );
     }
     let chalk = Chalk::locate()?;
@@ -1288,7 +1397,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
-    let records = summarize(&samples, &bench.tree, args.reps);
+    for entry in &mut samples {
+        entry
+            .workload
+            .finish(&bench)
+            .with_context(|| format!("finishing workload {} failed", entry.workload.id()))?;
+    }
+
     println!(
         "Input: --size {}, {} files, {} bytes ({:.1} MiB), {} repetitions\n",
         args.size.as_str(),
@@ -1297,23 +1412,35 @@ fn run(args: Args) -> anyhow::Result<()> {
         mib(bench.tree.count.bytes),
         args.reps
     );
+    let (local, s3): (Vec<Samples>, Vec<Samples>) =
+        samples.into_iter().partition(|entry| entry.workload.group() == Group::Local);
+    for (group, samples) in [(Group::Local, local), (Group::S3, s3)] {
+        if !samples.is_empty() {
+            report_group(group, &samples, &bench, &args, &work)?;
+        }
+    }
+    Ok(())
+}
+
+/// Prints the results of one group, writes its JSON file and, unless
+/// `--output` is given, its section of docs/benchmarks.md.
+fn report_group(group: Group, samples: &[Samples], bench: &Bench, args: &Args, work: &Path) -> anyhow::Result<()> {
+    let records = summarize(samples, &bench.tree, args.reps);
     print!("{}", results_table(&records));
     println!();
-    for entry in &samples {
+    for entry in samples {
         println!("{}: {}", entry.workload.id(), entry.workload.description());
     }
 
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let results_dir = args.output.clone().unwrap_or_else(|| manifest_dir.join("results"));
-    let json_path = write_json(&records, &results_dir)?;
+    let json_path = write_json(&records, &results_dir.join(group.json_name()))?;
     println!("\nwrote {}", json_path.display());
     if args.output.is_none() {
         let docs = manifest_dir.parent().unwrap_or(manifest_dir).join("docs/benchmarks.md");
-        let info = RunInfo::collect(&work);
-        update_docs(
-            &docs,
-            &docs_section(&records, &samples, &bench.tree, args.size, args.reps, &info),
-        )?;
+        let info = RunInfo::collect(work);
+        let input = (group == Group::Local).then_some((&bench.tree, args.size));
+        update_docs_between(&docs, group.docs_markers(), &docs_section(&records, samples, input, args.reps, &info))?;
         println!("updated {}", docs.display());
     }
     Ok(())

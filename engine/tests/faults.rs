@@ -9,8 +9,8 @@
 //!
 //! What the tests hold the engine to, at a 10% fault rate:
 //! - a sync either publishes a complete version or fails and leaves the
-//!   head where it was; a failed sync never leaves the session unable to
-//!   publish once the faults stop;
+//!   head where it was. After a failed sync, the session can still publish
+//!   once the faults stop;
 //! - a read returns exactly the bytes that were written, or an error;
 //! - a full local disk fails writes with `NoSpace`, and nothing that was
 //!   published before is damaged.
@@ -46,9 +46,9 @@ const SYNC_ATTEMPTS: usize = 5;
 /// A fault the wrapper can inject into one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Fault {
-    /// The store answers 503 and does nothing.
+    /// The store returns 503 and does nothing.
     ServerError,
-    /// No answer in time; a write may or may not have been applied.
+    /// No response in time, and a write may or may not have been applied.
     Timeout,
     /// The connection drops after the store applied the request.
     ConnectionDropped,
@@ -211,7 +211,7 @@ impl FaultyStore {
     }
 }
 
-/// Flips one bit, or cuts the payload short, as `fault` says.
+/// Flips one bit, or cuts the payload short, as `fault` selects.
 fn damage_bytes(mut bytes: Vec<u8>, fault: Fault, bits: u64) -> Vec<u8> {
     if bytes.is_empty() {
         return bytes;
@@ -320,8 +320,8 @@ type Tree = BTreeMap<String, Vec<u8>>;
 /// File names the workload uses, all in the volume root.
 const FILE_NAMES: usize = 12;
 
-/// A temporary directory under /var/tmp, because the engine opens segments
-/// with `O_DIRECT`, which tmpfs rejects.
+/// Creates a temporary directory under /var/tmp, because the engine opens
+/// segments with `O_DIRECT`, which tmpfs rejects.
 fn temp_dir(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new().prefix(prefix).tempdir_in("/var/tmp").unwrap()
 }
@@ -456,9 +456,9 @@ fn run_flaky_network_seed(seed: u64) -> SeedReport {
 
     for round in 0..10 {
         faulty.set_enabled(false);
-        let wanted = rng.gen_range(1..8);
+        let planned = rng.gen_range(1..8);
         let mut changes = 0;
-        while changes < wanted {
+        while changes < planned {
             changes += usize::from(random_change(&session, &mut model, &mut rng));
         }
 
@@ -478,8 +478,8 @@ fn run_flaky_network_seed(seed: u64) -> SeedReport {
                     report.failed_syncs += 1;
                     let after = head(&clean, &volume);
                     if after.id != before.id {
-                        // The head write reached the store but its answer was
-                        // lost: the version must be complete.
+                        // The head write reached the store but its response
+                        // was lost, so the version must be complete.
                         assert_eq!(after.parent, Some(before.id), "seed {seed} round {round} attempt {attempt}: {err}");
                         let tree = read_tree(&clean, &volume, after.id).unwrap();
                         assert_eq!(tree, model, "seed {seed} round {round}: a failed sync published a partial version");
@@ -529,7 +529,7 @@ fn run_flaky_network_seed(seed: u64) -> SeedReport {
 }
 
 #[test]
-fn syncs_publish_whole_or_fail_under_network_faults() {
+fn syncs_publish_whole_under_network_faults() {
     let mut injected: BTreeMap<Fault, u64> = BTreeMap::new();
     let (mut published, mut failed, mut reads_ok, mut reads_failed) = (0, 0, 0, 0);
     for seed in 0..seeds() {
@@ -596,7 +596,7 @@ fn corrupt_payloads_never_reach_readers() {
 /// Object store that can lose the answer to the next create-if-absent of a
 /// lineage entry (the entry is written, the caller gets an error) and can
 /// fail reads of lineage entries.
-struct LostHeadAnswer {
+struct LostEntryResponse {
     inner: Arc<dyn ObjectStore>,
     /// Lose the answer of the next lineage entry write.
     armed: Mutex<bool>,
@@ -604,7 +604,7 @@ struct LostHeadAnswer {
     entry_reads_fail: Mutex<bool>,
 }
 
-impl ObjectStore for LostHeadAnswer {
+impl ObjectStore for LostEntryResponse {
     fn url(&self) -> String {
         self.inner.url()
     }
@@ -641,20 +641,20 @@ impl ObjectStore for LostHeadAnswer {
     }
 }
 
-fn lost_head_answer_store(root: &Path) -> (Arc<Store>, Arc<LostHeadAnswer>) {
+fn lost_entry_response_store(root: &Path) -> (Arc<Store>, Arc<LostEntryResponse>) {
     let config = StoreConfig::with_local_root(root);
     for dir in ["cache/segments", "sessions"] {
         std::fs::create_dir_all(root.join(dir)).unwrap();
     }
     let inner = object_store::open(&config.object_store_url).unwrap();
-    let wrapper = Arc::new(LostHeadAnswer { inner, armed: Mutex::new(false), entry_reads_fail: Mutex::new(false) });
+    let wrapper = Arc::new(LostEntryResponse { inner, armed: Mutex::new(false), entry_reads_fail: Mutex::new(false) });
     (Store::open_with(config, wrapper.clone()).unwrap(), wrapper)
 }
 
 #[test]
-fn lost_head_write_answer_is_recognised() {
-    let dir = temp_dir("chalk-faults-lost-answer-");
-    let (store, wrapper) = lost_head_answer_store(dir.path());
+fn lost_entry_write_response_is_detected() {
+    let dir = temp_dir("chalk-faults-lost-response-");
+    let (store, wrapper) = lost_entry_response_store(dir.path());
     let volume = VolumeName::new("v").unwrap();
     store.create_volume(&volume).unwrap();
     let session = store.open_session(&volume, main_lineage(), Access::Writable).unwrap();
@@ -678,9 +678,9 @@ fn lost_head_write_answer_is_recognised() {
 }
 
 #[test]
-fn unconfirmed_head_write_is_adopted_by_next_sync() {
+fn unconfirmed_entry_write_is_adopted() {
     let dir = temp_dir("chalk-faults-unconfirmed-");
-    let (store, wrapper) = lost_head_answer_store(dir.path());
+    let (store, wrapper) = lost_entry_response_store(dir.path());
     let volume = VolumeName::new("v").unwrap();
     store.create_volume(&volume).unwrap();
     let session = store.open_session(&volume, main_lineage(), Access::Writable).unwrap();
@@ -773,7 +773,7 @@ fn full_local_disk_fails_writes_cleanly() {
     let small = pattern(100_000, 1);
     let session = store.open_session(&volume, main_lineage(), Access::Writable).unwrap();
     session.write_file_from("small", &mut &small[..], 0o644, Owner::current()).unwrap();
-    let kept = match session.sync(None).unwrap() {
+    let published_before = match session.sync(None).unwrap() {
         SyncOutcome::Published(info) => info,
         other => panic!("expected a published version, got {other:?}"),
     };
@@ -817,13 +817,13 @@ fn full_local_disk_fails_writes_cleanly() {
                 assert_eq!(got, big, "attempt {attempt}: a version published after ENOSPC has wrong bytes");
             }
             Ok(other) => panic!("attempt {attempt}: unexpected sync outcome {other:?}"),
-            Err(_) => assert_eq!(head(&clean, &volume).id, kept.id, "attempt {attempt}: a failed sync moved the head"),
+            Err(_) => assert_eq!(head(&clean, &volume).id, published_before.id, "attempt {attempt}: a failed sync moved the head"),
         }
     }
     drop(session);
 
     // What was published before is intact, and the disk is usable again.
-    assert_eq!(read_tree(&clean, &volume, kept.id).unwrap(), Tree::from([("small".to_owned(), small.clone())]));
+    assert_eq!(read_tree(&clean, &volume, published_before.id).unwrap(), Tree::from([("small".to_owned(), small.clone())]));
     let again = store.open_session(&volume, main_lineage(), Access::Writable).unwrap();
     again.write_file_from("after", &mut &b"ok"[..], 0o644, Owner::current()).unwrap();
     assert!(matches!(again.sync(None).unwrap(), SyncOutcome::Published(_)));

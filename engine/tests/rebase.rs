@@ -174,11 +174,15 @@ fn concurrent_syncs_lose_nothing() {
     // Eight writers with separate store handles: even ones write their own
     // file, odd ones also overwrite shared.txt, so odd ones may conflict.
     let root = dir.path().to_owned();
+    // Every writer opens its session before any of them syncs, so all of them
+    // start from the same base and at most one shared.txt writer can win.
+    let opened = std::sync::Barrier::new(8);
     let results: Vec<(usize, Result<VersionInfo, EngineError>)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..8)
             .map(|i| {
                 let root = root.clone();
                 let volume = volume.clone();
+                let opened = &opened;
                 scope.spawn(move || {
                     let store = Store::open(StoreConfig::with_local_root(&root)).unwrap();
                     let s = session(&store, &volume);
@@ -186,6 +190,7 @@ fn concurrent_syncs_lose_nothing() {
                     if i % 2 == 1 {
                         put(&s, "shared.txt", format!("writer {i}").as_bytes());
                     }
+                    opened.wait();
                     let mut result = s.sync(None).map(published);
                     // A writer that lost the race for a sequence number retries.
                     for _ in 0..20 {

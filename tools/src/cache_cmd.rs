@@ -98,8 +98,8 @@ fn print_stats(stats: &HostCacheStats, cache_root: &std::path::Path, json: bool)
     );
     println!("store:  {} ranged GETs, {} fetched", stats.store.gets, human_bytes(stats.store.bytes));
     println!(
-        "memory tier: {} running process(es) hold blocks; disk tier: {} blocks, {} whole segments",
-        memory.processes, disk.blocks, disk.whole_segments
+        "memory tier: {} running process(es) hold blocks; disk tier: {} files of blocks, {} whole segments",
+        memory.processes, disk.block_files, disk.whole_segments
     );
     let counters = &stats.counters;
     println!(
@@ -109,7 +109,7 @@ fn print_stats(stats: &HostCacheStats, cache_root: &std::path::Path, json: bool)
     Ok(())
 }
 
-/// What `volume warm` fetched.
+/// Files and bytes that `volume warm` read.
 pub struct WarmSummary {
     pub files: u64,
     pub bytes: u64,
@@ -176,5 +176,6 @@ pub fn run_warm(store: &Arc<Store>, volume: &VolumeName, paths: &[String], versi
     if let Some(err) = first_error.into_inner() {
         return Err(err);
     }
+    store.flush_cache();
     Ok(WarmSummary { files: files.len() as u64, bytes: done_bytes.into_inner() })
 }

@@ -10,12 +10,16 @@ const GIB: u64 = 1 << 30;
 
 /// Default memory tier limit of one process.
 const MEMORY_DEFAULT_BYTES: u64 = 512 * MIB;
-/// The default disk limit is this fraction of the file system that holds
+/// The default disk limit is this fraction of the file system that contains
 /// the cache, at most [`DISK_DEFAULT_MAX_BYTES`].
 const DISK_DEFAULT_FRACTION: u64 = 4;
 const DISK_DEFAULT_MAX_BYTES: u64 = 64 * GIB;
 /// Disk limit used when the file system size cannot be read.
 const DISK_FALLBACK_BYTES: u64 = 16 * GIB;
+/// By default the disk tier leaves this fraction of its file system free,
+/// at most [`FREE_DEFAULT_MAX_BYTES`].
+const FREE_DEFAULT_FRACTION: u64 = 20;
+const FREE_DEFAULT_MAX_BYTES: u64 = 4 * GIB;
 const READAHEAD_DEFAULT_MAX_BYTES: u64 = 128 * MIB;
 
 /// Limits and tuning of the tiered read cache.
@@ -26,6 +30,10 @@ pub struct CacheConfig {
     /// Bytes kept under `$CHALK_HOME/cache` by all processes that use it
     /// (`CHALK_CACHE_DISK`, default a quarter of that file system, at most 64 GiB).
     pub disk_limit_bytes: u64,
+    /// The disk tier writes nothing while its file system has less than
+    /// this free (`CHALK_CACHE_DISK_FREE`, default 5% of the file system, at
+    /// most 4 GiB; 0 turns the check off).
+    pub disk_free_min_bytes: u64,
     /// Largest sequential readahead window (`CHALK_CACHE_READAHEAD`, default
     /// 128 MiB); never more than half of the memory limit.
     pub readahead_max_bytes: u64,
@@ -38,13 +46,16 @@ pub struct CacheConfig {
 impl CacheConfig {
     /// Defaults for a cache under `cache_root`, which need not exist yet.
     pub fn defaults_for(cache_root: &Path) -> Self {
-        let disk_limit_bytes = match filesystem_size(cache_root) {
+        let size = filesystem_size(cache_root);
+        let disk_limit_bytes = match size {
             Some(size) => (size / DISK_DEFAULT_FRACTION).min(DISK_DEFAULT_MAX_BYTES),
             None => DISK_FALLBACK_BYTES,
         };
+        let disk_free_min_bytes = size.map_or(0, |size| (size / FREE_DEFAULT_FRACTION).min(FREE_DEFAULT_MAX_BYTES));
         CacheConfig {
             memory_limit_bytes: MEMORY_DEFAULT_BYTES,
             disk_limit_bytes,
+            disk_free_min_bytes,
             readahead_max_bytes: READAHEAD_DEFAULT_MAX_BYTES,
             fetch_threads: 16,
             request_max_bytes: 8 * MIB,
@@ -53,12 +64,14 @@ impl CacheConfig {
     }
 
     /// Defaults for `cache_root`, changed by `CHALK_CACHE_MEMORY`,
-    /// `CHALK_CACHE_DISK` and `CHALK_CACHE_READAHEAD` where they are set.
+    /// `CHALK_CACHE_DISK`, `CHALK_CACHE_DISK_FREE` and `CHALK_CACHE_READAHEAD`
+    /// where they are set.
     pub fn from_env(cache_root: &Path) -> Result<Self> {
         let mut config = Self::defaults_for(cache_root);
         for (name, field) in [
             ("CHALK_CACHE_MEMORY", &mut config.memory_limit_bytes),
             ("CHALK_CACHE_DISK", &mut config.disk_limit_bytes),
+            ("CHALK_CACHE_DISK_FREE", &mut config.disk_free_min_bytes),
             ("CHALK_CACHE_READAHEAD", &mut config.readahead_max_bytes),
         ] {
             if let Ok(value) = std::env::var(name) {
@@ -83,13 +96,13 @@ impl CacheConfig {
     }
 }
 
-/// Size of the file system that holds `path` or its nearest existing ancestor.
+/// Size of the file system that contains `path` or its nearest existing ancestor.
 fn filesystem_size(path: &Path) -> Option<u64> {
     let existing = path.ancestors().find(|p| p.exists())?;
     filesystem_space(existing).map(|(total, _available)| total)
 }
 
-/// Total and available bytes of the file system that holds `path`.
+/// Total and available bytes of the file system that contains `path`.
 pub(crate) fn filesystem_space(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;

@@ -4,55 +4,66 @@
 //!
 //! Layout under the cache directory:
 //!
-//! | path                              | contents                                            |
-//! |-----------------------------------|-----------------------------------------------------|
-//! | `segments/<segment>.seg`          | a whole sealed segment, written here or fetched whole |
-//! | `blocks/<segment>/<index:08x>.blk`| one block of a segment, in the block file format    |
+//! | path                    | contents                                                   |
+//! |-------------------------|------------------------------------------------------------|
+//! | `segments/<segment>.seg`| a whole sealed segment, written on this host               |
+//! | `blocks/<segment>.blk`  | cached blocks of a segment: a sparse file of block slots   |
 //!
-//! Block file format, integers little-endian:
+//! Block `i` of a segment lives in the slot at offset `i * SLOT_BYTES` of
+//! its `.blk` file: a 4 KiB header page, then the block's bytes from offset
+//! 4096 of the slot. A slot never written is a hole, which reads as zeros
+//! and takes no space. One file per segment, rather than one per block,
+//! keeps file creation (costly on ext4 once many files were deleted) off
+//! the read path. Slot header, integers little-endian:
 //!
 //! | offset | size | field                                              |
 //! |--------|------|----------------------------------------------------|
 //! | 0      | 8    | magic `CHLKBLK1`                                   |
 //! | 8      | 2    | format version, 1                                  |
 //! | 10     | 2    | zero                                               |
-//! | 12     | 4    | payload length in bytes                            |
+//! | 12     | 4    | payload length in bytes, at most `BLOCK_BYTES`     |
 //! | 16     | 16   | segment id (u128)                                  |
 //! | 32     | 8    | block index                                        |
 //! | 40     | 4    | CRC32 of the payload                               |
 //! | 44     | 4    | CRC32 of bytes 0..44                               |
-//! | 48     | len  | segment bytes from `index * BLOCK_BYTES`           |
 //!
-//! Write order: a temporary file in the block's directory, then a rename, so
-//! readers see whole files only. There is no fsync: a block file torn or lost
-//! by a crash fails its checks and is fetched again.
+//! Write order: the payload, then the header. There is no fsync: a slot
+//! torn by a crash or by a concurrent writer fails its checks and is
+//! fetched again.
 //!
 //! Invariants:
-//! - A block file is returned only after its header CRC, magic, version, key,
-//!   length and payload CRC all match; a file that fails is deleted.
-//! - Recency is the file's modification time, set when the file is written
-//!   and refreshed by a hit once it is older than [`TOUCH_AFTER`].
-//! - Usage is estimated from this process's writes. Once the estimate passes
-//!   the limit, the process rescans the directories (finding the files of
-//!   other processes too) and deletes the oldest files until usage is at
-//!   most 90% of the limit.
+//! - A slot is returned only after its header CRC, magic, version, key,
+//!   length and payload CRC all match. A slot that fails is punched out.
+//! - Recency is the file's modification time, which every write sets and a
+//!   hit refreshes once it is older than [`TOUCH_AFTER`].
+//! - Usage is the space files take on disk (sparse files count only their
+//!   written slots), estimated from this process's writes. Once the
+//!   estimate passes the limit, the process rescans the directories
+//!   (finding the files of other processes too) and deletes the least
+//!   recently used files until usage is at most 90% of the limit.
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::config::filesystem_space;
-use super::BlockKey;
+use super::{BlockKey, BLOCK_BYTES};
 use crate::error::{EngineError, Result};
 use crate::ids::SegmentId;
 
 const MAGIC: &[u8; 8] = b"CHLKBLK1";
 const FORMAT_VERSION: u16 = 1;
-pub(crate) const HEADER_LEN: usize = 48;
+const HEADER_LEN: usize = 48;
+/// The header takes a whole page, so that payloads stay page-aligned.
+pub const SLOT_HEADER_BYTES: u64 = 4096;
+/// Distance between the slots of consecutive blocks in a `.blk` file.
+pub const SLOT_BYTES: u64 = SLOT_HEADER_BYTES + BLOCK_BYTES;
 
 /// A hit refreshes the modification time of a file older than this.
 const TOUCH_AFTER: Duration = Duration::from_secs(60);
@@ -60,18 +71,17 @@ const TOUCH_AFTER: Duration = Duration::from_secs(60);
 const STALE_TEMP_AFTER: Duration = Duration::from_secs(3600);
 /// Eviction brings usage down to this share of the limit, in percent.
 const EVICT_TO_PERCENT: u64 = 90;
-/// Blocks are not written while the file system has less than this share free, in percent.
-const FREE_SPACE_MIN_PERCENT: u64 = 5;
 
-/// What a lookup found.
+/// Result of a lookup.
 pub(crate) enum Load {
-    Hit(Vec<u8>),
+    /// The block's bytes.
+    Hit(Bytes),
     Miss,
-    /// A file was there but failed its checks; it has been deleted.
+    /// A slot was there but failed its checks; it has been punched out.
     Corrupt,
 }
 
-/// What an eviction pass deleted.
+/// Files that an eviction pass deleted.
 #[derive(Debug, Default)]
 pub(crate) struct Evicted {
     pub files: u64,
@@ -80,17 +90,21 @@ pub(crate) struct Evicted {
     pub segments: Vec<SegmentId>,
 }
 
-/// Bytes and files in the disk tier, from a scan.
+/// Space and files of the disk tier, from a scan.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DiskUsage {
+    /// Space the files take on disk.
     pub bytes: u64,
-    pub blocks: u64,
+    /// `.blk` files, one per segment with cached blocks.
+    pub block_files: u64,
+    /// Whole segment files.
     pub segments: u64,
 }
 
 /// One file found by a scan.
 struct Entry {
     path: PathBuf,
+    /// Space the file takes on disk.
     bytes: u64,
     modified: SystemTime,
     /// Set for a whole segment.
@@ -101,6 +115,8 @@ pub(crate) struct DiskTier {
     blocks_dir: PathBuf,
     segments_dir: PathBuf,
     limit_bytes: u64,
+    /// Blocks are not written while the file system has less than this free.
+    free_min_bytes: u64,
     /// Estimated bytes in use; `None` until the first write scans the directories.
     used_bytes: Mutex<Option<u64>>,
     /// Held by the thread that runs an eviction pass.
@@ -109,7 +125,7 @@ pub(crate) struct DiskTier {
 }
 
 impl DiskTier {
-    pub fn new(cache_root: &Path, limit_bytes: u64) -> Result<Self> {
+    pub fn new(cache_root: &Path, limit_bytes: u64, free_min_bytes: u64) -> Result<Self> {
         let blocks_dir = cache_root.join("blocks");
         let segments_dir = cache_root.join("segments");
         for dir in [&blocks_dir, &segments_dir] {
@@ -119,6 +135,7 @@ impl DiskTier {
             blocks_dir,
             segments_dir,
             limit_bytes,
+            free_min_bytes,
             used_bytes: Mutex::new(None),
             evicting: Mutex::new(()),
             low_space_warned: AtomicBool::new(false),
@@ -129,45 +146,68 @@ impl DiskTier {
         &self.segments_dir
     }
 
-    fn block_path(&self, key: &BlockKey) -> PathBuf {
-        self.blocks_dir.join(key.segment.to_string()).join(format!("{:08x}.blk", key.index))
+    fn blocks_path(&self, segment: SegmentId) -> PathBuf {
+        self.blocks_dir.join(format!("{segment}.blk"))
     }
 
-    /// Reads and checks a block file.
+    /// Reads and checks the slot of a block.
     pub fn load(&self, key: &BlockKey) -> Load {
-        let path = self.block_path(key);
-        let mut file = match File::open(&path) {
-            Ok(file) => file,
-            Err(_) => return Load::Miss,
-        };
-        let mut bytes = Vec::new();
-        if let Err(err) = file.read_to_end(&mut bytes) {
-            tracing::warn!(path = %path.display(), error = %err, "failed to read a cached block; fetching it again");
+        let path = self.blocks_path(key.segment);
+        let Ok(file) = File::open(&path) else { return Load::Miss };
+        let slot = key.index * SLOT_BYTES;
+        let mut header = [0u8; HEADER_LEN];
+        match file.read_exact_at(&mut header, slot) {
+            Ok(()) => {}
+            // The file ends before this slot: never written.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Load::Miss,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "failed to read a cached block; fetching it again");
+                return Load::Miss;
+            }
+        }
+        if header.iter().all(|&b| b == 0) {
             return Load::Miss;
         }
-        match decode_block(key, &bytes) {
-            Ok(()) => {
+        let checked = check_header(key, &header).and_then(|(len, crc)| {
+            let mut payload = vec![0u8; len];
+            file.read_exact_at(&mut payload, slot + SLOT_HEADER_BYTES)
+                .map_err(|e| format!("reading the payload failed: {e}"))?;
+            let found = crc32fast::hash(&payload);
+            if found != crc {
+                return Err(format!("payload CRC32 {found:08x} does not match {crc:08x}"));
+            }
+            Ok(payload)
+        });
+        match checked {
+            Ok(payload) => {
                 touch_if_old(&file);
-                bytes.drain(..HEADER_LEN);
-                Load::Hit(bytes)
+                Load::Hit(Bytes::from(payload))
             }
             Err(detail) => {
-                tracing::warn!(path = %path.display(), detail = %detail, "deleting a corrupt cached block");
-                let _ = fs::remove_file(&path);
+                tracing::warn!(path = %path.display(), block = key.index, detail = %detail, "dropping a corrupt cached block");
+                self.remove(key);
                 Load::Corrupt
             }
         }
     }
 
-    /// Writes a block file unless the file system is nearly full. Returns what
-    /// the eviction pass that the write triggered deleted, if any.
+    /// Writes the slot of a block unless the tier is off or the file system
+    /// is nearly full. Returns what the eviction pass that the write
+    /// triggered deleted, if any.
     pub fn store(&self, key: &BlockKey, data: &[u8]) -> Evicted {
-        if !self.has_free_space() {
+        assert!(data.len() as u64 <= BLOCK_BYTES, "a block holds at most BLOCK_BYTES");
+        // A limit of 0 turns the disk tier off.
+        if self.limit_bytes == 0 || !self.has_free_space() {
             return Evicted::default();
         }
-        let path = self.block_path(key);
-        match write_block(key, data, &path) {
-            Ok(()) => self.note_added((HEADER_LEN + data.len()) as u64),
+        let path = self.blocks_path(key.segment);
+        let written = File::options().create(true).write(true).truncate(false).open(&path).and_then(|file| {
+            let slot = key.index * SLOT_BYTES;
+            file.write_all_at(data, slot + SLOT_HEADER_BYTES)?;
+            file.write_all_at(&encode_header(key, data), slot)
+        });
+        match written {
+            Ok(()) => self.note_added(SLOT_HEADER_BYTES + data.len() as u64, &path),
             Err(err) => {
                 tracing::warn!(path = %path.display(), error = %err, "failed to write a block to the disk cache");
                 Evicted::default()
@@ -175,14 +215,29 @@ impl DiskTier {
         }
     }
 
-    /// Deletes a block file, so the next read fetches the block again.
+    /// Punches out the slot of a block, so the next read fetches it again.
     pub fn remove(&self, key: &BlockKey) {
-        let _ = fs::remove_file(self.block_path(key));
+        let path = self.blocks_path(key.segment);
+        let Ok(file) = File::options().write(true).open(&path) else { return };
+        // SAFETY: fallocate on a valid descriptor owned by `file`, with a range inside the slot.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (key.index * SLOT_BYTES) as libc::off_t,
+                SLOT_BYTES as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            // Without hole punching, zeroing the header hides the slot just as well.
+            let _ = file.write_all_at(&[0u8; HEADER_LEN], key.index * SLOT_BYTES);
+        }
     }
 
-    /// Counts `bytes` just added to the tier (a block or an adopted whole
-    /// segment) and evicts when the estimate passes the limit.
-    pub fn note_added(&self, bytes: u64) -> Evicted {
+    /// Counts `bytes` just added to the file `written` of the tier (a block
+    /// or an adopted whole segment) and evicts when the estimate passes the
+    /// limit, sparing `written`.
+    pub fn note_added(&self, bytes: u64, written: &Path) -> Evicted {
         let over = {
             let mut used = self.used_bytes.lock();
             let total = match *used {
@@ -193,15 +248,19 @@ impl DiskTier {
             total > self.limit_bytes
         };
         if over {
-            self.evict()
+            self.evict(written)
         } else {
             Evicted::default()
         }
     }
 
-    /// Rescans the tier and deletes the least recently used files until usage
-    /// is at most 90% of the limit. Another thread already evicting makes this a no-op.
-    pub fn evict(&self) -> Evicted {
+    /// Rescans the tier and deletes the least recently used files, except
+    /// `spared`, until usage is at most 90% of the limit. Another thread
+    /// already evicting makes this a no-op.
+    ///
+    /// Modification times tick only every few milliseconds, so the file just
+    /// written can tie with older ones: sparing it keeps it from going first.
+    pub fn evict(&self, spared: &Path) -> Evicted {
         let Some(_guard) = self.evicting.try_lock() else { return Evicted::default() };
         let mut entries = self.scan();
         let mut used: u64 = entries.iter().map(|e| e.bytes).sum();
@@ -212,6 +271,9 @@ impl DiskTier {
         for entry in entries {
             if used <= target {
                 break;
+            }
+            if entry.path == spared {
+                continue;
             }
             match fs::remove_file(&entry.path) {
                 Ok(()) => {
@@ -239,7 +301,7 @@ impl DiskTier {
             usage.bytes += entry.bytes;
             match entry.segment {
                 Some(_) => usage.segments += 1,
-                None => usage.blocks += 1,
+                None => usage.block_files += 1,
             }
         }
         usage
@@ -253,8 +315,11 @@ impl DiskTier {
     }
 
     fn has_free_space(&self) -> bool {
+        if self.free_min_bytes == 0 {
+            return true;
+        }
         let Some((total, available)) = filesystem_space(&self.blocks_dir) else { return true };
-        let enough = available.saturating_mul(100) >= total.saturating_mul(FREE_SPACE_MIN_PERCENT);
+        let enough = available >= self.free_min_bytes;
         if !enough && !self.low_space_warned.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 dir = %self.blocks_dir.display(), available, total,
@@ -264,7 +329,7 @@ impl DiskTier {
         enough
     }
 
-    /// Lists every cached file, deleting stale temporary files and empty block directories.
+    /// Lists every cached file, deleting stale temporary files.
     fn scan(&self) -> Vec<Entry> {
         let mut entries = Vec::new();
         for file in list_files(&self.segments_dir) {
@@ -280,30 +345,18 @@ impl DiskTier {
                 None => remove_if_stale(&file),
             }
         }
-        let dirs = match fs::read_dir(&self.blocks_dir) {
-            Ok(dirs) => dirs,
-            Err(_) => return entries,
-        };
-        for dir in dirs.flatten() {
-            let dir = dir.path();
-            let files = list_files(&dir);
-            if files.is_empty() {
-                // Fails harmlessly when another process just wrote into it.
-                let _ = fs::remove_dir(&dir);
-            }
-            for file in files {
-                if file.path.extension().is_some_and(|e| e == "blk") {
-                    entries.push(file);
-                } else {
-                    remove_if_stale(&file);
-                }
+        for file in list_files(&self.blocks_dir) {
+            if file.path.extension().is_some_and(|e| e == "blk") {
+                entries.push(file);
+            } else {
+                remove_if_stale(&file);
             }
         }
         entries
     }
 }
 
-/// Regular files directly in `dir`, with their sizes and modification times.
+/// Regular files directly in `dir`, with the space they take and their modification times.
 fn list_files(dir: &Path) -> Vec<Entry> {
     let Ok(read) = fs::read_dir(dir) else { return Vec::new() };
     read.flatten()
@@ -311,7 +364,7 @@ fn list_files(dir: &Path) -> Vec<Entry> {
             let metadata = entry.metadata().ok()?;
             metadata.is_file().then(|| Entry {
                 path: entry.path(),
-                bytes: metadata.len(),
+                bytes: metadata.blocks() * 512,
                 modified: metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                 segment: None,
             })
@@ -352,55 +405,30 @@ fn encode_header(key: &BlockKey, data: &[u8]) -> [u8; HEADER_LEN] {
     header
 }
 
-/// Checks a whole block file against `key`.
-fn decode_block(key: &BlockKey, bytes: &[u8]) -> std::result::Result<(), String> {
-    if bytes.len() < HEADER_LEN {
-        return Err(format!("file of {} bytes is shorter than the block header", bytes.len()));
-    }
-    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-    let header_crc = crc32fast::hash(&bytes[..44]);
+/// Checks a slot header against `key`; returns the payload length and CRC32.
+fn check_header(key: &BlockKey, header: &[u8; HEADER_LEN]) -> std::result::Result<(usize, u32), String> {
+    let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+    let header_crc = crc32fast::hash(&header[..44]);
     if u32_at(44) != header_crc {
         return Err(format!("header CRC32 {:08x} does not match {header_crc:08x}", u32_at(44)));
     }
-    if &bytes[0..8] != MAGIC {
+    if &header[0..8] != MAGIC {
         return Err("bad magic".to_owned());
     }
-    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    let version = u16::from_le_bytes([header[8], header[9]]);
     if version != FORMAT_VERSION {
         return Err(format!("unsupported block format version {version}"));
     }
-    let segment = u128::from_le_bytes(bytes[16..32].try_into().expect("16 bytes"));
-    let index = u64::from_le_bytes(bytes[32..40].try_into().expect("8 bytes"));
+    let segment = u128::from_le_bytes(header[16..32].try_into().expect("16 bytes"));
+    let index = u64::from_le_bytes(header[32..40].try_into().expect("8 bytes"));
     if segment != key.segment.to_u128() || index != key.index {
-        return Err(format!("file holds block {index} of segment {}", SegmentId::from_u128(segment)));
+        return Err(format!("slot holds block {index} of segment {}", SegmentId::from_u128(segment)));
     }
-    let len = u32_at(12) as usize;
-    if bytes.len() - HEADER_LEN != len {
-        return Err(format!("payload of {} bytes, header says {len}", bytes.len() - HEADER_LEN));
+    let len = u32_at(12) as u64;
+    if len > BLOCK_BYTES {
+        return Err(format!("payload length {len} is larger than a block"));
     }
-    let payload_crc = crc32fast::hash(&bytes[HEADER_LEN..]);
-    if u32_at(40) != payload_crc {
-        return Err(format!("payload CRC32 {:08x} does not match {payload_crc:08x}", u32_at(40)));
-    }
-    Ok(())
-}
-
-/// Writes a block file through a temporary file and a rename.
-fn write_block(key: &BlockKey, data: &[u8], path: &Path) -> std::io::Result<()> {
-    let dir = path.parent().expect("block paths have a directory");
-    fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{:08x}.tmp-{}", key.index, ulid::Ulid::new()));
-    let written = File::create(&tmp).and_then(|mut file| {
-        file.write_all(&encode_header(key, data))?;
-        file.write_all(data)
-    });
-    match written.and_then(|()| fs::rename(&tmp, path)) {
-        Ok(()) => Ok(()),
-        Err(err) => {
-            let _ = fs::remove_file(&tmp);
-            Err(err)
-        }
-    }
+    Ok((len as usize, u32_at(40)))
 }
 
 #[cfg(test)]
@@ -409,8 +437,15 @@ mod tests {
 
     fn tier(limit_bytes: u64) -> (tempfile::TempDir, DiskTier) {
         let dir = tempfile::tempdir().unwrap();
-        let tier = DiskTier::new(dir.path(), limit_bytes).unwrap();
+        let tier = DiskTier::new(dir.path(), limit_bytes, 0).unwrap();
         (dir, tier)
+    }
+
+    fn flip(path: &Path, at: u64) {
+        let file = File::options().read(true).write(true).open(path).unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, at).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x10], at).unwrap();
     }
 
     #[test]
@@ -420,58 +455,75 @@ mod tests {
         assert!(matches!(tier.load(&key), Load::Miss));
         tier.store(&key, b"block bytes");
         match tier.load(&key) {
-            Load::Hit(bytes) => assert_eq!(bytes, b"block bytes"),
+            Load::Hit(bytes) => assert_eq!(&bytes[..], b"block bytes"),
             _ => panic!("stored block did not load"),
         }
-        assert_eq!(tier.usage(), DiskUsage { bytes: (HEADER_LEN + 11) as u64, blocks: 1, segments: 0 });
+        // The slots before it are holes.
+        assert!(matches!(tier.load(&BlockKey { index: 3, ..key }), Load::Miss));
+        assert!(matches!(tier.load(&BlockKey { index: 8, ..key }), Load::Miss));
+        let usage = tier.usage();
+        assert_eq!(usage.block_files, 1);
+        assert!(usage.bytes >= SLOT_HEADER_BYTES, "sparse file takes {} bytes", usage.bytes);
+        assert!(usage.bytes < SLOT_BYTES, "sparse file takes {} bytes", usage.bytes);
     }
 
     #[test]
-    fn flipped_byte_is_detected_and_deleted() {
-        let (_dir, tier) = tier(1 << 30);
+    fn nearly_full_file_system_gets_no_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = DiskTier::new(dir.path(), 1 << 30, u64::MAX).unwrap();
         let key = BlockKey { segment: SegmentId::generate(), index: 0 };
-        tier.store(&key, &[5u8; 4096]);
-        let path = tier.block_path(&key);
-        for at in [3, 20, 45, HEADER_LEN + 100] {
+        tier.store(&key, b"block bytes");
+        assert!(matches!(tier.load(&key), Load::Miss));
+        assert_eq!(tier.usage().block_files, 0);
+    }
+
+    #[test]
+    fn flipped_byte_is_detected_and_punched_out() {
+        let (_dir, tier) = tier(1 << 30);
+        let key = BlockKey { segment: SegmentId::generate(), index: 2 };
+        let path = tier.blocks_path(key.segment);
+        let slot = key.index * SLOT_BYTES;
+        for at in [3, 20, 45, SLOT_HEADER_BYTES + 100] {
             tier.store(&key, &[5u8; 4096]);
-            let mut bytes = fs::read(&path).unwrap();
-            bytes[at] ^= 0x10;
-            fs::write(&path, &bytes).unwrap();
+            flip(&path, slot + at);
             assert!(matches!(tier.load(&key), Load::Corrupt), "flip at {at} was not detected");
-            assert!(!path.exists(), "corrupt file at {at} was kept");
+            assert!(matches!(tier.load(&key), Load::Miss), "corrupt slot at {at} was kept");
         }
     }
 
     #[test]
-    fn block_file_of_another_key_is_rejected() {
+    fn slot_of_another_block_is_rejected() {
         let (_dir, tier) = tier(1 << 30);
         let segment = SegmentId::generate();
         let (one, two) = (BlockKey { segment, index: 1 }, BlockKey { segment, index: 2 });
         tier.store(&one, b"one");
-        fs::rename(tier.block_path(&one), tier.block_path(&two)).unwrap();
+        let path = tier.blocks_path(segment);
+        let file = File::options().read(true).write(true).open(&path).unwrap();
+        let mut slot = vec![0u8; (SLOT_HEADER_BYTES + 3) as usize];
+        file.read_exact_at(&mut slot, SLOT_BYTES).unwrap();
+        file.write_all_at(&slot, 2 * SLOT_BYTES).unwrap();
         assert!(matches!(tier.load(&two), Load::Corrupt));
+        assert!(matches!(tier.load(&one), Load::Hit(_)));
     }
 
     #[test]
-    fn eviction_deletes_oldest_files_first() {
-        let block_bytes = 1000;
-        let file_bytes = (HEADER_LEN + block_bytes) as u64;
-        let (_dir, tier) = tier(file_bytes * 10);
-        let segment = SegmentId::generate();
+    fn eviction_deletes_least_recently_used_files() {
+        let (_dir, tier) = tier(u64::MAX);
         let base = SystemTime::now() - Duration::from_secs(1000);
-        for index in 0..10 {
-            let key = BlockKey { segment, index };
-            tier.store(&key, &vec![index as u8; block_bytes]);
-            let file = File::options().write(true).open(tier.block_path(&key)).unwrap();
-            file.set_modified(base + Duration::from_secs(index)).unwrap();
+        let segments: Vec<SegmentId> = (0..10).map(|_| SegmentId::generate()).collect();
+        for (i, segment) in segments.iter().enumerate() {
+            tier.store(&BlockKey { segment: *segment, index: 0 }, &vec![i as u8; 64 * 1024]);
+            let file = File::options().write(true).open(tier.blocks_path(*segment)).unwrap();
+            file.set_modified(base + Duration::from_secs(i as u64)).unwrap();
         }
-        assert_eq!(tier.usage().blocks, 10);
-        // The eleventh block passes the limit: eviction keeps at most 90%, so 9 files.
-        let evicted = tier.store(&BlockKey { segment, index: 10 }, &vec![10u8; block_bytes]);
+        let per_file = tier.usage().bytes / 10;
+        let limited = DiskTier { limit_bytes: per_file * 10, ..tier };
+        // The eleventh file passes the limit: eviction keeps at most 90%, so 9 files.
+        let evicted = limited.store(&BlockKey { segment: SegmentId::generate(), index: 0 }, &vec![10u8; 64 * 1024]);
         assert_eq!(evicted.files, 2);
-        assert!(matches!(tier.load(&BlockKey { segment, index: 0 }), Load::Miss));
-        assert!(matches!(tier.load(&BlockKey { segment, index: 1 }), Load::Miss));
-        assert!(matches!(tier.load(&BlockKey { segment, index: 2 }), Load::Hit(_)));
-        assert!(matches!(tier.load(&BlockKey { segment, index: 10 }), Load::Hit(_)));
+        assert!(matches!(limited.load(&BlockKey { segment: segments[0], index: 0 }), Load::Miss));
+        assert!(matches!(limited.load(&BlockKey { segment: segments[1], index: 0 }), Load::Miss));
+        assert!(matches!(limited.load(&BlockKey { segment: segments[2], index: 0 }), Load::Hit(_)));
+        assert_eq!(limited.usage().block_files, 9);
     }
 }

@@ -36,10 +36,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
 pub use config::{parse_size, CacheConfig};
-pub use disk::DiskUsage;
+pub use disk::{DiskUsage, SLOT_BYTES, SLOT_HEADER_BYTES};
 pub use stats::{CacheCounters, CacheStats, DiskTierStats, HostCacheStats, MemoryTierStats, StoreStats};
 
 use crate::error::{EngineError, Result};
@@ -64,6 +65,11 @@ const READAHEAD_INITIAL_BYTES: u64 = BLOCK_BYTES;
 /// The negative cache of segments without a whole local file is cleared at this size.
 const REMOTE_ONLY_MAX: usize = 100_000;
 
+/// Blocks waiting for the disk writer; a fetch that finds the queue full waits.
+const WRITE_BEHIND_BLOCKS: usize = 128;
+/// Nice value of the disk writer thread.
+const WRITER_NICE: libc::c_int = 10;
+
 /// Identifies block `index` of a segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct BlockKey {
@@ -71,16 +77,17 @@ pub(crate) struct BlockKey {
     pub index: u64,
 }
 
-/// Bytes of one block, immutable once made.
+/// Bytes of one block, immutable once made. Blocks fetched by one GET
+/// share its buffer, which lives until the last of them is dropped.
 pub(crate) struct Block {
-    data: Vec<u8>,
+    data: Bytes,
     /// Offsets of the records whose CRC was checked against these bytes.
     verified: Mutex<HashSet<u64>>,
 }
 
 impl Block {
-    pub fn new(data: Vec<u8>) -> Self {
-        Block { data, verified: Mutex::new(HashSet::new()) }
+    pub fn new(data: impl Into<Bytes>) -> Self {
+        Block { data: data.into(), verified: Mutex::new(HashSet::new()) }
     }
 
     pub fn len(&self) -> usize {
@@ -164,6 +171,18 @@ struct Core {
     remote_only: Mutex<HashSet<SegmentId>>,
     readahead: Readahead,
     counters: Counters,
+    write_behind: WriteBehind,
+}
+
+/// Blocks from the object store that one background thread writes to the
+/// disk tier, so that no reader waits for the disk.
+#[derive(Default)]
+struct WriteBehind {
+    /// Started by the first block to write.
+    sender: OnceLock<crossbeam::channel::Sender<(BlockKey, Arc<Block>)>>,
+    /// Blocks queued and not yet written.
+    pending: Mutex<usize>,
+    idle: Condvar,
 }
 
 /// A run of contiguous claimed blocks handed to a readahead thread.
@@ -181,7 +200,7 @@ pub(crate) struct SegmentCache {
 impl SegmentCache {
     /// Opens the cache under `cache_root` (`$CHALK_HOME/cache`).
     pub fn new(cache_root: &Path, objects: Arc<dyn ObjectStore>, config: CacheConfig) -> Result<Self> {
-        let disk = DiskTier::new(cache_root, config.disk_limit_bytes)?;
+        let disk = DiskTier::new(cache_root, config.disk_limit_bytes, config.disk_free_min_bytes)?;
         let core = Arc::new(Core {
             objects,
             memory: MemoryTier::new(config.memory_limit_bytes),
@@ -191,6 +210,7 @@ impl SegmentCache {
             remote_only: Mutex::new(HashSet::new()),
             readahead: Readahead::new(READAHEAD_INITIAL_BYTES, config.readahead_max_bytes, config.request_max_bytes),
             counters: Counters::default(),
+            write_behind: WriteBehind::default(),
             config,
         });
         let snapshot_core = Arc::clone(&core);
@@ -211,7 +231,7 @@ impl SegmentCache {
     }
 
     /// Copies `buf.len()` bytes of a sealed extent, starting at its
-    /// `data_offset`, after checking the CRC of the record that holds them.
+    /// `data_offset`, after checking the CRC of the record that contains them.
     pub fn read(&self, volume: &VolumeName, extent: &Extent, buf: &mut [u8]) -> Result<()> {
         if let Some(whole) = self.core.whole_segment(extent.segment)? {
             return whole.read_verified(extent.record_offset, extent.record_len, extent.data_offset, buf);
@@ -284,7 +304,7 @@ impl SegmentCache {
         std::fs::rename(from, &to).map_err(|e| EngineError::io("moving segment into the cache", &to, e))?;
         self.core.remote_only.lock().remove(&id);
         let len = std::fs::metadata(&to).map(|m| m.len()).unwrap_or(0);
-        self.core.note_disk_added(len);
+        self.core.note_disk_added(len, &to);
         Ok(())
     }
 
@@ -292,11 +312,44 @@ impl SegmentCache {
         self.core.whole.lock().remove(&id);
     }
 
-    /// The cache as this process sees it.
+    /// Waits until every block fetched so far is written to the disk tier.
+    pub fn flush(&self) {
+        self.core.flush_disk_writes();
+    }
+
+    /// Statistics of the cache in this process.
     pub fn stats(&self) -> CacheStats {
         let (memory_bytes, memory_blocks) = self.core.memory.usage();
         CacheStats { memory_bytes, memory_blocks, counters: self.core.counters.snapshot() }
     }
+}
+
+impl Drop for SegmentCache {
+    fn drop(&mut self) {
+        // Blocks still queued would be lost; the queue is short.
+        self.core.flush_disk_writes();
+    }
+}
+
+/// Starts the thread that writes queued blocks to the disk tier. It keeps
+/// only a weak reference to the cache, so that it ends with the cache.
+fn start_disk_writer(core: std::sync::Weak<Core>) -> crossbeam::channel::Sender<(BlockKey, Arc<Block>)> {
+    let (sender, receiver) = crossbeam::channel::bounded::<(BlockKey, Arc<Block>)>(WRITE_BEHIND_BLOCKS);
+    let spawned = std::thread::Builder::new().name("chalk-cache-writer".into()).spawn(move || {
+        // Readers come first when the CPU is busy; the queue bounds how far the writer lags.
+        // SAFETY: setpriority with PRIO_PROCESS and this thread's id changes only this thread.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, WRITER_NICE) };
+        for (key, block) in receiver {
+            let Some(core) = core.upgrade() else { return };
+            let evicted = core.disk.store(&key, &block.data);
+            core.forget_evicted(evicted);
+            core.finish_disk_write();
+        }
+    });
+    if let Err(err) = spawned {
+        tracing::warn!(error = %err, "failed to start the disk cache writer; blocks are cached in memory only");
+    }
+    sender
 }
 
 fn start_pool(core: &Arc<Core>) -> crossbeam::channel::Sender<Job> {
@@ -322,7 +375,7 @@ fn start_pool(core: &Arc<Core>) -> crossbeam::channel::Sender<Job> {
     sender
 }
 
-/// Where a fetch may find blocks.
+/// Tiers a fetch may take blocks from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Tiers {
     DiskAndStore,
@@ -486,7 +539,7 @@ impl Core {
     /// Fills the claimed blocks from the disk tier, then from the object
     /// store with one ranged GET per run of contiguous blocks. Every claimed
     /// block is completed; the first error is returned.
-    fn fetch(&self, volume: &VolumeName, claims: &mut Claims, tiers: Tiers) -> Result<()> {
+    fn fetch(self: &Arc<Self>, volume: &VolumeName, claims: &mut Claims, tiers: Tiers) -> Result<()> {
         let segment = claims.segment;
         let mut missing: Vec<(u64, Arc<Pending>)> = Vec::new();
         for (index, pending) in &claims.items {
@@ -526,12 +579,12 @@ impl Core {
     }
 
     /// Fetches contiguous blocks with one ranged GET and publishes them.
-    fn fetch_run(&self, volume: &VolumeName, segment: SegmentId, run: &[(u64, Arc<Pending>)]) -> Result<()> {
+    fn fetch_run(self: &Arc<Self>, volume: &VolumeName, segment: SegmentId, run: &[(u64, Arc<Pending>)]) -> Result<()> {
         let first = run[0].0;
         let offset = first * BLOCK_BYTES;
         let len = run.len() as u64 * BLOCK_BYTES;
         let bytes = match self.objects.get_range(&segment_key(volume, segment), offset, len) {
-            Ok(bytes) => bytes,
+            Ok(bytes) => Bytes::from(bytes),
             Err(err) => {
                 for (index, pending) in run {
                     self.fail(&BlockKey { segment, index: *index }, pending, err.to_string());
@@ -550,22 +603,40 @@ impl Core {
                 continue;
             }
             let to = (from + BLOCK_BYTES as usize).min(bytes.len());
-            self.publish(&key, pending, bytes[from..to].to_vec(), true);
+            self.publish(&key, pending, bytes.slice(from..to), true);
         }
         Ok(())
     }
 
     /// Puts a fetched block in memory, wakes its waiters and, for a block
-    /// from the object store, writes it to the disk tier.
-    fn publish(&self, key: &BlockKey, pending: &Pending, data: Vec<u8>, from_store: bool) {
+    /// from the object store, queues it for the disk tier.
+    fn publish(self: &Arc<Self>, key: &BlockKey, pending: &Pending, data: Bytes, from_store: bool) {
         let block = Arc::new(Block::new(data));
         let evicted = self.memory.insert(*key, block.clone());
         Counters::add(&self.counters.memory_evictions, evicted as u64);
         pending.complete(Ok(block.clone()));
         self.inflight.lock().remove(key);
-        if from_store {
-            let evicted = self.disk.store(key, &block.data);
-            self.forget_evicted(evicted);
+        if from_store && self.config.disk_limit_bytes > 0 {
+            let sender = self.write_behind.sender.get_or_init(|| start_disk_writer(Arc::downgrade(self)));
+            *self.write_behind.pending.lock() += 1;
+            if sender.send((*key, block)).is_err() {
+                self.finish_disk_write();
+            }
+        }
+    }
+
+    fn finish_disk_write(&self) {
+        let mut pending = self.write_behind.pending.lock();
+        *pending = pending.saturating_sub(1);
+        if *pending == 0 {
+            self.write_behind.idle.notify_all();
+        }
+    }
+
+    fn flush_disk_writes(&self) {
+        let mut pending = self.write_behind.pending.lock();
+        while *pending > 0 {
+            self.write_behind.idle.wait(&mut pending);
         }
     }
 
@@ -574,8 +645,8 @@ impl Core {
         self.inflight.lock().remove(key);
     }
 
-    fn note_disk_added(&self, bytes: u64) {
-        let evicted = self.disk.note_added(bytes);
+    fn note_disk_added(&self, bytes: u64, written: &Path) {
+        let evicted = self.disk.note_added(bytes, written);
         self.forget_evicted(evicted);
     }
 
@@ -634,7 +705,7 @@ impl Span<'_> {
         Ok(())
     }
 
-    /// The part of block `index` that falls in the segment range `[start, end)`.
+    /// Returns the part of block `index` that falls in the segment range `[start, end)`.
     fn slice<'b>(&self, block: &'b Block, index: u64, start: u64, end: u64) -> &'b [u8] {
         let block_start = index * BLOCK_BYTES;
         let from = start.saturating_sub(block_start).min(block.len() as u64) as usize;
@@ -658,12 +729,12 @@ impl Span<'_> {
 /// Reads the host-wide statistics of the cache under `cache_root`, without
 /// opening any object store.
 pub fn host_stats(cache_root: &Path, config: &CacheConfig) -> Result<HostCacheStats> {
-    let disk = DiskTier::new(cache_root, config.disk_limit_bytes)?;
+    let disk = DiskTier::new(cache_root, config.disk_limit_bytes, config.disk_free_min_bytes)?;
     stats::host_stats(cache_root, disk.usage(), config.disk_limit_bytes, config.memory_limit_bytes)
 }
 
 impl Store {
-    /// The read cache as this process sees it.
+    /// Statistics of the read cache in this process.
     pub fn cache_stats(&self) -> CacheStats {
         self.segments.stats()
     }
@@ -671,5 +742,10 @@ impl Store {
     /// Sizes and tuning of this store's read cache.
     pub fn cache_config(&self) -> &CacheConfig {
         self.segments.config()
+    }
+
+    /// Waits until every block this process fetched is written to the disk cache.
+    pub fn flush_cache(&self) {
+        self.segments.flush();
     }
 }

@@ -17,7 +17,7 @@ const STREAMS_MAX: usize = 4096;
 /// Readahead state of one file in one session.
 #[derive(Clone, Copy, Debug, Default)]
 struct Stream {
-    /// Where the next sequential read is expected to start.
+    /// Offset where the next sequential read is expected to start.
     next: u64,
     /// Current window in bytes; 0 means no readahead.
     window: u64,

@@ -105,7 +105,7 @@ impl Counters {
     }
 }
 
-/// The cache as one process sees it.
+/// Statistics of the cache in one process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheStats {
     pub memory_bytes: u64,
@@ -119,7 +119,7 @@ pub struct CacheStats {
 struct ProcessFile {
     pid: u32,
     /// Start time of the process in clock ticks since boot (field 22 of
-    /// `/proc/<pid>/stat`), which tells a live process from a reused pid.
+    /// `/proc/<pid>/stat`), which distinguishes a live process from a reused pid.
     start_ticks: u64,
     memory_bytes: u64,
     memory_limit_bytes: u64,
@@ -149,9 +149,11 @@ pub struct MemoryTierStats {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DiskTierStats {
+    /// Space the tier's files take on disk.
     pub bytes: u64,
     pub limit_bytes: u64,
-    pub blocks: u64,
+    /// Files of cached blocks, one per segment.
+    pub block_files: u64,
     pub whole_segments: u64,
     pub hits: u64,
     pub misses: u64,
@@ -246,7 +248,7 @@ pub fn host_stats(cache_root: &Path, disk: DiskUsage, disk_limit_bytes: u64, mem
         disk: DiskTierStats {
             bytes: disk.bytes,
             limit_bytes: disk_limit_bytes,
-            blocks: disk.blocks,
+            block_files: disk.block_files,
             whole_segments: disk.segments,
             hits: counters.disk_hits,
             misses: counters.disk_misses,

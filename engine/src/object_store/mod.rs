@@ -72,9 +72,9 @@ pub trait ObjectStore: Send + Sync {
     /// Deletes one object; deleting a missing object succeeds.
     fn delete(&self, key: &str) -> Result<()>;
 
-    /// Returns how `put_if_absent` is enforced. A store that cannot know
-    /// without asking the server probes it once and records the answer in
-    /// the store; see [`S3Store`].
+    /// Returns how `put_if_absent` is enforced. A store that depends on the
+    /// server for this probes it once and records the result in the store
+    /// (see [`S3Store`]).
     fn conditional_writes(&self) -> Result<ConditionalWrites> {
         Ok(ConditionalWrites::Honoured)
     }

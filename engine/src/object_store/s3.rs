@@ -12,9 +12,9 @@
 //!   multipart upload), so the server rejects bytes damaged on the way.
 //! - Every object also carries the CRC32 of its whole contents in the user
 //!   metadata `chalk-crc32`. A whole-object download (`get`, `get_to_file`)
-//!   checks it before returning anything; a mismatch is retried like a
-//!   network error and, once the attempts are used up, reported as
-//!   [`EngineError::CorruptObject`].
+//!   checks it before returning anything. A mismatch is retried like a
+//!   network error, and reported as [`EngineError::CorruptObject`] once the
+//!   attempts are used up.
 //! - Ranged reads return unchecked bytes: the engine checks the CRC of each
 //!   segment record it reads.
 //!
@@ -27,9 +27,9 @@
 //! Conditional writes: `put_if_absent` sends `If-None-Match: *`. Some
 //! S3-compatible stores accept that header and ignore it (Garage 2.5 does).
 //! Before its first `put_if_absent`, the store reads the probe record
-//! [`PROBE_RECORD_KEY`]; when it is missing, it probes (creates one new key
-//! twice with `If-None-Match: *`; the second create must fail) and records
-//! the answer, so clients that only read never write. On a store that ignores
+//! [`PROBE_RECORD_KEY`]. When the record is missing, the store probes: it
+//! creates one new key twice with `If-None-Match: *`, and the second create
+//! must fail. It then records the result, so clients that only read never write. On a store that ignores
 //! conditional writes, `put_if_absent` checks for the key and then writes it,
 //! which is safe only while one host at a time publishes to a lineage
 //! (single-writer mode).
@@ -63,7 +63,7 @@ use super::{validate_key, ConditionalWrites, ListPage, ObjectMeta, ObjectStore};
 use crate::cache::parse_size;
 use crate::error::{EngineError, Result};
 
-/// Key, under the store's prefix, of the recorded answer of the conditional-write probe.
+/// Key, under the store's prefix, of the recorded result of the conditional-write probe.
 pub const PROBE_RECORD_KEY: &str = "store/conditional-writes";
 
 /// Prefix of the keys that the probe creates and deletes again.
@@ -217,11 +217,11 @@ enum Conditional {
     Created,
     /// The key exists: another writer created it first.
     Exists,
-    /// The store answered 501 Not Implemented to the header.
+    /// The store rejected the header with 501 Not Implemented.
     Unsupported,
 }
 
-/// Why one attempt failed, and whether another attempt may succeed.
+/// Cause of one failed attempt, and whether another attempt may succeed.
 #[derive(Debug)]
 struct Failure {
     kind: FailureKind,
@@ -275,7 +275,7 @@ impl Failure {
     }
 }
 
-/// One line about an SDK error: the HTTP status, the S3 error code and the cause chain.
+/// Describes an SDK error in one line: the HTTP status, the S3 error code and the cause chain.
 fn describe<E, R>(error: &SdkError<E, R>, status: Option<u16>) -> String
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
@@ -321,7 +321,7 @@ pub struct S3Store {
     /// so `Drop` shuts it down in the background instead.
     runtime: Option<tokio::runtime::Runtime>,
     inner: Arc<Inner>,
-    /// The probe's answer once it is known to this process.
+    /// The probe's result, once this process has it.
     conditional_writes: Mutex<Option<ConditionalWrites>>,
 }
 
@@ -345,12 +345,14 @@ impl S3Store {
 
     fn open_inner(url: &str, settings: S3Settings, endpoint: Option<&S3Endpoint>) -> Result<Self> {
         let location = S3Location::parse(url)?;
+
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("chalk-s3")
             .enable_all()
             .build()
             .map_err(|e| EngineError::ObjectStore { url: url.to_owned(), detail: format!("failed to start the S3 runtime: {e}") })?;
+
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(settings.connect_timeout)
             .read_timeout(settings.read_timeout)
@@ -371,6 +373,7 @@ impl S3Store {
                 .region(Region::new(endpoint.region.clone()))
                 .credentials_provider(key);
         }
+
         let sdk_config = block_on_runtime(&runtime, loader.load());
         if sdk_config.region().is_none() {
             return Err(EngineError::InvalidArgument(format!(
@@ -384,6 +387,7 @@ impl S3Store {
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .build();
+
         let inner = Inner {
             client: Client::from_conf(config),
             url: format!("s3://{}/{}", location.bucket, location.prefix),
@@ -424,7 +428,7 @@ impl S3Store {
     }
 
     /// Finds out whether the store honours `If-None-Match: *`, from the probe
-    /// record or, when there is none yet, by probing and recording the answer.
+    /// record or, when there is none yet, by probing and recording the result.
     fn probe(&self) -> Result<ConditionalWrites> {
         if let Some(bytes) = self.get(PROBE_RECORD_KEY)? {
             let record: ProbeRecord = serde_json::from_slice(&bytes).map_err(|e| EngineError::CorruptObject {
@@ -602,7 +606,7 @@ impl Inner {
             .await?;
         match created {
             Some(outcome) => Ok(outcome),
-            // The object is this writer's if it holds exactly these bytes.
+            // The object is this writer's if it contains exactly these bytes.
             None => match self.get_whole(key).await? {
                 Some(stored) if stored == body => Ok(Conditional::Created),
                 _ => Ok(Conditional::Exists),
@@ -678,19 +682,24 @@ impl Inner {
                     Some(total) => total.saturating_sub(offset).min(len),
                     None => output.content_length().map_or(len, |n| n.max(0) as u64),
                 };
-                let body = output
-                    .body
-                    .collect()
-                    .await
-                    .map_err(|e| Failure::transient(format!("response body failed: {}", DisplayErrorContext(&e))))?
-                    .into_bytes();
+                // One copy, from the response buffers into the result.
+                let mut body = Vec::with_capacity(expected_len as usize);
+                let mut stream = output.body;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk
+                        .map_err(|e| Failure::transient(format!("response body failed: {}", DisplayErrorContext(&e))))?;
+                    if (body.len() + chunk.len()) as u64 > expected_len {
+                        return Err(Failure::transient(format!("response body is longer than the {expected_len} bytes expected")));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
                 if body.len() as u64 != expected_len {
                     return Err(Failure::transient(format!(
                         "response body has {} bytes, expected {expected_len}",
                         body.len()
                     )));
                 }
-                Ok(body.to_vec())
+                Ok(body)
             }
         })
         .await
@@ -910,11 +919,11 @@ impl Inner {
             })
             .await;
         if let Err(err) = result {
-            // An attempt whose answer was lost, or came back unreadable (moto
-            // 5.2 names the root element of its answer wrongly), may still
+            // An attempt whose response was lost, or came back unreadable (moto
+            // 5.2 names the root element of its response wrongly), may still
             // have completed the upload.
             if self.holds_object(key, len, crc).await {
-                tracing::debug!(key, error = %err, "multipart upload completed although its answer was not");
+                tracing::debug!(key, error = %err, "multipart upload completed although its response was lost or invalid");
                 return Ok(());
             }
             self.abort_multipart(&full_key, &upload_id).await;
@@ -923,7 +932,7 @@ impl Inner {
         Ok(())
     }
 
-    /// Returns whether `key` holds an object of `len` bytes whose recorded CRC32 is `crc`.
+    /// Returns whether `key` contains an object of `len` bytes whose recorded CRC32 is `crc`.
     async fn holds_object(&self, key: &str, len: u64, crc: u32) -> bool {
         let full_key = self.full_key(key);
         let found = self

@@ -141,9 +141,18 @@ impl Session {
         }
         let want = (len as u64).min(size - offset);
         let pieces = extents.pieces(offset, want);
+        // A sequential reader gets the sealed extents ahead of this read prefetched.
+        let mut ahead: Vec<Extent> = Vec::new();
+        if let Some((from, len)) = self.store.segments.readahead(self.id, ino, offset, want, size) {
+            ahead.extend(extents.pieces(from, len).into_iter().filter_map(|piece| piece.extent));
+        }
         let mut out = vec![0u8; want as usize];
         let mut sealed = Vec::new();
         let open = state.log.as_mut().and_then(|log| log.current.as_ref().map(|s| s.id));
+        ahead.retain(|extent| Some(extent.segment) != open);
+        if !ahead.is_empty() {
+            self.store.segments.prefetch(&self.volume, &ahead);
+        }
         for piece in pieces {
             let at = (piece.file_offset - offset) as usize;
             match piece.extent {
