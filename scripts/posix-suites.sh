@@ -21,7 +21,7 @@
 # suite failed or could not run.
 #
 # Environment:
-#   CHALK_BIN         chalk binary (default target/release/chalk)
+#   CHALK_BIN         chalk binary (default $CARGO_TARGET_DIR/release/chalk, else target/release/chalk)
 #   CHALK_TOOL_CACHE  where the suites are installed
 #   FSX_OPS           fsx operations per run (default 20000)
 #   FSX_RUNS          fsx runs, each with its own seed on a new mount (default 1;
@@ -43,7 +43,7 @@ set -euo pipefail
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CONFIG_DIR="$REPO_ROOT/scripts/posix"
 
-CHALK_BIN=${CHALK_BIN:-$REPO_ROOT/target/release/chalk}
+CHALK_BIN=${CHALK_BIN:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/chalk}
 CHALK_TOOL_CACHE=${CHALK_TOOL_CACHE:-$HOME/.cache/chalk-tools}
 FSX_OPS=${FSX_OPS:-20000}
 FSX_RUNS=${FSX_RUNS:-1}
