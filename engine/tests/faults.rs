@@ -555,7 +555,7 @@ fn syncs_publish_whole_under_network_faults() {
 fn corrupt_payloads_never_reach_readers() {
     let home = temp_dir("chalk-faults-home-");
     let objects = temp_dir("chalk-faults-objects-");
-    let (clean, _) = clean_store(objects.path());
+    let (clean, _clean_home) = clean_store(objects.path());
     let volume = VolumeName::new("v").unwrap();
     clean.create_volume(&volume).unwrap();
     let mut rng = StdRng::seed_from_u64(7);

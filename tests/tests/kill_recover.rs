@@ -6,10 +6,10 @@
 //!
 //! - the versions are exactly the earlier ones plus one per sync the child
 //!   completed, in order, with none missing and none from a half-done sync;
-//! - every new version contains byte for byte the files of its sync, read
-//!   through a store on another local root that only ever fetched from the
-//!   object store (as after the loss of the local disk), so nothing written
-//!   after the last sync is visible;
+//! - every new version contains byte for byte the files of its sync, so
+//!   nothing written after the last sync is visible. It is read through a
+//!   store on another local root that only ever fetched from the object
+//!   store, as after the loss of the local disk;
 //! - a sample of older versions still reads back unchanged through the
 //!   child's local root, and all versions of a volume after its 50th kill,
 //!   before the test moves to the next volume, and at the end;
@@ -355,7 +355,7 @@ impl Harness {
         // Reopening the store discards the dead session.
         // A child killed before it created its lock file leaves an empty
         // directory, which the engine keeps for a minute in case its session
-        // is still starting; any other directory must be gone.
+        // is still starting. Every other session directory must be gone.
         let store = self.open_store(self.home.path());
         for session in fs::read_dir(self.home.path().join("sessions")).unwrap() {
             let dir = session.unwrap().path();
