@@ -22,7 +22,7 @@ pub mod tree;
 pub use error::{EngineError, Result};
 pub use ids::{Ino, LineageName, SegmentId, SessionId, VersionId, VolumeName};
 pub use io::IoMode;
-pub use session::{normalize_path, Access, OnConflict, PathEntry, Session, SessionBase, SyncOptions, SyncOutcome};
+pub use session::{normalize_path, Access, Invalidation, OnConflict, PathEntry, Session, SessionBase, SyncOptions, SyncOutcome};
 pub use diff::{Change, ChangeKind};
 pub use lineage::LineageSummary;
 pub use store::{EntryKind, Store, StoreConfig, VersionInfo, VolumeSummary};

@@ -7,12 +7,16 @@
 //! `volumes/<volume>/tags/<tag>` created with create-if-absent, so a tag
 //! always names the version it was first given.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 use crate::format::checkpoint::{frame, unframe, ObjectType};
 use crate::ids::{LineageName, VersionId, VolumeName};
 use crate::object_store::list_all;
+use crate::session::{Access, OnConflict, SessionBase, SyncOptions, SyncOutcome};
 use crate::store::{entry_seq, lineage_prefix, now_ns, version_key, EntryKind, Store, VersionInfo};
 
 /// A lineage as `chalk volume lineages` shows it.
@@ -178,9 +182,14 @@ impl Store {
 }
 
 impl Store {
-    /// Makes `version` the head of `onto` when that is a fast-forward: the
-    /// lineage's head is `version` or one of its ancestors.
-    pub fn promote(&self, volume: &VolumeName, version: VersionId, onto: &LineageName) -> Result<VersionInfo> {
+    /// Publishes the content of `version` onto lineage `onto`. When the
+    /// lineage's head is `version` or one of its ancestors, `version` itself
+    /// becomes the head (a fast-forward). Otherwise the changes from the
+    /// newest common ancestor to `version` are applied to the head as a new
+    /// version, by the rules of a sync onto a moved head. Paths changed on
+    /// both sides are a conflict: the result is an [`EngineError::Conflict`]
+    /// that lists them, and nothing is published.
+    pub fn promote(self: &Arc<Self>, volume: &VolumeName, version: VersionId, onto: &LineageName) -> Result<VersionInfo> {
         let source = self.resolve_version(volume, &version.to_string())?;
         let (seq, head) = self.head_entry(volume, onto)?;
         if head.id == source.id {
@@ -196,14 +205,7 @@ impl Store {
             cursor = self.resolve_version(volume, &id.to_string())?.parent;
         }
         if !fast_forward {
-            // NOTE: promoting onto a lineage that moved since the fork needs a
-            // three-way merge of checkpoints, which is not built; only
-            // fast-forwards are supported.
-            return Err(EngineError::Unsupported(format!(
-                "promoting {} onto {onto} of volume {volume} is not a fast-forward: {onto} moved to {} since; \
-                 mount {onto} and copy the files over instead",
-                source.id, head.id
-            )));
+            return self.promote_by_rebase(volume, &source, onto);
         }
         if !self.publish_entry(volume, onto, seq + 1, &source, EntryKind::Promote)? {
             return Err(EngineError::HeadMoved {
@@ -215,5 +217,48 @@ impl Store {
         }
         tracing::info!(volume = %volume, lineage = %onto, version = %source.id, "promoted version");
         Ok(source)
+    }
+
+    /// Promotes `source` onto a lineage that is not its ancestor line.
+    fn promote_by_rebase(self: &Arc<Self>, volume: &VolumeName, source: &VersionInfo, onto: &LineageName) -> Result<VersionInfo> {
+        let (base_seq, base) = self.common_ancestor(volume, source, onto)?;
+        let session = self.open_session(volume, SessionBase::Version(base.id), Access::Writable)?;
+        let source_root = self.load_checkpoint(volume, source.id)?;
+        session.stage_version(&source_root, onto.clone(), base_seq)?;
+        let options = SyncOptions {
+            message: Some(format!("promote {} onto {onto}", source.id)),
+            on_conflict: OnConflict::Error,
+        };
+        let published = match session.sync_with(&options)? {
+            SyncOutcome::Published(info) => info,
+            // The head already contains every change of `source`.
+            SyncOutcome::NothingToPublish { .. } => return self.head(volume, onto),
+        };
+        tracing::info!(volume = %volume, lineage = %onto, source = %source.id, version = %published.id, "promoted version by rebase");
+        Ok(published)
+    }
+
+    /// The newest version of `version`'s ancestry that is an entry of
+    /// `lineage`, with its sequence number there.
+    fn common_ancestor(&self, volume: &VolumeName, version: &VersionInfo, lineage: &LineageName) -> Result<(u64, VersionInfo)> {
+        let mut entries: HashMap<VersionId, u64> = HashMap::new();
+        for object in list_all(self.objects().as_ref(), &lineage_prefix(volume, lineage))? {
+            let seq = entry_seq(&object.key)?;
+            entries.insert(self.version_at_key(&object.key)?.id, seq);
+        }
+        let mut cursor = Some(version.clone());
+        while let Some(candidate) = cursor {
+            if let Some(seq) = entries.get(&candidate.id) {
+                return Ok((*seq, candidate));
+            }
+            cursor = match candidate.parent {
+                Some(parent) => Some(self.resolve_version(volume, &parent.to_string())?),
+                None => None,
+            };
+        }
+        Err(EngineError::InvalidArgument(format!(
+            "version {} of volume {volume} shares no history with lineage {lineage}, so it cannot be promoted there",
+            version.id
+        )))
     }
 }

@@ -187,7 +187,7 @@ fn copy_shares_extents_and_restores_old_files() {
 }
 
 #[test]
-fn promote_fast_forwards_only() {
+fn promote_fast_forwards_unmoved_target() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let (store, volume) = setup(dir.path());
     let base = store.head(&volume, &LineageName::main()).unwrap();
@@ -202,7 +202,73 @@ fn promote_fast_forwards_only() {
     let stale = store.open_session(&volume, SessionBase::Lineage(lineage("stale")), Access::Writable).unwrap();
     put(&stale, "late.txt", b"l");
     let late = published(stale.sync(None).unwrap());
-    assert!(matches!(store.promote(&volume, late.id, &LineageName::main()), Err(EngineError::Unsupported(_))));
+    // main moved to `winner` since `stale` forked, so this is a rebase.
+    let merged = store.promote(&volume, late.id, &LineageName::main()).unwrap();
+    assert_eq!(merged.parent, Some(winner.id));
+    let main = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::ReadOnly).unwrap();
+    assert_eq!(read(&main, "winner.txt"), b"w");
+    assert_eq!(read(&main, "late.txt"), b"l");
+}
+
+#[test]
+fn promote_diverged_lineage_rebases() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let main_lineage = SessionBase::Lineage(LineageName::main());
+    let seed = store.open_session(&volume, main_lineage.clone(), Access::Writable).unwrap();
+    put(&seed, "shared/keep.txt", b"keep");
+    put(&seed, "shared/drop.txt", b"drop");
+    put(&seed, "edit.txt", b"old");
+    let base = published(seed.sync(None).unwrap());
+    drop(seed);
+
+    store.fork(&volume, base.id, Some(lineage("exp"))).unwrap();
+    let exp = store.open_session(&volume, SessionBase::Lineage(lineage("exp")), Access::Writable).unwrap();
+    put(&exp, "edit.txt", b"new from exp");
+    put(&exp, "shared/added.txt", b"added");
+    exp.remove_path("shared/drop.txt", false).unwrap();
+    let exp_head = published(exp.sync(None).unwrap());
+
+    let main = store.open_session(&volume, main_lineage.clone(), Access::Writable).unwrap();
+    put(&main, "shared/main-only.txt", b"main");
+    let main_head = published(main.sync(None).unwrap());
+
+    let merged = store.promote(&volume, exp_head.id, &LineageName::main()).unwrap();
+    assert_eq!(merged.parent, Some(main_head.id));
+    assert_eq!(store.head(&volume, &LineageName::main()).unwrap().id, merged.id);
+    let view = store.open_session(&volume, main_lineage.clone(), Access::ReadOnly).unwrap();
+    assert_eq!(read(&view, "edit.txt"), b"new from exp");
+    assert_eq!(read(&view, "shared/added.txt"), b"added");
+    assert_eq!(read(&view, "shared/main-only.txt"), b"main");
+    assert_eq!(read(&view, "shared/keep.txt"), b"keep");
+    assert!(view.resolve_path("shared/drop.txt").is_err());
+    // The source lineage is left as it was.
+    assert_eq!(store.head(&volume, &lineage("exp")).unwrap().id, exp_head.id);
+}
+
+#[test]
+fn promote_overlap_conflicts() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let main_lineage = SessionBase::Lineage(LineageName::main());
+    let seed = store.open_session(&volume, main_lineage.clone(), Access::Writable).unwrap();
+    put(&seed, "model.bin", b"v1");
+    let base = published(seed.sync(None).unwrap());
+    drop(seed);
+
+    store.fork(&volume, base.id, Some(lineage("exp"))).unwrap();
+    let exp = store.open_session(&volume, SessionBase::Lineage(lineage("exp")), Access::Writable).unwrap();
+    put(&exp, "model.bin", b"exp");
+    let exp_head = published(exp.sync(None).unwrap());
+    let main = store.open_session(&volume, main_lineage, Access::Writable).unwrap();
+    put(&main, "model.bin", b"main");
+    let main_head = published(main.sync(None).unwrap());
+
+    match store.promote(&volume, exp_head.id, &LineageName::main()) {
+        Err(EngineError::Conflict { paths, .. }) => assert_eq!(paths, vec!["model.bin".to_owned()]),
+        other => panic!("expected a conflict on model.bin, got {other:?}"),
+    }
+    assert_eq!(store.head(&volume, &LineageName::main()).unwrap().id, main_head.id);
 }
 
 #[test]
@@ -215,4 +281,37 @@ fn tag_cannot_shadow_a_version_id() {
     // A tag that looks like an id prefix resolves as the prefix, never as the tag.
     store.tag(&volume, first.id, &id[..6]).unwrap();
     assert_eq!(store.resolve_version(&volume, &id[..6]).unwrap().id, first.id);
+}
+
+#[test]
+fn follow_head_keeps_open_removed_files() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let main_lineage = SessionBase::Lineage(LineageName::main());
+    let writer = store.open_session(&volume, main_lineage.clone(), Access::Writable).unwrap();
+    put(&writer, "keep.txt", b"keep");
+    put(&writer, "gone.txt", b"gone");
+    published(writer.sync(None).unwrap());
+
+    let follower = store.open_session(&volume, main_lineage, Access::ReadOnly).unwrap();
+    assert_eq!(follower.follow_head().unwrap(), None);
+    let gone = follower.resolve_path("gone.txt").unwrap().ino;
+    follower.open(gone).unwrap();
+
+    put(&writer, "keep.txt", b"changed");
+    let first = published(writer.sync(None).unwrap());
+    assert_eq!(follower.follow_head().unwrap().map(|v| v.id), Some(first.id));
+    writer.remove_path("gone.txt", false).unwrap();
+    put(&writer, "added.txt", b"added");
+    let second = published(writer.sync(None).unwrap());
+    assert_eq!(follower.follow_head().unwrap().map(|v| v.id), Some(second.id));
+
+    assert_eq!(read(&follower, "keep.txt"), b"changed");
+    assert_eq!(read(&follower, "added.txt"), b"added");
+    assert!(follower.resolve_path("gone.txt").is_err());
+    assert_eq!(follower.getattr(gone).unwrap().size, 4);
+    assert_eq!(follower.read(gone, 0, 16).unwrap(), b"gone");
+    let invalidations = follower.take_invalidations();
+    assert!(invalidations.contains(&chalk_engine::Invalidation::Inode(gone)), "{invalidations:?}");
+    assert!(follower.take_invalidations().is_empty());
 }

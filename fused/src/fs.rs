@@ -107,7 +107,8 @@ impl ChalkFs {
     }
 
     /// Page-cache flags for a newly opened file. Read-only sessions keep the
-    /// cache across opens because the contents cannot change. Writable
+    /// cache across opens because the contents change only when a `--follow`
+    /// mount moves to a new head, which invalidates what changed. Writable
     /// sessions drop cached pages on open and never use direct I/O, so every
     /// process of the mount shares one page cache and shared `mmap` works.
     fn file_open_flags(&self) -> FopenFlags {

@@ -18,4 +18,4 @@ mod errno;
 mod fs;
 mod mount;
 
-pub use mount::{mount, MountHandle, MountOptions};
+pub use mount::{mount, Invalidator, MountHandle, MountOptions};

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use chalk_engine::Session;
-use fuser::{Config, MountOption, SessionACL, SessionUnmounter};
+use chalk_engine::{Invalidation, Session};
+use fuser::{Config, INodeNo, MountOption, SessionACL, SessionUnmounter};
 use parking_lot::{Condvar, Mutex};
 
 use crate::fs::ChalkFs;
@@ -48,8 +48,41 @@ impl ServeState {
     }
 }
 
+/// Drops the kernel's cached names, attributes and data of a mount that its
+/// session's rebase or head move made stale. Cheap to clone; safe to use
+/// from any thread except those serving FUSE requests.
+#[derive(Clone)]
+pub struct Invalidator {
+    notifier: fuser::Notifier,
+    session: Arc<Session>,
+}
+
+impl Invalidator {
+    /// Applies every invalidation the session queued since the last call and
+    /// returns how many the kernel took. Entries the kernel never cached are
+    /// not an error.
+    pub fn apply(&self) -> usize {
+        let mut applied = 0;
+        for item in self.session.take_invalidations() {
+            let result = match &item {
+                Invalidation::Inode(ino) => self.notifier.inval_inode(INodeNo(ino.0), 0, 0),
+                Invalidation::Entry { parent, name } => {
+                    self.notifier.inval_entry(INodeNo(parent.0), std::ffi::OsStr::from_bytes(name))
+                }
+            };
+            match result {
+                Ok(()) => applied += 1,
+                Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(error) => tracing::debug!(?item, %error, "kernel cache invalidation failed"),
+            }
+        }
+        applied
+    }
+}
+
 /// A live mount. Dropping the handle unmounts, like [`MountHandle::unmount`].
 pub struct MountHandle {
+    invalidator: Invalidator,
     mount_point: PathBuf,
     /// Device number of the mounted file system (`st_dev` of its root).
     mounted_dev: u64,
@@ -96,6 +129,7 @@ pub fn mount(session: Arc<Session>, dir: &Path, options: &MountOptions) -> io::R
     let mut fuse_session =
         fuser::Session::new(filesystem, dir, &config).map_err(|e| context(e, "mounting FUSE at", dir))?;
     let unmounter = fuse_session.unmount_callable();
+    let invalidator = Invalidator { notifier: fuse_session.notifier(), session: Arc::clone(&session) };
 
     let state = Arc::new(ServeState { outcome: Mutex::new(None), ended: Condvar::new() });
     let thread_state = Arc::clone(&state);
@@ -111,6 +145,7 @@ pub fn mount(session: Arc<Session>, dir: &Path, options: &MountOptions) -> io::R
         .map_err(|e| context(e, "starting the FUSE thread for", dir))?;
 
     let mut handle = MountHandle {
+        invalidator,
         mount_point: dir.to_path_buf(),
         mounted_dev: before.dev(),
         unmounter: Some(unmounter),
@@ -143,6 +178,11 @@ impl MountHandle {
     /// Directory the volume is mounted on.
     pub fn mount_point(&self) -> &Path {
         &self.mount_point
+    }
+
+    /// Returns the mount's [`Invalidator`], to call after a sync or a head move.
+    pub fn invalidator(&self) -> Invalidator {
+        self.invalidator.clone()
     }
 
     /// Unmounts and waits for the serving threads to end.

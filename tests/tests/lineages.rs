@@ -146,3 +146,111 @@ fn lineage_mount_follows_its_head() {
     let tagged = home.json(&["volume", "ls", "my-data", "--version", "winner", "--json"]);
     assert_eq!(tagged.as_array().unwrap().len(), 1);
 }
+
+/// Mounts with extra environment for the mount process.
+fn mount_with_env(home: &Home, name: &str, args: &[&str], env: &[(&str, &str)]) -> MountGuard {
+    let dir = home.0.path().join(name);
+    fs::create_dir_all(&dir).unwrap();
+    let mut command = Command::new(chalk_binary());
+    command.env("CHALK_HOME", home.0.path()).env_remove("CHALK_STORE");
+    command.args(["volume", "mount", "my-data", dir.to_str().unwrap()]).args(args).arg("--daemon");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "mount {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    MountGuard(dir)
+}
+
+fn put_text(home: &Home, path: &str, text: &str) {
+    let local = home.0.path().join("upload.tmp");
+    fs::write(&local, text).unwrap();
+    home.ok(&["volume", "put", "my-data", local.to_str().unwrap(), path]);
+}
+
+/// Polls `check` for up to ten seconds.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn follow_mount_shows_new_heads() {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let home = Home::new();
+    home.ok(&["volume", "create", "my-data"]);
+    put_text(&home, "keep.txt", "keep");
+    put_text(&home, "dir/edit.txt", "old");
+    put_text(&home, "gone.txt", "bytes of a removed file");
+    let follow = mount_with_env(&home, "follow", &["--follow"], &[("CHALK_FOLLOW_INTERVAL_MS", "100")]);
+
+    // Read-only mounts cache names, attributes and pages for an hour, so
+    // only an invalidation makes the new head's changes show.
+    assert_eq!(fs::read(follow.0.join("dir/edit.txt")).unwrap(), b"old");
+    assert!(!follow.0.join("dir/added.txt").exists());
+    let mut open_gone = fs::File::open(follow.0.join("gone.txt")).unwrap();
+    let err = fs::write(follow.0.join("new.txt"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+
+    // A lister that must never see the tree without keep.txt.
+    let stop = Arc::new(AtomicBool::new(false));
+    let lister = {
+        let (stop, root) = (Arc::clone(&stop), follow.0.clone());
+        std::thread::spawn(move || {
+            let mut listings = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let names: Vec<_> = fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name()).collect();
+                assert!(names.iter().any(|n| n == "keep.txt"), "listing without keep.txt: {names:?}");
+                listings += 1;
+            }
+            listings
+        })
+    };
+
+    put_text(&home, "dir/edit.txt", "new and longer");
+    put_text(&home, "dir/added.txt", "added");
+    home.ok(&["volume", "rm", "my-data", "gone.txt"]);
+    eventually("the follow mount shows the latest head", || {
+        fs::read(follow.0.join("dir/edit.txt")).unwrap() == b"new and longer"
+            && follow.0.join("dir/added.txt").exists()
+            && !follow.0.join("gone.txt").exists()
+    });
+    stop.store(true, Ordering::SeqCst);
+    assert!(lister.join().unwrap() > 0);
+
+    // A file opened before it was removed keeps reading its bytes.
+    let mut bytes = Vec::new();
+    open_gone.read_to_end(&mut bytes).unwrap();
+    assert_eq!(bytes, b"bytes of a removed file");
+}
+
+#[test]
+fn rebase_shows_other_writers_changes() {
+    let home = Home::new();
+    home.ok(&["volume", "create", "my-data"]);
+    put_text(&home, "shared.txt", "v1");
+    let a = mount(&home, "a", &[]);
+    let b = mount(&home, "b", &[]);
+
+    fs::write(a.0.join("shared.txt"), b"version two from a").unwrap();
+    fs::write(a.0.join("from-a.txt"), b"a").unwrap();
+    home.ok(&["volume", "sync", a.0.to_str().unwrap()]);
+
+    // B still builds on the old version: the kernel caches shared.txt's old
+    // attributes and a negative entry for from-a.txt, for one second.
+    assert_eq!(fs::read(b.0.join("shared.txt")).unwrap(), b"v1");
+    assert!(!b.0.join("from-a.txt").exists());
+    fs::write(b.0.join("from-b.txt"), b"b").unwrap();
+    home.ok(&["volume", "sync", b.0.to_str().unwrap()]);
+
+    // The rebase brought A's changes in, and B shows them at once.
+    assert_eq!(fs::read(b.0.join("shared.txt")).unwrap(), b"version two from a");
+    assert!(b.0.join("from-a.txt").exists());
+    assert_eq!(fs::read(b.0.join("from-b.txt")).unwrap(), b"b");
+}

@@ -140,7 +140,8 @@ enum VolumeCommand {
     },
     /// Move a path inside a volume as one new version.
     Mv { name: String, src: String, dst: String },
-    /// Make a lineage's head or a version the head of another lineage (fast-forward only).
+    /// Publish a lineage's head or a version onto another lineage: a
+    /// fast-forward when possible, otherwise a rebase that fails on conflicts.
     Promote {
         name: String,
         /// Lineage name or version id, prefix or tag.
@@ -166,6 +167,10 @@ enum VolumeCommand {
         /// Mount the latest version read-only.
         #[arg(long)]
         read_only: bool,
+        /// Read-only, and move to each new head of the lineage as it is
+        /// published (checked every CHALK_FOLLOW_INTERVAL_MS, default 1000).
+        #[arg(long, conflicts_with_all = ["version", "writable"])]
+        follow: bool,
         /// Return once the mount is ready and keep serving it in the background.
         #[arg(long)]
         daemon: bool,
@@ -366,9 +371,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             store.tag(&volume, version.id, &tag)?;
             println!("tagged version {} of {volume} as {tag}", version.id);
         }
-        VolumeCommand::Mount { name, dir, version, lineage, writable, read_only, daemon } => {
+        VolumeCommand::Mount { name, dir, version, lineage, writable, read_only, follow, daemon } => {
             let store = open_store()?;
-            let request = mount_cmd::MountRequest { version, lineage, read_only, writable };
+            let request = mount_cmd::MountRequest { version, lineage, read_only: read_only || follow, writable, follow };
             mount_cmd::run_mount(store, &volume_name(&name)?, &dir, &request, daemon)?;
         }
         VolumeCommand::Unmount { dir } => {

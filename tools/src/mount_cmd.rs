@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use chalk_engine::{Access, LineageName, OnConflict, Session, SessionBase, Store, SyncOptions, SyncOutcome, VolumeName};
-use chalk_fused::{MountHandle, MountOptions};
+use chalk_fused::{Invalidator, MountHandle, MountOptions};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +98,8 @@ pub struct MountRequest {
     pub read_only: bool,
     /// Makes a `--version` mount writable; its first sync forks a new lineage.
     pub writable: bool,
+    /// Read-only on a lineage, moving to each new head as it is published.
+    pub follow: bool,
 }
 
 /// Mounts `volume` on `dir` and serves it until it is unmounted or the
@@ -237,6 +239,7 @@ pub fn run_sync(store: &Store, target: &str, message: Option<&str>, on_conflict:
 struct ActiveMount {
     handle: MountHandle,
     session: Arc<Session>,
+    follow: bool,
     registration: Arc<Mutex<Registration>>,
     files: RegistrationFiles,
     listener: UnixListener,
@@ -360,25 +363,33 @@ fn start_mount(
         base_version = %registration.base_version,
         "mount registered"
     );
-    Ok(ActiveMount { handle, session, registration: Arc::new(Mutex::new(registration)), files, listener })
+    Ok(ActiveMount {
+        handle,
+        session,
+        follow: request.follow,
+        registration: Arc::new(Mutex::new(registration)),
+        files,
+        listener,
+    })
 }
 
 /// Serves control requests until the mount is unmounted from outside or a
 /// stop signal arrives, then unmounts and removes the registration. The
 /// caller installs the stop handlers first, with [`install_stop_handlers`].
 fn serve_until_stopped(active: ActiveMount) -> anyhow::Result<()> {
-    let ActiveMount { handle, session, registration, files, listener } = active;
+    let ActiveMount { handle, session, follow, registration, files, listener } = active;
+    let invalidator = handle.invalidator();
     {
-        let session = Arc::clone(&session);
-        let registration = Arc::clone(&registration);
-        let json = files.json.clone();
+        let control = Control { session: Arc::clone(&session), registration: Arc::clone(&registration), json: files.json.clone(), invalidator: invalidator.clone() };
         std::thread::Builder::new()
             .name("chalk-control".to_owned())
-            .spawn(move || serve_control(listener, &session, &registration, &json))
+            .spawn(move || serve_control(listener, control))
             .context("starting the control socket thread failed")?;
     }
 
     let mount_point = registration.lock().dir.clone();
+    let follow_interval = follow_interval()?;
+    let mut last_follow = Instant::now();
     loop {
         if handle.wait_timeout(STOP_POLL_INTERVAL) {
             tracing::info!(mount_point = %mount_point.display(), "file system was unmounted; exiting");
@@ -388,6 +399,10 @@ fn serve_until_stopped(active: ActiveMount) -> anyhow::Result<()> {
         if signal != 0 {
             tracing::info!(signal, mount_point = %mount_point.display(), "stop signal received; unmounting");
             break;
+        }
+        if follow && last_follow.elapsed() >= follow_interval {
+            last_follow = Instant::now();
+            follow_head(&session, &invalidator, &registration, &files.json);
         }
     }
 
@@ -402,7 +417,46 @@ fn serve_until_stopped(active: ActiveMount) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve_control(listener: UnixListener, session: &Arc<Session>, registration: &Arc<Mutex<Registration>>, json: &Path) {
+/// State that the control socket's threads share with the mount.
+#[derive(Clone)]
+struct Control {
+    session: Arc<Session>,
+    registration: Arc<Mutex<Registration>>,
+    json: PathBuf,
+    invalidator: Invalidator,
+}
+
+/// Interval between checks of a `--follow` mount for a new head.
+fn follow_interval() -> anyhow::Result<Duration> {
+    match std::env::var("CHALK_FOLLOW_INTERVAL_MS") {
+        Err(_) => Ok(Duration::from_millis(1000)),
+        Ok(text) => match text.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
+            _ => bail!("CHALK_FOLLOW_INTERVAL_MS={text:?} is not a positive number of milliseconds; unset it for the default of 1000"),
+        },
+    }
+}
+
+/// Moves a `--follow` mount to its lineage's new head, if there is one, and
+/// drops what the kernel cached of the paths that changed. A failure (the
+/// store unreachable, say) is logged and the mount stays where it is.
+fn follow_head(session: &Session, invalidator: &Invalidator, registration: &Mutex<Registration>, json: &Path) {
+    match session.follow_head() {
+        Ok(None) => {}
+        Ok(Some(head)) => {
+            let dropped = invalidator.apply();
+            tracing::info!(version = %head.id, invalidated = dropped, "mount moved to the new head");
+            let mut registration = registration.lock();
+            registration.base_version = head.id.to_string();
+            if let Err(error) = write_registration(json, &registration) {
+                tracing::warn!(error = %format!("{error:#}"), "cannot update the mount registration after a head move");
+            }
+        }
+        Err(error) => tracing::warn!(%error, "checking the lineage for a new head failed; the mount stays on its version"),
+    }
+}
+
+fn serve_control(listener: UnixListener, control: Control) {
     for stream in listener.incoming() {
         let stream = match stream {
             Ok(stream) => stream,
@@ -411,13 +465,11 @@ fn serve_control(listener: UnixListener, session: &Arc<Session>, registration: &
                 continue;
             }
         };
-        let session = Arc::clone(session);
-        let registration = Arc::clone(registration);
-        let json = json.to_path_buf();
+        let control = control.clone();
         let spawned = std::thread::Builder::new()
             .name("chalk-control-client".to_owned())
             .spawn(move || {
-                if let Err(error) = serve_control_client(stream, &session, &registration, &json) {
+                if let Err(error) = serve_control_client(stream, &control) {
                     tracing::warn!(%error, "control connection failed");
                 }
             });
@@ -427,12 +479,7 @@ fn serve_control(listener: UnixListener, session: &Arc<Session>, registration: &
     }
 }
 
-fn serve_control_client(
-    stream: UnixStream,
-    session: &Session,
-    registration: &Mutex<Registration>,
-    json: &Path,
-) -> io::Result<()> {
+fn serve_control_client(stream: UnixStream, control: &Control) -> io::Result<()> {
     let mut writer = stream.try_clone()?;
     let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(io::Error::from)?;
@@ -455,19 +502,15 @@ fn serve_control_client(
             continue;
         }
         let reply = match serde_json::from_str::<ControlRequest>(&line) {
-            Ok(request) => handle_control_request(request, session, registration, json),
+            Ok(request) => handle_control_request(request, control),
             Err(error) => serde_json::json!({"ok": false, "error": format!("invalid control request: {error}")}),
         };
         writeln!(writer, "{reply}")?;
     }
 }
 
-fn handle_control_request(
-    request: ControlRequest,
-    session: &Session,
-    registration: &Mutex<Registration>,
-    json: &Path,
-) -> serde_json::Value {
+fn handle_control_request(request: ControlRequest, control: &Control) -> serde_json::Value {
+    let (session, registration, json) = (&control.session, &control.registration, &control.json);
     match request {
         ControlRequest::Status => {
             let registration = registration.lock().clone();
@@ -484,6 +527,9 @@ fn handle_control_request(
             .and_then(|on_conflict| Ok(session.sync_with(&SyncOptions { message, on_conflict })?))
         {
             Ok(SyncOutcome::Published(version)) => {
+                // A rebase brought in other writers' changes; the kernel
+                // must not keep serving the old names and bytes.
+                control.invalidator.apply();
                 let id = version.id.to_string();
                 tracing::info!(version = %id, lineage = %version.lineage, "sync published a version");
                 let mut registration = registration.lock();

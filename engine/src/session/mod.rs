@@ -64,6 +64,17 @@ pub enum SyncOutcome {
     NothingToPublish { base: VersionInfo },
 }
 
+/// A kernel cache entry that a mount drops after its session moved onto a
+/// version with other writers' changes (a rebase, or a followed head).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Invalidation {
+    /// The attributes and cached data of an inode (for a directory, its
+    /// cached listing).
+    Inode(Ino),
+    /// The name `name` in directory `parent`.
+    Entry { parent: Ino, name: Vec<u8> },
+}
+
 /// The segment log of a writable session.
 pub(crate) struct Log {
     pub writer: DiskWriter,
@@ -98,6 +109,9 @@ pub(crate) struct State {
     /// A sync whose lineage entry write failed without saying whether the
     /// entry landed; the next sync finds out.
     pub unconfirmed: Option<publish::Unconfirmed>,
+    /// Kernel cache entries made stale by other writers' changes since the
+    /// last [`Session::take_invalidations`].
+    pub invalidations: Vec<Invalidation>,
 }
 
 /// A mount's or a batch's view of a volume. All methods take `&self`; one
@@ -154,6 +168,7 @@ impl Store {
             open_handles: HashMap::new(),
             lookups: HashMap::new(),
             unconfirmed: None,
+            invalidations: Vec::new(),
         };
         Ok(Session { store: self.clone(), volume: volume.clone(), id, access, dir, _lock: lock, discarded: Default::default(), state: Mutex::new(state) })
     }
@@ -237,6 +252,60 @@ impl Session {
         self.state.lock().lineage.clone()
     }
 
+    /// Kernel cache entries made stale since the last call, by other
+    /// writers' changes that a rebase or [`Session::follow_head`] brought in.
+    pub fn take_invalidations(&self) -> Vec<Invalidation> {
+        std::mem::take(&mut self.state.lock().invalidations)
+    }
+
+    /// Moves a read-only session on a lineage to the lineage's current head,
+    /// if it moved. Inodes cached by the session are dropped, except those
+    /// of open files that the new head removed, so an open file keeps
+    /// reading. Returns the new base, or `None` when the head did not move.
+    pub fn follow_head(&self) -> Result<Option<VersionInfo>> {
+        let Some(lineage) = self.lineage() else {
+            return Err(EngineError::InvalidArgument(format!(
+                "session {} on volume {} is on a pinned version, which has no head to follow",
+                self.id, self.volume
+            )));
+        };
+        if !self.is_read_only() {
+            return Err(EngineError::InvalidArgument(format!(
+                "session {} on volume {} is writable; only read-only sessions follow a lineage head",
+                self.id, self.volume
+            )));
+        }
+        let (seq, head) = self.store.head_entry(&self.volume, &lineage)?;
+        let old = self.base_version();
+        if head.id == old.id {
+            return Ok(None);
+        }
+        let changes = self.store.diff(&self.volume, old.id, head.id)?;
+        let root = self.store.load_checkpoint(&self.volume, head.id)?;
+        let new_tree = self.store.open_session(&self.volume, SessionBase::Version(head.id), Access::ReadOnly)?;
+        let invalidations = invalidations_for(&changes, self, &new_tree);
+
+        let mut state = self.state.lock();
+        let removed: HashSet<Ino> =
+            changes.iter().filter(|c| c.kind == crate::diff::ChangeKind::Removed).map(|c| c.ino).collect();
+        // Open files the new head removed keep their inode from the old tree.
+        let open: Vec<Ino> = state.open_handles.keys().copied().filter(|ino| removed.contains(ino)).collect();
+        let mut kept = HashMap::new();
+        for ino in open {
+            kept.insert(ino, state.inode(&self.store, &self.volume, ino)?.clone());
+        }
+        tracing::debug!(open = state.open_handles.len(), kept = kept.len(), removed = removed.len(), "inodes kept across the head move");
+        state.inodes = kept;
+        state.pages.clear();
+        state.root = root;
+        state.base = head.clone();
+        state.base_entry_seq = seq;
+        state.invalidations.extend(invalidations);
+        drop(state);
+        tracing::info!(volume = %self.volume, lineage = %lineage, from = %old.id, to = %head.id, changes = changes.len(), "followed the lineage head");
+        Ok(Some(head))
+    }
+
     /// True when the session holds changes that `sync` would publish.
     pub fn has_changes(&self) -> bool {
         !self.state.lock().dirty.is_empty()
@@ -303,24 +372,14 @@ impl State {
             }
         };
         let record = page.get(&ino).ok_or_else(|| EngineError::not_found("inode", ino.to_string()))?;
-        let content = match &record.content {
-            StoredContent::File(extents) => Content::File(extents.clone()),
-            StoredContent::Symlink(target) => Content::Symlink(target.clone()),
-            StoredContent::Special => Content::Special,
-            StoredContent::Directory(chunks) => {
-                let mut entries = BTreeMap::new();
-                for chunk in chunks {
-                    let key = chunk_key(volume, &chunk.key);
-                    let bytes = store.read_object(&key)?;
-                    let decoded = decode_chunk(&bytes).map_err(|detail| EngineError::CorruptObject { key, detail })?;
-                    for (name, child, kind) in decoded {
-                        entries.insert(name, (child, kind));
-                    }
-                }
-                Content::Directory(entries)
-            }
-        };
-        Ok(Inode { attr: record.attr.clone(), links: record.links.clone(), xattrs: record.xattrs.clone(), content })
+        inode_from_record(store, volume, record)
+    }
+
+
+    /// Loads one page of the base checkpoint, if it has that page.
+    pub(crate) fn base_page(&mut self, store: &Store, page_no: u64) -> Result<Option<Arc<BTreeMap<Ino, InodeRecord>>>> {
+        self.base_record(store, Ino(page_no * INODES_PER_PAGE))?;
+        Ok(self.pages.get(&page_no).cloned())
     }
 
     /// The base checkpoint's record of an inode, if it has one.
@@ -334,4 +393,54 @@ impl State {
         }
         Ok(self.pages[&page_no].get(&ino).cloned())
     }
+}
+
+/// Builds an inode from its stored record, reading its directory chunks.
+pub(crate) fn inode_from_record(store: &Store, volume: &VolumeName, record: &InodeRecord) -> Result<Inode> {
+    let content = match &record.content {
+        StoredContent::File(extents) => Content::File(extents.clone()),
+        StoredContent::Symlink(target) => Content::Symlink(target.clone()),
+        StoredContent::Special => Content::Special,
+        StoredContent::Directory(chunks) => {
+            let mut entries = BTreeMap::new();
+            for chunk in chunks {
+                let key = chunk_key(volume, &chunk.key);
+                let bytes = store.read_object(&key)?;
+                let decoded = decode_chunk(&bytes).map_err(|detail| EngineError::CorruptObject { key, detail })?;
+                for (name, child, kind) in decoded {
+                    entries.insert(name, (child, kind));
+                }
+            }
+            Content::Directory(entries)
+        }
+    };
+    Ok(Inode { attr: record.attr.clone(), links: record.links.clone(), xattrs: record.xattrs.clone(), content })
+}
+
+/// Kernel cache entries that `changes` (from `old_tree` to `new_tree`) make
+/// stale: each changed inode, its parent directories, and its names in both
+/// trees. A name that no longer resolves is skipped.
+pub(crate) fn invalidations_for(changes: &[crate::diff::Change], old_tree: &Session, new_tree: &Session) -> Vec<Invalidation> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut add = |out: &mut Vec<Invalidation>, item: Invalidation| {
+        if seen.insert(item.clone()) {
+            out.push(item);
+        }
+    };
+    for change in changes {
+        add(&mut out, Invalidation::Inode(change.ino));
+        let names = [(Some(&change.path), old_tree), (Some(&change.path), new_tree), (change.old_path.as_ref(), old_tree)];
+        for (path, tree) in names {
+            let Some(path) = path else { continue };
+            let (parent_path, name) = match path.rsplit_once('/') {
+                Some((parent, name)) => (parent, name),
+                None => ("", path.as_str()),
+            };
+            let Ok(parent) = tree.resolve_path(parent_path) else { continue };
+            add(&mut out, Invalidation::Inode(parent.ino));
+            add(&mut out, Invalidation::Entry { parent: parent.ino, name: name.as_bytes().to_vec() });
+        }
+    }
+    out
 }

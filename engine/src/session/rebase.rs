@@ -16,12 +16,12 @@ use std::os::unix::ffi::OsStrExt;
 
 use crate::diff::{Change, ChangeKind};
 use crate::error::{EngineError, Result};
-use crate::format::checkpoint::StoredContent;
+use crate::format::checkpoint::{decode_page, RootCheckpoint, StoredContent};
 use crate::ids::{Ino, LineageName};
 use crate::store::VersionInfo;
 use crate::tree::{Content, FileKind, Inode};
 
-use super::{Access, Session, SessionBase, State};
+use super::{inode_from_record, invalidations_for, Access, Session, SessionBase, State};
 
 /// Policy of a sync when the session and the lineage changed the same paths.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -105,6 +105,47 @@ fn meaningful_change(inode: &Inode, base: &crate::format::checkpoint::InodeRecor
 }
 
 impl Session {
+    /// Takes as this session's changes everything that differs between its
+    /// base and the version whose checkpoint root is `source`, and makes the
+    /// session publish onto `lineage`, where its base is entry `base_seq`.
+    /// A sync then applies those changes to the lineage head by the usual
+    /// rebase-or-conflict rules; this is how a diverged lineage is promoted.
+    pub(crate) fn stage_version(&self, source: &RootCheckpoint, lineage: LineageName, base_seq: u64) -> Result<()> {
+        self.check_writable()?;
+        let mut state = self.state.lock();
+        let state = &mut *state;
+        let page_nos: BTreeSet<u64> = state.root.pages.keys().chain(source.pages.keys()).copied().collect();
+        for page_no in page_nos {
+            let source_key = source.pages.get(&page_no);
+            if state.root.pages.get(&page_no) == source_key {
+                continue;
+            }
+            let theirs = match source_key {
+                Some(key) => {
+                    let bytes = self.store.read_object(key)?;
+                    decode_page(&bytes).map_err(|detail| EngineError::CorruptObject { key: key.clone(), detail })?
+                }
+                None => BTreeMap::new(),
+            };
+            let base = state.base_page(&self.store, page_no)?.unwrap_or_default();
+            for (ino, record) in &theirs {
+                if base.get(ino) != Some(record) {
+                    let inode = inode_from_record(&self.store, &self.volume, record)?;
+                    state.inodes.insert(*ino, inode);
+                    state.dirty.insert(*ino);
+                }
+            }
+            for ino in base.keys().filter(|ino| !theirs.contains_key(ino)) {
+                // Removed in the source: kept unlinked, as an unlink leaves it.
+                state.inode(&self.store, &self.volume, *ino)?.attr.nlink = 0;
+                state.dirty.insert(*ino);
+            }
+        }
+        state.lineage = Some(lineage);
+        state.base_entry_seq = base_seq;
+        Ok(())
+    }
+
     /// Paths this session changed since its base.
     fn own_changes(&self, state: &mut State, base_tree: &Session) -> Result<Changed> {
         let mut out = Changed::default();
@@ -182,7 +223,8 @@ impl Session {
         on_conflict: OnConflict,
     ) -> Result<Rebase> {
         let base = state.base.clone();
-        let theirs = lineage_changes(&self.store.diff(&self.volume, base.id, head.id)?);
+        let their_changes = self.store.diff(&self.volume, base.id, head.id)?;
+        let theirs = lineage_changes(&their_changes);
         let base_tree = self.store.open_session(&self.volume, SessionBase::Version(base.id), Access::ReadOnly)?;
         let head_tree = self.store.open_session(&self.volume, SessionBase::Version(head.id), Access::ReadOnly)?;
         let ours = self.own_changes(state, &base_tree)?;
@@ -238,6 +280,7 @@ impl Session {
         state.root = root;
         state.base = head;
         state.base_entry_seq = head_seq;
+        state.invalidations.extend(invalidations_for(&their_changes, &base_tree, &head_tree));
         tracing::info!(volume = %self.volume, lineage = %lineage, head = %state.base.id, "rebased session onto the moved head");
         Ok(Rebase::Rebased)
     }
