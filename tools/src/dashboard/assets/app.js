@@ -73,6 +73,11 @@ function shortId(id) {
   return id ? id.slice(0, 10) : "";
 }
 
+// Replaces the page content; null and undefined entries are skipped.
+function show(...nodes) {
+  main.replaceChildren(...nodes.flat().filter((node) => node !== null && node !== undefined));
+}
+
 function setStatus(message, isError) {
   statusLine.textContent = message || "";
   statusLine.className = isError ? "error" : "";
@@ -103,7 +108,7 @@ async function showVolumes() {
       h("td", { class: "mono", title: v.latest_version.id, text: shortId(v.latest_version.id) }),
       h("td", { text: time(v.latest_version.created_at) }),
       h("td", {}, h("a", { href: route("versions", v.name), text: "versions" }))));
-  main.replaceChildren(
+  show(
     h("h1", { text: "Volumes" }),
     data.volumes.length === 0
       ? h("p", { class: "muted", text: "No volumes yet. Create one with `chalk volume create NAME`." })
@@ -212,7 +217,7 @@ async function showTree(volume, params) {
   };
   render();
   const lineage = params.get("lineage") || data.version.lineage || "main";
-  main.replaceChildren(
+  show(
     h("h1", {}, volume, path ? h("span", { class: "muted", text: " / " + path }) : null),
     picker,
     h("div", { class: "toolbar" },
@@ -352,7 +357,7 @@ async function showFile(volume, params) {
   if (data.truncated) {
     note = (note ? note + " " : "") + "The preview covers the first " + humanBytes(data.preview_bytes) + " of " + humanBytes(data.size) + "; download the file for the rest.";
   }
-  main.replaceChildren(
+  show(
     h("h1", {}, path.split("/").pop()),
     picker,
     h("div", { class: "toolbar" },
@@ -397,7 +402,7 @@ async function showVersions(volume) {
     onsubmit: (e) => { e.preventDefault(); location.hash = route("diff", volume, { a: selectA.value, b: selectB.value }); },
   }, h("label", { for: "diff-a", text: "Compare" }), selectA, h("label", { for: "diff-b", text: "with" }), selectB,
     h("button", { type: "submit", class: "primary", id: "compare-button", text: "Show diff" }));
-  main.replaceChildren(h("h1", { text: volume + ": versions" }), compare, sections);
+  show(h("h1", { text: volume + ": versions" }), compare, ...sections);
 }
 
 // ---- diff ------------------------------------------------------------------
@@ -448,7 +453,7 @@ async function showDiff(volume, params) {
       h("td", { class: "num", text: sizes }),
       cell);
   });
-  main.replaceChildren(
+  show(
     h("h1", { text: "Diff" }),
     h("p", {}, "From ", h("a", { class: "mono", href: route("tree", volume, { version: data.a.id }), text: data.a.id }),
       " (" + data.a.lineage + " #" + data.a.seq + ") to ",
@@ -476,9 +481,9 @@ async function render() {
     else if (kind === "file") await showFile(volume, params);
     else if (kind === "versions") await showVersions(volume);
     else if (kind === "diff") await showDiff(volume, params);
-    else main.replaceChildren(h("p", { text: "Unknown page: " + hash }));
+    else show(h("p", { text: "Unknown page: " + hash }));
   } catch (err) {
-    main.replaceChildren(h("p", { class: "error", id: "error", text: err.message }));
+    show(h("p", { class: "error", id: "error", text: err.message }));
     setStatus(err.message, true);
   }
   document.body.dataset.ready = "true";
