@@ -1,7 +1,8 @@
 //! The dashboard in a real headless Chromium (Debian's `chromium` and
-//! `chromium-driver`), driven through WebDriver: log in with the token,
-//! browse into a folder, preview a text file and an image, download a file,
-//! upload a file, switch to an older version, and compare two versions.
+//! `chromium-driver`), driven through WebDriver. The test logs in with the
+//! token, browses into a folder, previews a text file and an image,
+//! downloads a file, uploads a file, switches to an older version, and
+//! compares two versions.
 //! Each page is saved as a PNG under `$CARGO_TARGET_DIR/dashboard-screenshots/`.
 //!
 //! Without Chromium the test skips with a message, unless
@@ -24,7 +25,8 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// Key of an element reference in W3C WebDriver responses.
 const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
-const WAIT: Duration = Duration::from_secs(30);
+/// Longest wait for one step; CI runs this test beside others on two cores.
+const WAIT: Duration = Duration::from_secs(60);
 
 /// A chromedriver process on a free port of 127.0.0.1, killed on drop.
 struct Driver {
@@ -105,7 +107,7 @@ impl<'a> Browser<'a> {
         let value = webdriver_call("POST", &format!("{}/session", driver.base), Some(capabilities));
         let session = value["sessionId"].as_str().expect("a session id").to_owned();
         let browser = Browser { driver, session, shots, shot_count: 0 };
-        // Headless Chromium saves downloads only when told where.
+        // Headless Chromium saves downloads only into a directory set by this command.
         let params = json!({ "cmd": "Browser.setDownloadBehavior", "params": { "behavior": "allow", "downloadPath": downloads.to_str().unwrap() } });
         webdriver_call("POST", &browser.url("/goog/cdp/execute"), Some(params));
         browser

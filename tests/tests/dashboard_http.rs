@@ -14,7 +14,7 @@ const CSV: &[u8] = b"name,count\nalpha,1\n\"beta, quoted\",2\n";
 const JSON_DOC: &[u8] = br#"[{"id": 1, "tags": ["a"]}, {"id": 2, "note": "x"}]"#;
 const HTML_FILE: &[u8] = b"<html><script>alert(1)</script></html>";
 
-/// A volume `vol` with text, CSV, JSON, binary, image and HTML files.
+/// Creates a volume `vol` with text, CSV, JSON, binary, image and HTML files.
 fn sample_store() -> (Home, Vec<u8>, Vec<u8>) {
     let home = Home::new("chalk-dash-http-");
     home.ok(&["volume", "create", "vol"]);
@@ -107,18 +107,20 @@ fn query_token_sets_cookie_and_redirects() {
     let cookie = response.header("set-cookie").expect("a cookie").to_owned();
     let cookie_name = format!("chalk_dashboard_{}", dashboard.port);
     assert!(cookie.starts_with(&format!("{cookie_name}={};", dashboard.token)), "{cookie}");
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(cookie.contains("HttpOnly"), "{cookie}");
+    assert!(cookie.contains("SameSite=Strict"), "{cookie}");
 
     let page = dashboard.get_bare("/", &[("Cookie", &format!("other=1; {cookie_name}={}", dashboard.token))]);
     assert_eq!(page.status(), 200);
     let csp = page.header("content-security-policy").expect("CSP header").to_owned();
-    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
     assert_eq!(page.header("x-content-type-options"), Some("nosniff"));
     assert_eq!(page.header("referrer-policy"), Some("no-referrer"));
     let html = page.into_string().unwrap();
     assert!(html.contains("/assets/app.js"));
 
-    // API requests with ?token= are answered directly, with the cookie.
+    // An API request with ?token= gets its response directly, with the cookie.
     let api = dashboard.get_bare(&format!("/api/volumes?token={}", dashboard.token), &[]);
     assert_eq!(api.status(), 200);
     assert!(api.header("set-cookie").is_some());
@@ -307,6 +309,34 @@ fn directory_download_is_a_tar_stream() {
 }
 
 #[test]
+fn symlinks_in_downloads() {
+    let home = Home::new("chalk-dash-http-");
+    home.ok(&["volume", "create", "vol"]);
+    let local = home.path().join("local/links");
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::write(local.join("target.txt"), b"target\n").unwrap();
+    std::os::unix::fs::symlink("target.txt", local.join("link")).unwrap();
+    home.ok(&["volume", "put", "vol", local.to_str().unwrap(), "/"]);
+    let dashboard = Dashboard::start(&home, &[]);
+
+    let (status, body) = status_and_json(dashboard.get("/api/volumes/vol/download?path=link"));
+    assert_eq!(status, 400);
+    assert!(error_message(&body).contains("symbolic link to target.txt"), "{body}");
+
+    let bytes = dashboard.bytes("/api/volumes/vol/download");
+    let mut archive = tar::Archive::new(bytes.as_slice());
+    let mut link_target = None;
+    for entry in archive.entries().unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().unwrap().to_string_lossy() == "vol/link" {
+            assert!(entry.header().entry_type().is_symlink());
+            link_target = entry.link_name().unwrap().map(|t| t.to_string_lossy().into_owned());
+        }
+    }
+    assert_eq!(link_target.as_deref(), Some("target.txt"));
+}
+
+#[test]
 fn upload_creates_one_version() {
     let (home, _, _) = sample_store();
     let dashboard = Dashboard::start(&home, &[]);
@@ -412,7 +442,7 @@ fn chunked_upload(dashboard: &Dashboard, body: &[u8], content_type: &str) -> Str
     );
     stream.write_all(head.as_bytes()).unwrap();
     for chunk in body.chunks(1000) {
-        // The server may answer and close before the whole body is sent.
+        // The server may respond and close before the whole body is sent.
         if stream.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).is_err()
             || stream.write_all(chunk).is_err()
             || stream.write_all(b"\r\n").is_err()

@@ -131,7 +131,7 @@ impl Dashboard {
         ureq::AgentBuilder::new().redirects(0).timeout(Duration::from_secs(60)).build()
     }
 
-    /// A GET with the token as a bearer header; any status is returned.
+    /// Sends a GET with the token as a bearer header and returns the response, whatever its status.
     pub fn get(&self, path_and_query: &str) -> ureq::Response {
         call(Self::agent().get(&self.url(path_and_query)).set("Authorization", &format!("Bearer {}", self.token)))
     }
@@ -144,7 +144,7 @@ impl Dashboard {
         call(request)
     }
 
-    /// A GET without credentials, with only the given headers.
+    /// Sends a GET without credentials, with only the given headers.
     pub fn get_bare(&self, path_and_query: &str, headers: &[(&str, &str)]) -> ureq::Response {
         let mut request = Self::agent().get(&self.url(path_and_query));
         for (name, value) in headers {

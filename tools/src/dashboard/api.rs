@@ -20,8 +20,8 @@ pub const TEXT_DIFF_MAX_BYTES: u64 = 256 * 1024;
 /// Lines of context around each changed block of a text diff.
 const TEXT_DIFF_CONTEXT_LINES: usize = 3;
 
-/// Which version a request reads: `version` (id, prefix or tag) wins over
-/// `lineage`; without either, the head of `main`.
+/// Query parameters that name a version and a path. `version` (id, prefix or
+/// tag) wins over `lineage`, and without either the head of `main` is read.
 #[derive(Deserialize, Default)]
 pub struct VersionQuery {
     pub version: Option<String>,
@@ -49,7 +49,7 @@ pub fn open_version(store: &Arc<Store>, volume: &VolumeName, query: &VersionQuer
     Ok((session, info))
 }
 
-/// The path of a query in canonical form: names joined by `/`, no leading `/`.
+/// Returns a query path in canonical form: names joined by `/`, no leading `/`.
 pub fn canonical_path(path: Option<&str>) -> Result<String, ApiError> {
     let names = normalize_path(path.unwrap_or(""))?;
     Ok(names.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect::<Vec<_>>().join("/"))

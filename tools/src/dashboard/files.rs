@@ -43,7 +43,7 @@ const INLINE_IMAGES: &[(&str, &str, &[u8])] = &[
     ("ico", "image/x-icon", b"\x00\x00\x01\x00"),
 ];
 
-/// The image type of a path by its extension, if it is one that previews inline.
+/// Returns the image type and magic bytes of a path by its extension, if it previews inline.
 pub fn image_type(path: &str) -> Option<(&'static str, &'static [u8])> {
     let extension = path.rsplit_once('.')?.1.to_ascii_lowercase();
     INLINE_IMAGES.iter().find(|(ext, _, _)| *ext == extension).map(|(_, mime, magic)| (*mime, *magic))
@@ -182,12 +182,12 @@ pub async fn download(
         FileKind::File => Ok(file_response(&state, opened, &headers, Disposition::Attachment)),
         FileKind::Directory => Ok(tar_response(&state, opened)),
         FileKind::Symlink => {
-            let target = opened.session.readlink(opened.attr.ino).map(|t| String::from_utf8_lossy(&t).into_owned());
-            Err(ApiError::bad_request(format!(
-                "{} is a symbolic link to {}; download its target instead",
-                opened.path,
-                target.unwrap_or_default()
-            )))
+            let (path, target) = blocking(move || {
+                let target = opened.session.readlink(opened.attr.ino)?;
+                Ok((opened.path, String::from_utf8_lossy(&target).into_owned()))
+            })
+            .await?;
+            Err(ApiError::bad_request(format!("{path} is a symbolic link to {target}; download its target instead")))
         }
         other => Err(ApiError::bad_request(format!("{} is a {} node, which has no data to download", opened.path, other.as_str()))),
     }
@@ -206,18 +206,14 @@ pub async fn raw(
     if opened.attr.kind != FileKind::File {
         return Err(ApiError::bad_request(format!("{} is a {}, not a regular file", opened.path, opened.attr.kind.as_str())));
     }
-    let disposition = match image_type(&opened.path) {
-        Some((mime, magic)) => {
-            let session = &opened.session;
-            let head = session.read(opened.attr.ino, 0, 16)?;
-            if head.starts_with(magic) {
-                Disposition::InlineImage(mime)
-            } else {
-                Disposition::Attachment
-            }
-        }
-        None => Disposition::Attachment,
-    };
+    let (opened, disposition) = blocking(move || {
+        let disposition = match image_type(&opened.path) {
+            Some((mime, magic)) if opened.session.read(opened.attr.ino, 0, 16)?.starts_with(magic) => Disposition::InlineImage(mime),
+            _ => Disposition::Attachment,
+        };
+        Ok((opened, disposition))
+    })
+    .await?;
     Ok(file_response(&state, opened, &headers, disposition))
 }
 
@@ -230,7 +226,7 @@ fn file_response(state: &SharedState, opened: Opened, headers: &HeaderMap, dispo
     let size = opened.attr.size;
     let tag = etag(&opened.info, &opened.attr);
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
-    // If-Range with another validator asks for the whole file.
+    // If-Range with another validator requests the whole file.
     let if_range_matches = headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok()).is_none_or(|v| v == tag);
     let range = if if_range_matches { parse_range(range_header, size) } else { RangeRequest::Whole };
     let name = opened.path.rsplit('/').next().unwrap_or(&opened.path).to_owned();

@@ -1,6 +1,7 @@
-//! Previews of one file as JSON, which the app renders as text (never as
-//! HTML): text with line numbers, CSV and JSON as tables of their first
-//! rows, a hex dump for binary data, or an image shown from the raw endpoint.
+//! Previews of one file as JSON, which the app renders as text and never as
+//! HTML. A preview is text (shown with line numbers), a table of the first
+//! rows of a CSV or JSON file, a hex dump of binary data, or an image that
+//! the app loads from the raw endpoint.
 
 use axum::extract::{Path, Query, State};
 use axum::Json;
@@ -96,8 +97,8 @@ fn preview_file(session: &Session, path: &str) -> Result<Map<String, Value>, Api
     Ok(out)
 }
 
-/// The bytes as UTF-8 text, or `None` for binary data (a NUL byte, or
-/// invalid UTF-8 other than a character cut at the end of a truncated read).
+/// Returns the bytes as UTF-8 text, or `None` for binary data: a NUL byte, or
+/// invalid UTF-8 other than a character cut at the end of a truncated read.
 fn as_text(bytes: &[u8], truncated: bool) -> Option<&str> {
     if bytes.contains(&0) {
         return None;
@@ -183,8 +184,8 @@ pub fn csv_table(text: &str, separator: u8, truncated: bool) -> Table {
     (columns, rows)
 }
 
-/// A table from a JSON document: an array of objects gives one row per
-/// object and one column per key; an object gives key and value columns.
+/// Builds a table from a JSON document. An array of objects gives one row per
+/// object and one column per key. An object gives key and value columns.
 fn json_table(value: &Value) -> Table {
     match value {
         Value::Array(items) if items.iter().all(Value::is_object) && !items.is_empty() => objects_table(items.iter().take(TABLE_ROWS_MAX)),
@@ -227,7 +228,7 @@ fn objects_table<'a>(items: impl Iterator<Item = &'a Value> + Clone) -> Table {
     (columns, rows)
 }
 
-/// A cell shows scalars as they are and nested values as compact JSON text.
+/// Converts a value to a table cell: scalars as they are, nested values as compact JSON text.
 fn cell(value: &Value) -> Value {
     match value {
         Value::Array(_) | Value::Object(_) => Value::String(value.to_string()),

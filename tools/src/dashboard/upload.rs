@@ -2,9 +2,9 @@
 //! as one new version.
 //!
 //! The body is `multipart/form-data`. Each file part (field `file`) may be
-//! preceded by a text part `path` that gives its path below `dir`; without
-//! one, the part's file name is the path. An optional text part `message`
-//! sets the version's message.
+//! preceded by a text part `path` that gives its path below `dir`. A file
+//! part without one uses its file name as the path. An optional text part
+//! `message` sets the version's message.
 //!
 //! The handler streams each part into a blocking worker that owns one
 //! writable session on the lineage head; after the last part the worker
@@ -142,7 +142,8 @@ fn too_large(limit: u64) -> ApiError {
 
 /// Feeds the multipart parts to the worker; returns the number of files and bytes.
 async fn send_parts(multipart: &mut Multipart, dir: &str, limit: u64, sender: &mpsc::Sender<Message>, message: &mut String) -> Result<(u64, u64), ApiError> {
-    // A send fails only when the worker stopped; its own error is the one to report.
+    // A send fails only when the worker has dropped its receiver, which it does only on return.
+    // The caller then reports the worker's error.
     let stopped = || ApiError::internal("the upload worker stopped");
     let mut pending_path: Option<String> = None;
     let (mut files, mut bytes) = (0u64, 0u64);
