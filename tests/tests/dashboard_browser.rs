@@ -1,8 +1,8 @@
 //! The dashboard in a real headless Chromium (Debian's `chromium` and
 //! `chromium-driver`), driven through WebDriver. The test logs in with the
 //! token, browses into a folder, previews a text file and an image,
-//! downloads a file, uploads a file, switches to an older version, and
-//! compares two versions.
+//! downloads a file, uploads a file by drop and by the file picker,
+//! switches to an older version, and compares two versions.
 //! Each page is saved as a PNG under `$CARGO_TARGET_DIR/dashboard-screenshots/`.
 //!
 //! Without Chromium the test skips with a message, unless
@@ -312,7 +312,19 @@ fn dashboard_in_chromium() {
     let downloaded = wait_for_download(&downloads, "picture.png");
     assert!(downloaded == picture, "downloaded bytes differ from the uploaded picture");
 
-    // 6. Upload a file from the root and see the new version.
+    // 6. Drop a file on the upload area of the docs folder.
+    browser.go(&dashboard.url("/#/tree/vol?path=docs"));
+    browser.wait_for_selector("#dropzone");
+    let drop = "const transfer = new DataTransfer(); \
+                transfer.items.add(new File(['dropped on the page\\n'], 'dropped.txt', { type: 'text/plain' })); \
+                document.querySelector('#dropzone').dispatchEvent(new DragEvent('drop', { dataTransfer: transfer, bubbles: true, cancelable: true }));";
+    browser.script(drop, json!([]));
+    browser.wait_for_selector("#tree-table tr[data-path='docs/dropped.txt']");
+    assert_eq!(home.versions("vol").len(), 4, "the drop must create exactly one version");
+    let dropped = dashboard.bytes("/api/volumes/vol/download?path=docs/dropped.txt");
+    assert_eq!(dropped, b"dropped on the page\n");
+
+    // 7. Upload a file from the root with the file picker and see the new version.
     browser.go(&dashboard.url("/#/tree/vol"));
     browser.wait_for_selector("#tree-table tr[data-path='docs']");
     let before = browser.script("return document.querySelector('#current-version').dataset.version", json!([]));
@@ -327,11 +339,11 @@ fn dashboard_in_chromium() {
     let after = browser.script("return document.querySelector('#current-version').dataset.version", json!([]));
     assert_ne!(before, after, "the tree still shows the version from before the upload");
     let versions = home.versions("vol");
-    assert_eq!(versions.len(), 4, "the upload must create exactly one version");
+    assert_eq!(versions.len(), 5, "the upload must create exactly one version");
     assert_eq!(versions.last().unwrap()["id"], after);
     browser.shot("uploaded");
 
-    // 7. Switch to an older version and see the old tree.
+    // 8. Switch to an older version and see the old tree.
     browser.click(&format!("#version-select option[value='{first_put}']"));
     browser.wait_for(
         "the old version's tree",
@@ -343,10 +355,12 @@ fn dashboard_in_chromium() {
     assert!(tree.contains("table.csv"), "{tree}");
     browser.click("#tree-table tr[data-path='docs'] a");
     browser.wait_for_selector("#tree-table tr[data-path='docs/readme.txt']");
-    assert!(!browser.text("#tree-table").contains("notes.txt"), "the old docs folder shows a later file");
+    let old_docs = browser.text("#tree-table");
+    assert!(!old_docs.contains("notes.txt"), "the old docs folder shows a later file: {old_docs}");
+    assert!(!old_docs.contains("dropped.txt"), "the old docs folder shows a later file: {old_docs}");
     browser.shot("old-version");
 
-    // 8. The versions timeline and the diff of the upload against its parent.
+    // 9. The versions timeline and the diff of the upload against its parent.
     browser.go(&dashboard.url("/#/versions/vol"));
     browser.wait_for_selector("section[data-lineage='main'] .timeline li");
     browser.shot("versions");
