@@ -69,8 +69,10 @@ function time(iso) {
   return iso ? iso.replace("T", " ").replace("Z", " UTC") : "";
 }
 
+// Ids are ULIDs: the first 10 characters are the creation time in
+// milliseconds, so 3 random characters are kept to tell close versions apart.
 function shortId(id) {
-  return id ? id.slice(0, 10) : "";
+  return id ? id.slice(0, 13) : "";
 }
 
 // Replaces the page content; null and undefined entries are skipped.
