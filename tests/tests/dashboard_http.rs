@@ -226,6 +226,7 @@ fn download_streams_with_ranges() {
     assert!(whole.header("content-disposition").unwrap().starts_with("attachment; filename=\"blob.bin\""));
     assert!(whole.header("content-security-policy").unwrap().starts_with("sandbox"));
     assert_eq!(whole.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(whole.header("cache-control"), Some("no-cache"), "the head of a lineage moves");
     let etag = whole.header("etag").unwrap().to_owned();
     assert!(read_body(whole) == blob, "downloaded bytes differ");
 
@@ -248,6 +249,10 @@ fn download_streams_with_ranges() {
     assert_eq!(stale.status(), 200);
     let fresh = dashboard.get_with("/api/volumes/vol/download?path=blob.bin", &[("Range", "bytes=0-9"), ("If-Range", &etag)]);
     assert_eq!(fresh.status(), 206);
+
+    let head = dashboard.json("/api/volumes/vol/tree")["version"]["id"].as_str().unwrap().to_owned();
+    let pinned = dashboard.get(&format!("/api/volumes/vol/download?version={head}&path=blob.bin"));
+    assert_eq!(pinned.header("cache-control"), Some("private, max-age=31536000, immutable"));
 
     // The raw endpoint shows a PNG inline but sends HTML as an inert attachment.
     let raw_image = dashboard.get("/api/volumes/vol/raw?path=image.png");
@@ -431,29 +436,24 @@ fn upload_rejects_bad_paths() {
     assert!(!tree["entries"].as_array().unwrap().iter().any(|e| e["name"] == "good.txt"), "a rejected upload left a file");
 }
 
-/// Sends a chunked upload over a raw socket, so no length is declared up front.
-fn chunked_upload(dashboard: &Dashboard, body: &[u8], content_type: &str) -> String {
+/// Writes a whole request in one write and reads the response until the
+/// server closes. One write lets the server read the whole request before it
+/// responds, so closing does not reset the connection and lose the response.
+fn raw_exchange(dashboard: &Dashboard, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", dashboard.port)).unwrap();
     stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
-    let head = format!(
-        "POST /api/volumes/vol/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\
-         Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
-        dashboard.token
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    for chunk in body.chunks(1000) {
-        // The server may respond and close before the whole body is sent.
-        if stream.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).is_err()
-            || stream.write_all(chunk).is_err()
-            || stream.write_all(b"\r\n").is_err()
-        {
-            break;
-        }
-    }
-    let _ = stream.write_all(b"0\r\n\r\n");
+    stream.write_all(request).unwrap();
     let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
+    stream.read_to_end(&mut response).unwrap();
     String::from_utf8_lossy(&response).into_owned()
+}
+
+fn upload_head(dashboard: &Dashboard, content_type: &str, length_header: &str) -> String {
+    format!(
+        "POST /api/volumes/vol/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: {content_type}\r\n{length_header}\r\nConnection: close\r\n\r\n",
+        dashboard.token
+    )
 }
 
 #[test]
@@ -461,15 +461,26 @@ fn oversized_upload_is_413() {
     let (home, _, _) = sample_store();
     let dashboard = Dashboard::start(&home, &["--max-upload-bytes", "4096"]);
     let before = home.versions("vol").len();
-    let data = pseudo_random_bytes(10_000, 3);
+    let (content_type, body) = support::multipart(&[Part::File("big.bin", &pseudo_random_bytes(6000, 3))]);
 
-    let (status, body) = status_and_json(dashboard.upload("vol", "", &[Part::File("big.bin", &data)]));
-    assert_eq!(status, 413, "{body}");
-    assert!(error_message(&body).contains("--max-upload-bytes"));
+    // A declared length over the limit is rejected before any body is sent.
+    let head = upload_head(&dashboard, &content_type, &format!("Content-Length: {}", body.len()));
+    let response = raw_exchange(&dashboard, head.as_bytes());
+    assert!(response.starts_with("HTTP/1.1 413"), "declared length over the limit: {response}");
+    assert!(response.contains("--max-upload-bytes"), "{response}");
 
-    let (content_type, multipart) = support::multipart(&[Part::File("big.bin", &data)]);
-    let response = chunked_upload(&dashboard, &multipart, &content_type);
+    // A chunked body declares no length, so the limit applies while it streams.
+    let mut request = upload_head(&dashboard, &content_type, "Transfer-Encoding: chunked").into_bytes();
+    for chunk in body.chunks(1000) {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let response = raw_exchange(&dashboard, &request);
     assert!(response.starts_with("HTTP/1.1 413"), "chunked upload over the limit: {response}");
+    assert!(response.contains("--max-upload-bytes"), "{response}");
+    assert_eq!(home.versions("vol").len(), before, "an upload over the limit created a version");
 
     // A small upload still works.
     let (status, body) = status_and_json(dashboard.upload("vol", "", &[Part::File("small.txt", b"small")]));

@@ -155,6 +155,8 @@ struct Opened {
     info: VersionInfo,
     attr: Attr,
     path: String,
+    /// True when the request named a version, so the response never changes.
+    pinned: bool,
 }
 
 async fn open_path(state: &SharedState, volume: String, query: VersionQuery) -> Result<Opened, ApiError> {
@@ -162,9 +164,10 @@ async fn open_path(state: &SharedState, volume: String, query: VersionQuery) -> 
     blocking(move || {
         let volume = parse_volume(&volume)?;
         let path = canonical_path(query.path.as_deref())?;
+        let pinned = query.version.as_deref().is_some_and(|v| !v.is_empty());
         let (session, info) = open_version(&store, &volume, &query)?;
         let attr = session.resolve_path(&path)?;
-        Ok(Opened { session, info, attr, path })
+        Ok(Opened { session, info, attr, path, pinned })
     })
     .await
 }
@@ -231,12 +234,14 @@ fn file_response(state: &SharedState, opened: Opened, headers: &HeaderMap, dispo
     let range = if if_range_matches { parse_range(range_header, size) } else { RangeRequest::Whole };
     let name = opened.path.rsplit('/').next().unwrap_or(&opened.path).to_owned();
 
+    // The content of a path in a version never changes, but a request
+    // without a version reads the head of a lineage, which moves.
+    let cache_control = if opened.pinned { "private, max-age=31536000, immutable" } else { "no-cache" };
     let mut builder = Response::builder()
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::ETAG, &tag)
         .header(header::CONTENT_SECURITY_POLICY, FILE_CSP)
-        // The content of a path in a version never changes.
-        .header(header::CACHE_CONTROL, "private, max-age=31536000, immutable");
+        .header(header::CACHE_CONTROL, cache_control);
     builder = match disposition {
         Disposition::Attachment => builder
             .header(header::CONTENT_TYPE, "application/octet-stream")
