@@ -74,6 +74,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
             tracing::error!(status = %self.status, error = %self.message, "dashboard request failed");
+        } else {
+            tracing::debug!(status = %self.status, error = %self.message, "dashboard request rejected");
         }
         (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
     }

@@ -99,10 +99,12 @@ async fn serve(store: Arc<Store>, options: DashboardOptions) -> anyhow::Result<(
     });
     let url_host = if address.ip().is_unspecified() { format!("127.0.0.1:{}", address.port()) } else { address.to_string() };
     let token = state.token.clone();
+    let store_description = format!("{} ({})", state.store.local_root().display(), state.store.config().object_store_url);
     let app = router(state);
     tracing::info!(%address, "dashboard started");
     println!("chalk dashboard is serving the store; open this URL (the token is required):");
     println!("    http://{url_host}/?token={token}");
+    println!("store: {store_description}; stop with Ctrl-C");
     std::io::stdout().flush().context("failed to write to standard output")?;
     axum::serve(listener, app).await.context("the dashboard server failed")?;
     Ok(())
