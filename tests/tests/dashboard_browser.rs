@@ -1,7 +1,8 @@
 //! The dashboard in a real headless Chromium (Debian's `chromium` and
 //! `chromium-driver`), driven through WebDriver. The test logs in with the
 //! token, browses into a folder, previews a text file and an image,
-//! downloads a file, uploads a file by drop and by the file picker,
+//! downloads a file, uploads files by drop, by the file picker and by the
+//! folder picker,
 //! switches to an older version, and compares two versions.
 //! Each page is saved as a PNG under `$CARGO_TARGET_DIR/dashboard-screenshots/`.
 //!
@@ -343,7 +344,18 @@ fn dashboard_in_chromium() {
     assert_eq!(versions.last().unwrap()["id"], after);
     browser.shot("uploaded");
 
-    // 8. Switch to an older version and see the old tree.
+    // 8. Upload a folder with the folder picker: one version, paths kept.
+    let folder = home.path().join("batch");
+    fs::create_dir_all(folder.join("inner")).unwrap();
+    fs::write(folder.join("one.txt"), "one\n").unwrap();
+    fs::write(folder.join("inner/two.txt"), "two\n").unwrap();
+    browser.type_into("#upload-folder-input", folder.to_str().unwrap());
+    browser.wait_for_selector("#tree-table tr[data-path='batch']");
+    assert_eq!(home.versions("vol").len(), 6, "a folder upload must create exactly one version");
+    assert_eq!(dashboard.bytes("/api/volumes/vol/download?path=batch/inner/two.txt"), b"two\n");
+    assert_eq!(dashboard.bytes("/api/volumes/vol/download?path=batch/one.txt"), b"one\n");
+
+    // 9. Switch to an older version and see the old tree.
     browser.click(&format!("#version-select option[value='{first_put}']"));
     browser.wait_for(
         "the old version's tree",
@@ -360,11 +372,11 @@ fn dashboard_in_chromium() {
     assert!(!old_docs.contains("dropped.txt"), "the old docs folder shows a later file: {old_docs}");
     browser.shot("old-version");
 
-    // 9. The versions timeline and the diff of the upload against its parent.
+    // 10. The versions timeline and the diff of the file upload against its parent.
     browser.go(&dashboard.url("/#/versions/vol"));
     browser.wait_for_selector("section[data-lineage='main'] .timeline li");
     browser.shot("versions");
-    browser.click("section[data-lineage='main'] .timeline li:first-child a.diff-parent");
+    browser.click("section[data-lineage='main'] .timeline li:nth-child(2) a.diff-parent");
     browser.wait_for_selector("#diff-table tr[data-path='uploaded.txt'][data-change='added']");
     browser.click("#diff-table tr[data-path='uploaded.txt'] button.show-text-diff");
     browser.wait_for_selector("#diff-table table.text-diff tr.insert");
