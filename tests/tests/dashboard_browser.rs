@@ -2,8 +2,7 @@
 //! `chromium-driver`), driven through WebDriver. The test logs in with the
 //! token, browses into a folder, previews a text file and an image,
 //! downloads a file, uploads files by drop, by the file picker and by the
-//! folder picker,
-//! switches to an older version, and compares two versions.
+//! folder picker, switches to an older version, and compares two versions.
 //! Each page is saved as a PNG under `$CARGO_TARGET_DIR/dashboard-screenshots/`.
 //!
 //! Without Chromium the test skips with a message, unless
