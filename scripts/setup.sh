@@ -11,8 +11,9 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO_ROOT"
 
 # Debian packages the build, the tests and the demo need. A package is
-# installed only when dpkg reports it missing.
-APT_PACKAGES=(fuse3 fio bindfs rclone git tar coreutils python3)
+# installed only when dpkg reports it missing. chromium and chromium-driver
+# run the dashboard's browser test (tests/tests/dashboard_browser.rs).
+APT_PACKAGES=(fuse3 fio bindfs rclone git tar coreutils python3 chromium chromium-driver)
 
 log() {
     echo "setup: $*"

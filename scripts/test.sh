@@ -177,6 +177,8 @@ main() {
         eval "$(bash scripts/s3-servers.sh env)"
     fi
 
+    # The dashboard's browser test fails, never skips, without Chromium.
+    export CHALK_TEST_BROWSER=required
     run_stage nextest cargo nextest run --workspace --release --no-fail-fast --profile ci || true
     run_stage doctests cargo test --doc --workspace --release || true
     run_stage demo env CHALK_SKIP_SETUP=1 bash scripts/demo.sh --quick || true

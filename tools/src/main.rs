@@ -1,6 +1,7 @@
 //! `chalk`: the command-line tool of Chalk volumes.
 
 mod cache_cmd;
+mod dashboard;
 mod mount_cmd;
 mod output;
 mod transfer;
@@ -31,6 +32,15 @@ enum Command {
     /// Inspect the read cache of this host.
     #[command(subcommand)]
     Cache(cache_cmd::CacheCommand),
+    /// Serve the web dashboard: browse, preview, upload, download and compare versions.
+    Dashboard {
+        /// Address and port to listen on; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Largest upload request body, in bytes.
+        #[arg(long, default_value_t = 16 << 30)]
+        max_upload_bytes: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -224,6 +234,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let command = match cli.command {
         Command::Volume(command) => command,
         Command::Cache(command) => return cache_cmd::run_cache(command),
+        Command::Dashboard { listen, max_upload_bytes } => {
+            let options = dashboard::DashboardOptions { listen, max_upload_bytes };
+            return dashboard::run(open_store()?, options);
+        }
     };
     match command {
         VolumeCommand::Create { name } => {

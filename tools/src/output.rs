@@ -46,7 +46,7 @@ fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn version_json(v: &VersionInfo) -> serde_json::Value {
+pub fn version_json(v: &VersionInfo) -> serde_json::Value {
     json!({
         "id": v.id.to_string(),
         "seq": v.seq,
