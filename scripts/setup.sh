@@ -12,7 +12,8 @@ cd "$REPO_ROOT"
 
 # Debian packages the build, the tests and the demo need. A package is
 # installed only when dpkg reports it missing.
-APT_PACKAGES=(fuse3 fio bindfs rclone git tar coreutils python3)
+# python3-venv lets scripts/python-env.sh create the SDK tests' virtualenv.
+APT_PACKAGES=(fuse3 fio bindfs rclone git tar coreutils python3 python3-venv)
 
 log() {
     echo "setup: $*"
