@@ -20,7 +20,7 @@ from fsspec.spec import AbstractFileSystem
 from fsspec.transaction import Transaction
 
 from . import _native
-from .errors import InvalidArgument, NotFound, ReadOnly
+from .errors import AlreadyExists, InvalidArgument, NotFound, ReadOnly
 from .volume import OPEN_BUFFER_BYTES, STREAM_CHUNK_BYTES, Volume, VolumeFile
 
 _TYPES = {"dir": "directory", "file": "file", "symlink": "link"}
@@ -39,10 +39,12 @@ class ChalkTransaction(Transaction):
     """A transaction that publishes one version per volume when it ends."""
 
     def complete(self, commit: bool = True) -> None:
+        # fsspec's complete() detaches the filesystem from the transaction.
+        fs = self.fs
         try:
             super().complete(commit)
         finally:
-            self.fs._end_transaction(commit)
+            fs._end_transaction(commit)
 
 
 class ChalkFileSystem(AbstractFileSystem):
@@ -141,8 +143,8 @@ class ChalkFileSystem(AbstractFileSystem):
             return volume.read_file(inner)
         reader = volume._core.open_reader(inner)
         size = reader.size
-        start = 0 if start is None else (start if start >= 0 else max(size + start, 0))
-        end = size if end is None else (end if end >= 0 else max(size + end, 0))
+        start = self._absolute_offset(start, size, default=0)
+        end = self._absolute_offset(end, size, default=size)
         parts = []
         while start < end:
             data = reader.read_at(start, end - start)
@@ -151,6 +153,15 @@ class ChalkFileSystem(AbstractFileSystem):
             parts.append(data)
             start += len(data)
         return b"".join(parts)
+
+    @staticmethod
+    def _absolute_offset(offset: Optional[int], size: int, default: int) -> int:
+        """Resolve an fsspec range bound: ``None`` is ``default``, a negative one counts from the end."""
+        if offset is None:
+            return default
+        if offset < 0:
+            return max(size + offset, 0)
+        return min(offset, size)
 
     def _open(self, path: str, mode: str = "rb", block_size: Any = None, autocommit: bool = True, **kwargs: Any) -> Any:
         volume, inner, prefix = self._volume(path)
@@ -162,8 +173,6 @@ class ChalkFileSystem(AbstractFileSystem):
         if volume.read_only:
             raise ReadOnly(f"{path!r} names a pinned version, which is read-only; write to chalk://{volume.name}/{inner}")
         if mode == "xb" and volume.exists(inner):
-            from .errors import AlreadyExists
-
             raise AlreadyExists(f"{path!r} already exists")
         if not autocommit and self._intrans:
             batch = self._transaction_batch(volume)
@@ -215,8 +224,6 @@ class ChalkFileSystem(AbstractFileSystem):
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
         if not exist_ok and self.exists(path):
-            from .errors import AlreadyExists
-
             raise AlreadyExists(f"{path!r} already exists")
         self.mkdir(path)
 
@@ -236,9 +243,12 @@ class ChalkFileSystem(AbstractFileSystem):
 
 
 class ChalkWriteFile(io.RawIOBase):
-    """A file being written to a volume. Bytes go into the batch's session as
-    they arrive; closing the file publishes one version unless it belongs to
-    a transaction, which publishes when it ends."""
+    """A file being written to a volume.
+
+    Bytes go into the batch's session as they arrive. Closing the file
+    publishes one version, unless the file belongs to a transaction, which
+    publishes when it ends.
+    """
 
     def __init__(self, fs: ChalkFileSystem, batch: Any, inner: str, name: str, owns_batch: bool) -> None:
         super().__init__()
