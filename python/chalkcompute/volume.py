@@ -278,7 +278,7 @@ class Volume:
         """Publish the writes of every live writable mount of this volume on this host.
 
         Returns the versions published, one per mount that had changes, and
-        an empty list when no mount had any. ``on_conflict`` says what a mount
+        an empty list when no mount had any. ``on_conflict`` sets what a mount
         does when its lineage changed the same paths: ``"error"`` raises
         :class:`~chalkcompute.errors.Conflict` and the mount keeps its writes,
         ``"fork"`` publishes into a new lineage, ``"ours"`` overwrites.

@@ -201,7 +201,7 @@ impl Batch {
         Ok(())
     }
 
-    /// True when the batch holds writes that `commit` would publish.
+    /// Returns whether the batch contains writes that `commit` would publish.
     fn has_changes(&self) -> PyResult<bool> {
         Ok(self.session()?.has_changes())
     }

@@ -18,7 +18,7 @@ use chalk_engine::{Store, VersionInfo, VolumeName};
 
 use crate::errors::SdkError;
 
-/// How long one mount may take to answer a sync request.
+/// How long one mount may take to reply to a sync request.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A live mount as its registration file describes it.

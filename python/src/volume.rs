@@ -15,7 +15,7 @@ use crate::errors::{engine_error, engine_error_at, new_error};
 use crate::reader::Reader;
 use crate::{convert, mounts, open_store};
 
-/// What a handle reads from and writes to.
+/// The lineage or version a handle reads from and writes to.
 #[derive(Clone)]
 pub(crate) enum Binding {
     Lineage(LineageName),
@@ -191,7 +191,7 @@ impl VolumeCore {
         })
     }
 
-    /// The entry of one path (file, directory or symlink).
+    /// Returns the entry of one path (file, directory or symlink).
     fn stat<'py>(&self, py: Python<'py>, path: &str) -> PyResult<Bound<'py, PyDict>> {
         let volume = self.volume.as_str();
         let entry = py
