@@ -139,6 +139,28 @@ fn upload_tree(session: &Session, local_root: &Path, remote_root: &str) -> Resul
     Ok(done)
 }
 
+/// Times a commit syncs again after another writer published between its
+/// rebase and its head write.
+const COMMIT_ATTEMPTS: u32 = 16;
+
+/// Syncs `session`, trying again when the lineage head moved during the
+/// sync. The next attempt rebases onto the new head, or fails with a
+/// conflict naming the paths when both sides changed the same ones.
+fn sync_retrying(session: &Session, message: Option<&str>) -> chalk_engine::Result<SyncOutcome> {
+    let mut attempt = 1;
+    loop {
+        match session.sync(message) {
+            Err(EngineError::HeadMoved { .. }) if attempt < COMMIT_ATTEMPTS => {
+                // A short random pause keeps writers that collided from colliding again.
+                let pause_ms = 1 + rand::random::<u64>() % 20;
+                std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 #[pymethods]
 impl Batch {
     /// Writes `data` as the whole file at `path`; returns the bytes written.
@@ -211,7 +233,7 @@ impl Batch {
     #[pyo3(signature = (message = None))]
     fn commit<'py>(&self, py: Python<'py>, message: Option<&str>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let session = self.session()?;
-        let outcome = py.allow_threads(|| session.sync(message)).map_err(engine_error)?;
+        let outcome = py.allow_threads(|| sync_retrying(&session, message)).map_err(engine_error)?;
         // Only a successful publish ends the batch: after a conflict it keeps its writes.
         if let Some(session) = self.session.lock().take() {
             session.discard();
