@@ -12,8 +12,10 @@ cd "$REPO_ROOT"
 
 # Debian packages the build, the tests and the demo need. A package is
 # installed only when dpkg reports it missing.
-# python3-venv lets scripts/python-env.sh create the SDK tests' virtualenv.
-APT_PACKAGES=(fuse3 fio bindfs rclone git tar coreutils python3 python3-venv)
+# python3-venv lets scripts/python-env.sh create the SDK tests' virtualenv;
+# the SDK's sandboxes run in bubblewrap and build their Debian image with
+# debootstrap.
+APT_PACKAGES=(fuse3 fio bindfs rclone git tar coreutils python3 python3-venv bubblewrap debootstrap)
 
 log() {
     echo "setup: $*"

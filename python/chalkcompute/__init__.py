@@ -20,6 +20,7 @@ from .errors import (
     ReadOnly,
     StoreUnavailable,
 )
+from .sandbox import ExecResult, Image, Sandbox, SandboxClient, SandboxError
 from .volume import BatchUpload, Change, FileEntry, Version, Volume, VolumeFile
 
 __all__ = [
@@ -28,11 +29,16 @@ __all__ = [
     "ChalkError",
     "Change",
     "Conflict",
+    "ExecResult",
     "FileEntry",
+    "Image",
     "InvalidArgument",
     "InvalidPath",
     "NotFound",
     "ReadOnly",
+    "Sandbox",
+    "SandboxClient",
+    "SandboxError",
     "StoreUnavailable",
     "Version",
     "Volume",

@@ -17,6 +17,7 @@ mod convert;
 mod errors;
 mod mounts;
 mod reader;
+mod serve;
 mod volume;
 
 use std::path::PathBuf;
@@ -74,5 +75,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(volume::create_volume, m)?)?;
     m.add_function(wrap_pyfunction!(volume::list_volumes, m)?)?;
     m.add_function(wrap_pyfunction!(store_location, m)?)?;
+    m.add_function(wrap_pyfunction!(serve::serve_mount, m)?)?;
+    m.add_function(wrap_pyfunction!(serve::sync_mount_socket, m)?)?;
     Ok(())
 }

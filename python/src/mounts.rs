@@ -11,7 +11,7 @@
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chalk_engine::{Store, VersionInfo, VolumeName};
@@ -24,6 +24,7 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(600);
 /// A live mount as its registration file describes it.
 struct Mount {
     pid: u32,
+    volume: String,
     dir: String,
     read_only: bool,
     socket: PathBuf,
@@ -58,6 +59,7 @@ fn live_mounts(store: &Store, volume: &VolumeName) -> Vec<Mount> {
         }
         mounts.push(Mount {
             pid,
+            volume: volume.to_string(),
             dir: record["dir"].as_str().unwrap_or_default().to_owned(),
             read_only: record["read_only"].as_bool().unwrap_or(true),
             socket: PathBuf::from(socket),
@@ -94,6 +96,51 @@ fn conflict_paths(message: &str) -> Vec<String> {
     rest[..end].split(", ").filter(|p| !p.is_empty()).map(str::to_owned).collect()
 }
 
+/// Sends one sync request to `mount` and returns the version it published,
+/// or `None` when it had nothing to publish.
+fn sync_mount(store: &Store, mount: &Mount, body: &serde_json::Value) -> Result<Option<VersionInfo>, SdkError> {
+    let reply = request(mount, body)
+        .map_err(|message| SdkError::new("StoreUnavailable", format!("sync of the mount at {} failed: {message}", mount.dir)))?;
+    if reply["ok"].as_bool() != Some(true) {
+        let error = reply["error"].as_str().unwrap_or("the mount process gave no reason").to_owned();
+        let paths = conflict_paths(&error);
+        let kind = if error.starts_with("sync conflicts with") || error.contains("another writer published first") {
+            "Conflict"
+        } else {
+            "ChalkError"
+        };
+        return Err(SdkError { kind, message: format!("sync of the mount at {} failed: {error}", mount.dir), paths });
+    }
+    let Some(id) = reply["published"].as_str() else { return Ok(None) };
+    let volume = VolumeName::new(&mount.volume).map_err(|err| SdkError::new("ChalkError", err.to_string()))?;
+    store.resolve_version(&volume, id).map(Some).map_err(|err| SdkError::new("StoreUnavailable", err.to_string()))
+}
+
+fn sync_body(message: Option<&str>, on_conflict: &str) -> serde_json::Value {
+    serde_json::json!({"op": "sync", "message": message, "on_conflict": on_conflict})
+}
+
+/// Syncs the mount whose control socket is `socket`.
+pub(crate) fn sync_one(store: &Store, socket: &Path, message: Option<&str>, on_conflict: &str) -> Result<Option<VersionInfo>, SdkError> {
+    let registration = socket.with_extension("json");
+    let bytes = fs::read(&registration).map_err(|err| {
+        SdkError::new("NotFound", format!("mount registration {} not found ({err}); the mount has ended", registration.display()))
+    })?;
+    let record: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|err| SdkError::new("ChalkError", format!("invalid mount registration {}: {err}", registration.display())))?;
+    let mount = Mount {
+        pid: record["pid"].as_u64().unwrap_or_default() as u32,
+        volume: record["volume"].as_str().unwrap_or_default().to_owned(),
+        dir: record["dir"].as_str().unwrap_or_default().to_owned(),
+        read_only: record["read_only"].as_bool().unwrap_or(true),
+        socket: socket.to_owned(),
+    };
+    if mount.read_only {
+        return Ok(None);
+    }
+    sync_mount(store, &mount, &sync_body(message, on_conflict))
+}
+
 /// Syncs every live writable mount of `volume` and returns the versions
 /// published, by mount point. Every mount is tried; the first failure is
 /// raised after the others were synced.
@@ -103,33 +150,14 @@ pub(crate) fn sync_mounts(
     message: Option<&str>,
     on_conflict: &str,
 ) -> Result<Vec<VersionInfo>, SdkError> {
-    let body = serde_json::json!({"op": "sync", "message": message, "on_conflict": on_conflict});
+    let body = sync_body(message, on_conflict);
     let mut published = Vec::new();
     let mut failures: Vec<SdkError> = Vec::new();
     for mount in live_mounts(store, volume).into_iter().filter(|m| !m.read_only) {
-        let reply = match request(&mount, &body) {
-            Ok(reply) => reply,
-            Err(message) => {
-                failures.push(SdkError::new("StoreUnavailable", format!("sync of the mount at {} failed: {message}", mount.dir)));
-                continue;
-            }
-        };
-        if reply["ok"].as_bool() != Some(true) {
-            let error = reply["error"].as_str().unwrap_or("the mount process gave no reason").to_owned();
-            let paths = conflict_paths(&error);
-            let kind = if error.starts_with("sync conflicts with") || error.contains("another writer published first") {
-                "Conflict"
-            } else {
-                "ChalkError"
-            };
-            failures.push(SdkError { kind, message: format!("sync of the mount at {} failed: {error}", mount.dir), paths });
-            continue;
-        }
-        if let Some(id) = reply["published"].as_str() {
-            match store.resolve_version(volume, id) {
-                Ok(info) => published.push(info),
-                Err(err) => failures.push(SdkError::new("StoreUnavailable", err.to_string())),
-            }
+        match sync_mount(store, &mount, &body) {
+            Ok(Some(info)) => published.push(info),
+            Ok(None) => {}
+            Err(err) => failures.push(err),
         }
     }
     match failures.into_iter().next() {
