@@ -1,7 +1,7 @@
 """Helper process that serves one sandbox volume mount.
 
 Started by :mod:`chalkcompute.sandbox` as ``python -m chalkcompute._mount
-JSON``; the JSON object holds the arguments of ``_native.serve_mount``. The
+JSON``; the JSON object contains the arguments of ``_native.serve_mount``. The
 process prints ``ready`` once the mount is usable and runs until SIGTERM or
 until its parent ends.
 """

@@ -10,7 +10,7 @@ with a session of its own, so a sandbox's writes stay private until
 register under ``$CHALK_HOME/run/`` like ``chalk volume mount``, so
 ``chalk volume sync`` reaches them too.
 
-Lifetime: bwrap runs with ``--die-with-parent`` and each helper asks for
+Lifetime: bwrap runs with ``--die-with-parent`` and each helper requests
 SIGTERM when its parent ends, so sandboxes and their mounts end with the
 process that created them, also when it is killed. Unsynced writes are then
 discarded.
@@ -73,16 +73,16 @@ class Image:
 
     @classmethod
     def host(cls) -> "Image":
-        """The host's own root file system, bound read-only."""
+        """Return the host's own root file system, bound read-only."""
         return cls("host", "/")
 
     @classmethod
     def debian_slim(cls) -> "Image":
-        """A minimal Debian root file system with Python 3 (``python`` and ``python3``).
+        """Return a minimal Debian root file system with Python 3 (``python`` and ``python3``).
 
         Built once with ``debootstrap --variant=minbase`` into the image cache
         (``CHALK_IMAGE_CACHE``, default ``~/.cache/chalk/images``). Where it
-        cannot be built, a warning says why and the host root is used instead.
+        cannot be built, a warning gives the reason and the host root is used instead.
         """
         root = _build_debian_slim()
         if root is None:

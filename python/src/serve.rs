@@ -6,7 +6,7 @@
 //! registers its mounts (`mount-<pid>.json` and a control socket
 //! `mount-<pid>.sock`), so `chalk volume sync` and `vol.sync()` reach it.
 //!
-//! Lifetime: the helper asks the kernel for SIGTERM when its parent ends
+//! Lifetime: the helper requests SIGTERM from the kernel when its parent ends
 //! (`PR_SET_PDEATHSIG`). On SIGTERM, SIGINT or SIGHUP it removes its
 //! registration, unmounts and discards the session's unsynced writes.
 

@@ -131,7 +131,7 @@ def test_seed_fork_block(client) -> None:
     base = namespace["base_version"]
     sandbox_a, sandbox_b = namespace["sandbox_a"], namespace["sandbox_b"]
 
-    # Each sandbox sees only its own writes.
+    # Each sandbox reads only its own writes.
     assert sandbox_a.exec("cat", "/volumes/my-data/result.txt").stdout == "approach a\n"
     assert sandbox_b.exec("cat", "/volumes/my-data/result.txt").stdout == "approach b\n"
     assert sandbox_b.exec("test", "-e", "/volumes/my-data/only_a.txt").returncode == 1
