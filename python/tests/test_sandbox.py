@@ -183,3 +183,35 @@ def test_sandbox_rejects_duplicate_volumes(client) -> None:
     vol = Volume.create("my-data")
     with pytest.raises(ValueError, match="my-data"):
         client.create(image=Image.host(), volumes=[vol, vol])
+
+
+def sandbox_run(chalk_bin: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(chalk_bin), "sandbox", "run", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_chalk_sandbox_run(chalk_bin: Path) -> None:
+    vol = Volume.create("my-data")
+    base = vol.put_file("data.txt", b"base")
+
+    listing = sandbox_run(chalk_bin, "--volume", "my-data", "--", "ls", "/volumes/my-data")
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.split() == ["data.txt"]
+
+    discarded = sandbox_run(chalk_bin, "--volume", "my-data", "--", "sh", "-c", "echo gone > /volumes/my-data/new.txt")
+    assert discarded.returncode == 0, discarded.stderr
+    assert not vol.exists("new.txt")
+
+    synced = sandbox_run(chalk_bin, "--volume", "my-data", "--sync", "--", "sh", "-c", "echo kept > /volumes/my-data/new.txt")
+    assert synced.returncode == 0, synced.stderr
+    assert vol.read_file("new.txt") == b"kept\n"
+
+    forked = sandbox_run(chalk_bin, "--volume", f"my-data@{base.id}", "--sync", "--", "python", "-c",
+                         "open('/volumes/my-data/data.txt', 'w').write('forked')")
+    assert forked.returncode == 0, forked.stderr
+    assert vol.read_file("data.txt") == b"base"
+    [fork_lineage] = {v.lineage for v in vol.versions(all_lineages=True)} - {"main"}
+    assert Volume("my-data", lineage=fork_lineage).read_file("data.txt") == b"forked"
+
+    failing = sandbox_run(chalk_bin, "--image", "host", "--", "sh", "-c", "exit 7")
+    assert failing.returncode == 7
+    assert chalk_mounts() == []
