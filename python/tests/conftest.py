@@ -20,7 +20,11 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 @pytest.fixture(autouse=True)
 def chalk_home(monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = Path(tempfile.mkdtemp(prefix="chalk-sdk-test.", dir="/var/tmp"))
+    # scripts/test.sh points TMPDIR into its run directory under /var/tmp and
+    # unmounts whatever is left there; any other TMPDIR may be a tmpfs.
+    tmpdir = os.environ.get("TMPDIR", "")
+    parent = tmpdir if tmpdir.startswith("/var/tmp/") else "/var/tmp"
+    home = Path(tempfile.mkdtemp(prefix="chalk-sdk-test.", dir=parent))
     monkeypatch.setenv("CHALK_HOME", str(home))
     monkeypatch.delenv("CHALK_STORE", raising=False)
     try:

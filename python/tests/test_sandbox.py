@@ -215,3 +215,27 @@ def test_chalk_sandbox_run(chalk_bin: Path) -> None:
     failing = sandbox_run(chalk_bin, "--image", "host", "--", "sh", "-c", "exit 7")
     assert failing.returncode == 7
     assert chalk_mounts() == []
+
+
+def test_chalk_volume_sync_reaches_sandboxes(client, chalk_bin: Path) -> None:
+    vol = Volume.create("my-data")
+    sandbox = client.create(image=Image.debian_slim(), volumes=[vol])
+    sandbox.exec("sh", "-c", "echo from the sandbox > /volumes/my-data/cli.txt", check=True)
+    synced = subprocess.run([str(chalk_bin), "volume", "sync", "my-data"], capture_output=True, text=True, timeout=120)
+    assert synced.returncode == 0, synced.stderr
+    assert vol.read_file("cli.txt") == b"from the sandbox\n"
+    assert synced.stdout.strip() == vol.latest_version().id
+
+
+def test_sandbox_timeout_terminates(client) -> None:
+    vol = Volume.create("my-data")
+    sandbox = client.create(image=Image.debian_slim(), volumes=[vol], timeout=1)
+    assert sandbox.running
+    # terminate() kills bwrap first, then waits for the mounts to end.
+    deadline = time.monotonic() + 30
+    while (sandbox.running or chalk_mounts()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not sandbox.running
+    assert chalk_mounts() == []
+    with pytest.raises(SandboxError, match="not running"):
+        sandbox.exec("true")
