@@ -10,8 +10,8 @@
 # installed with `pip install ./python`, which builds the extension with
 # maturin and cargo in the workspace's target directory (CARGO_TARGET_DIR
 # when set), so it shares the build of scripts/setup.sh. That step is
-# skipped when no source file of the SDK or the engine changed since the
-# last install.
+# skipped when no source file of the SDK, the engine or the FUSE adaptor
+# changed since the last install.
 #
 # Environment:
 #   CHALK_TOOL_CACHE  per-machine cache (default ~/.cache/chalk-tools)
@@ -70,7 +70,7 @@ install_tools() {
 
 # Print a hash of everything the SDK is built from.
 source_hash() {
-    find python engine -type f \( -name '*.rs' -o -name '*.py' -o -name '*.pyi' -o -name '*.toml' -o -name 'py.typed' \) \
+    find python engine fused -type f \( -name '*.rs' -o -name '*.py' -o -name '*.pyi' -o -name '*.toml' -o -name 'py.typed' \) \
         -not -path 'python/tests/*' -not -path '*/__pycache__/*' -print0 |
         sort -z | xargs -0 sha256sum | cat - Cargo.toml Cargo.lock | sha256sum | cut -d' ' -f1
 }

@@ -139,10 +139,8 @@ class _Mount:
     volume: str
     directory: Path
     process: subprocess.Popen
-
-    @property
-    def socket(self) -> Path:
-        return Path(_native.store_location()[0]) / "run" / f"mount-{self.process.pid}.sock"
+    #: Control socket, registered under the store's ``run/`` directory.
+    socket: Path
 
 
 class SandboxClient:
@@ -184,7 +182,8 @@ class Sandbox:
         self.image = image
         self.workdir = workdir or "/workspace"
         self._env = {"PATH": DEFAULT_PATH, "HOME": "/tmp", "LANG": "C.UTF-8", **env}
-        self._directory = Path(_native.store_location()[0]) / "sandboxes" / self.id
+        self._store_root = Path(_native.store_location()[0])
+        self._directory = self._store_root / "sandboxes" / self.id
         self._mounts: list[_Mount] = []
         self._process: Optional[subprocess.Popen] = None
         self._lock = threading.Lock()
@@ -221,7 +220,8 @@ class Sandbox:
                 [sys.executable, "-m", "chalkcompute._mount", json.dumps(arguments)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
             )
-        mount = _Mount(volume.name, directory, process)
+        socket = self._store_root / "run" / f"mount-{process.pid}.sock"
+        mount = _Mount(volume.name, directory, process, socket)
         ready = _read_line(process.stdout, _MOUNT_READY_TIMEOUT_S)
         if ready != b"ready\n":
             process.kill()
