@@ -235,8 +235,8 @@ class ChalkFileSystem(AbstractFileSystem):
 
     def rm(self, path: Any, recursive: bool = False, maxdepth: Optional[int] = None) -> None:
         paths = path if isinstance(path, list) else [path]
-        for one in paths:
-            self._write_batch(one, lambda batch, inner: batch.remove(inner, recursive), "rm {path}")
+        for target in paths:
+            self._write_batch(target, lambda batch, inner: batch.remove(inner, recursive), "rm {path}")
 
     def rmdir(self, path: str) -> None:
         self._write_batch(path, lambda batch, inner: batch.remove(inner, False), "rmdir {path}")
