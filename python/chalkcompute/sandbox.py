@@ -10,10 +10,11 @@ with a session of its own, so a sandbox's writes stay private until
 register under ``$CHALK_HOME/run/`` like ``chalk volume mount``, so
 ``chalk volume sync`` reaches them too.
 
-Lifetime: bwrap runs with ``--die-with-parent`` and each helper requests
-SIGTERM when its parent ends, so sandboxes and their mounts end with the
-process that created them, also when it is killed. Unsynced writes are then
-discarded.
+Lifetime: a sandbox's main process and each helper wait on a pipe whose
+other end only the creating process holds, and bwrap runs with
+``--die-with-parent`` and each helper requests SIGTERM when its parent ends.
+So sandboxes and their mounts end with the process that created them, also
+when it is killed, and their unsynced writes are discarded.
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ class Sandbox:
         self._directory = self._store_root / "sandboxes" / self.id
         self._mounts: list[_Mount] = []
         self._process: Optional[subprocess.Popen] = None
+        self._lifeline: Optional[int] = None
         self._lock = threading.Lock()
         self._timer: Optional[threading.Timer] = None
         try:
@@ -213,12 +215,14 @@ class Sandbox:
             "lineage": volume.lineage,
             "version": pinned.id if pinned is not None else None,
             "writable": True,
+            "watch_stdin": True,
         }
         log = open(self._directory / f"mount-{volume.name}.log", "wb")
         with log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "chalkcompute._mount", json.dumps(arguments)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                # The helper stops when this pipe closes, as it does when this process ends.
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
             )
         socket = self._store_root / "run" / f"mount-{process.pid}.sock"
         mount = _Mount(volume.name, directory, process, socket)
@@ -230,7 +234,7 @@ class Sandbox:
             raise StoreUnavailable(f"mounting volume {volume.name} for sandbox {self.id} failed: {detail or 'no output'}")
         return mount
 
-    def _bwrap_argv(self, network: bool, info_fd: int) -> list[str]:
+    def _bwrap_argv(self, network: bool, info_fd: int, lifeline_fd: int) -> list[str]:
         argv = ["bwrap", "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
                 "--unshare-cgroup-try", "--hostname", f"sandbox-{self.id}", "--tmpfs", "/"]
         if not network:
@@ -250,18 +254,24 @@ class Sandbox:
         argv += ["--dir", self.workdir, "--chdir", self.workdir, "--clearenv"]
         for key, value in self._env.items():
             argv += ["--setenv", key, value]
-        argv += ["--info-fd", str(info_fd), "--", "sleep", "infinity"]
+        # The sandbox's main process waits for the end of the lifeline pipe,
+        # whose write end only this process holds: when it ends, the pipe
+        # closes, the main process exits and bwrap ends the sandbox.
+        # cat opens the inherited descriptor through /proc, because dash accepts only descriptors 0 to 9 in redirections.
+        argv += ["--info-fd", str(info_fd), "--", "cat", f"/proc/self/fd/{lifeline_fd}"]
         return argv
 
     def _start_bwrap(self, network: bool) -> int:
         info_read, info_write = os.pipe()
+        lifeline_read, self._lifeline = os.pipe()
         log = open(self._directory / "bwrap.log", "wb")
         with log:
             self._process = subprocess.Popen(
-                self._bwrap_argv(network, info_write), pass_fds=(info_write,),
+                self._bwrap_argv(network, info_write, lifeline_read), pass_fds=(info_write, lifeline_read),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             )
         os.close(info_write)
+        os.close(lifeline_read)
         with os.fdopen(info_read, "rb") as info:
             text = b""
             while True:
@@ -308,6 +318,9 @@ class Sandbox:
             if self._process is not None and self._process.poll() is None:
                 os.killpg(self._process.pid, signal.SIGKILL)
                 self._process.wait()
+            if self._lifeline is not None:
+                os.close(self._lifeline)
+                self._lifeline = None
             for mount in self._mounts:
                 if mount.process.poll() is None:
                     mount.process.send_signal(signal.SIGTERM)
@@ -317,8 +330,9 @@ class Sandbox:
                 except subprocess.TimeoutExpired:
                     mount.process.kill()
                     mount.process.wait()
-                if mount.process.stdout is not None:
-                    mount.process.stdout.close()
+                for stream in (mount.process.stdin, mount.process.stdout):
+                    if stream is not None:
+                        stream.close()
             self._mounts = []
             shutil.rmtree(self._directory, ignore_errors=True)
 

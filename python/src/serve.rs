@@ -117,7 +117,11 @@ fn serve_client(stream: UnixStream, session: &Session, registration: &Mutex<serd
 /// lineage), else on the head of `lineage` (default `main`). Prints `ready`
 /// on standard output once the mount is usable and registered.
 #[pyfunction]
-#[pyo3(signature = (volume, dir, lineage = None, version = None, writable = true))]
+///
+/// With `watch_stdin`, the end of standard input also stops the mount: the
+/// parent holds the pipe's other end, so its death closes the pipe even in
+/// cases where the parent-death signal is not delivered.
+#[pyo3(signature = (volume, dir, lineage = None, version = None, writable = true, watch_stdin = false))]
 pub fn serve_mount(
     py: Python<'_>,
     volume: &str,
@@ -125,6 +129,7 @@ pub fn serve_mount(
     lineage: Option<&str>,
     version: Option<&str>,
     writable: bool,
+    watch_stdin: bool,
 ) -> PyResult<()> {
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and touches no memory.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
@@ -190,6 +195,15 @@ pub fn serve_mount(
                     }
                 });
             }
+        });
+    }
+
+    if watch_stdin {
+        std::thread::spawn(|| {
+            let mut sink = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while matches!(std::io::Read::read(&mut stdin, &mut sink), Ok(n) if n > 0) {}
+            let _ = STOP_SIGNAL.compare_exchange(0, libc::SIGTERM, Ordering::SeqCst, Ordering::SeqCst);
         });
     }
 

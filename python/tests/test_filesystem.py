@@ -58,6 +58,17 @@ def test_pyarrow_dataset_over_directory(vol: Volume) -> None:
     assert pandas.read_parquet("chalk://my-data/parts/part-2.parquet")["id"].min() == 200
 
 
+def test_huggingface_datasets_reads_csv(vol: Volume, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "huggingface"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    import datasets
+
+    vol.put_file("data/train.csv", "a,b\n1,2\n3,4\n")
+    dataset = datasets.load_dataset("csv", data_files="chalk://my-data/data/train.csv", split="train")
+    assert dataset.num_rows == 2
+    assert list(dataset["a"]) == [1, 3]
+
+
 def test_version_pinned_url(vol: Volume) -> None:
     first = vol.put_file("data/t.csv", "a\n1\n")
     vol.put_file("data/t.csv", "a\n2\n")
