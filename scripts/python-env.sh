@@ -5,7 +5,7 @@
 #   bash scripts/python-env.sh python -m pytest ... # prepare, then run venv/bin/python
 #
 # The virtualenv lives in the per-machine tool cache and is created once.
-# The test tools (maturin, pytest, pandas, pyarrow, fsspec) come from PyPI
+# The test tools (maturin, pytest, pandas, pyarrow, fsspec, datasets) come from PyPI
 # and are installed again only when the list below changes. Then the SDK is
 # installed with `pip install ./python`, which builds the extension with
 # maturin and cargo in the workspace's target directory (CARGO_TARGET_DIR
@@ -24,7 +24,7 @@ cd "$REPO_ROOT"
 CHALK_TOOL_CACHE="${CHALK_TOOL_CACHE:-$HOME/.cache/chalk-tools}"
 VENV="$CHALK_TOOL_CACHE/python-venv"
 PYTHON="${CHALK_PYTHON:-python3}"
-REQUIREMENTS=("pip>=23" "maturin>=1.5,<2" "pytest>=7" "pandas>=2" "pyarrow>=14" "fsspec>=2023.1.0")
+REQUIREMENTS=("pip>=23" "maturin>=1.5,<2" "pytest>=7" "pandas>=2" "pyarrow>=14" "fsspec>=2023.1.0" "datasets>=2.14")
 
 log() {
     echo "python-env: $*" >&2
