@@ -13,7 +13,10 @@ cd "$REPO_ROOT"
 # Debian packages the build, the tests and the demo need. A package is
 # installed only when dpkg reports it missing. chromium and chromium-driver
 # run the dashboard's browser test (tests/tests/dashboard_browser.rs).
-APT_PACKAGES=(fuse3 fio bindfs rclone git tar coreutils python3 chromium chromium-driver)
+# python3-venv lets scripts/python-env.sh create the SDK tests' virtualenv;
+# the SDK's sandboxes run in bubblewrap and build their Debian image with
+# debootstrap.
+APT_PACKAGES=(fuse3 fio bindfs rclone git tar coreutils python3 chromium chromium-driver python3-venv bubblewrap debootstrap)
 
 log() {
     echo "setup: $*"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the whole Chalk test suite: machine set-up and release build, the
 # workspace tests under nextest, the doc tests, the end-to-end demo in
-# quick mode, other projects' POSIX suites against a mount
+# quick mode, the Python SDK's pytest suite (in the virtualenv that
+# scripts/python-env.sh prepares), other projects' POSIX suites against a mount
 # (scripts/posix-suites.sh) and a short run of each fuzz target
 # (fuzz/run.sh). Every stage runs even when an earlier test stage failed.
 # The last line is "total: N passed, N failed, N skipped", and the exit
@@ -100,6 +101,14 @@ count_results() {
             summary=$(grep -E '^(posix-suites|fuzz): [0-9]+ passed' <<<"$plain" | tail -n 1 || true)
             echo "$(sum_counts passed <<<"$summary") $(sum_counts failed <<<"$summary") $(sum_counts skipped <<<"$summary")"
             ;;
+        pytest)
+            # pytest's closing line: "==== 30 passed, 1 failed, 2 skipped, 1 error in 12.3s ====".
+            local summary failed errors
+            summary=$(grep -E '[0-9]+ (passed|failed|skipped|errors?|deselected)[^=]* in [0-9.]+s' <<<"$plain" | tail -n 1 || true)
+            failed=$(sum_counts failed <<<"$summary")
+            errors=$(sum_counts error <<<"$summary")
+            echo "$(sum_counts passed <<<"$summary") $((failed + errors)) $(sum_counts skipped <<<"$summary")"
+            ;;
         demo)
             local passed failed
             passed=$(grep -cE '^ok   ' <<<"$plain" || true)
@@ -182,6 +191,7 @@ main() {
     run_stage nextest cargo nextest run --workspace --release --no-fail-fast --profile ci || true
     run_stage doctests cargo test --doc --workspace --release || true
     run_stage demo env CHALK_SKIP_SETUP=1 bash scripts/demo.sh --quick || true
+    run_stage pytest bash scripts/python-env.sh python -m pytest -p no:cacheprovider python/tests || true
     run_stage posix bash scripts/posix-suites.sh || true
     run_stage fuzz bash fuzz/run.sh 20 || true
 

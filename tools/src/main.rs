@@ -4,6 +4,7 @@ mod cache_cmd;
 mod dashboard;
 mod mount_cmd;
 mod output;
+mod sandbox_cmd;
 mod transfer;
 
 use std::path::PathBuf;
@@ -40,6 +41,37 @@ enum Command {
         /// Largest upload request body, in bytes.
         #[arg(long, default_value_t = 16 << 30)]
         max_upload_bytes: u64,
+    },
+    /// Run commands in sandboxes with volumes mounted at /volumes/NAME.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+}
+
+#[derive(Subcommand)]
+enum SandboxCommand {
+    /// Run CMD in a bubblewrap sandbox; its volume writes are discarded unless --sync.
+    Run {
+        /// Volume to mount at /volumes/NAME; NAME@VERSION mounts a version writable, and its sync forks a lineage.
+        #[arg(long = "volume", value_name = "NAME[@VERSION]")]
+        volumes: Vec<String>,
+        /// Root file system: debian-slim (built once with debootstrap) or host.
+        #[arg(long, default_value = "debian-slim", value_parser = ["debian-slim", "host"])]
+        image: String,
+        /// Directory the command starts in, created empty when missing.
+        #[arg(long, default_value = "/workspace")]
+        workdir: String,
+        /// Environment variable KEY=VALUE for the command (repeatable).
+        #[arg(long)]
+        env: Vec<String>,
+        /// Share the host network instead of a loopback-only one.
+        #[arg(long)]
+        network: bool,
+        /// Publish each volume's writes when the command exits with status 0.
+        #[arg(long)]
+        sync: bool,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
 }
 
@@ -237,6 +269,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dashboard { listen, max_upload_bytes } => {
             let options = dashboard::DashboardOptions { listen, max_upload_bytes };
             return dashboard::run(open_store()?, options);
+        }
+        Command::Sandbox(SandboxCommand::Run { volumes, image, workdir, env, network, sync, command }) => {
+            let store = open_store()?;
+            let request = sandbox_cmd::RunRequest { volumes, image, workdir, env, network, sync, command };
+            let code = sandbox_cmd::run(&store, &request)?;
+            if code != 0 {
+                // The command's own status; the mounts have ended by now.
+                std::process::exit(code);
+            }
+            return Ok(());
         }
     };
     match command {
