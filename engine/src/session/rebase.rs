@@ -266,6 +266,10 @@ impl Session {
                     let theirs = head_state.inode(&self.store, &self.volume, ino)?.clone();
                     merge_directory(&ours, entries, &base_record, &base_entries, theirs)
                 }
+                (_, Some(base_record), true) => {
+                    let theirs = head_state.inode(&self.store, &self.volume, ino)?.clone();
+                    merge_inode(ours, &base_record, theirs)
+                }
                 _ => ours,
             };
             merged.push((ino, inode));
@@ -284,6 +288,46 @@ impl Session {
         tracing::info!(volume = %self.volume, lineage = %lineage, head = %state.base.id, "rebased session onto the moved head");
         Ok(Rebase::Rebased)
     }
+}
+
+/// True when an inode's kind, attributes, extended attributes or content
+/// differ from its base record. Links and times other than a file's mtime
+/// are not compared.
+fn content_changed(inode: &Inode, base: &crate::format::checkpoint::InodeRecord) -> bool {
+    let (x, y) = (&inode.attr, &base.attr);
+    if x.kind != y.kind || x.perm != y.perm || x.uid != y.uid || x.gid != y.gid || x.rdev != y.rdev {
+        return true;
+    }
+    if inode.xattrs != base.xattrs {
+        return true;
+    }
+    match (&inode.content, &base.content) {
+        (Content::File(ours), StoredContent::File(theirs)) => x.size != y.size || x.mtime != y.mtime || ours != theirs,
+        (Content::Symlink(ours), StoredContent::Symlink(theirs)) => ours != theirs,
+        (Content::Special, StoredContent::Special) => false,
+        _ => true,
+    }
+}
+
+/// Merges a file, symlink or special inode that both the session and the
+/// head may have changed since the base. The session's links added and
+/// removed since the base are applied to the head's links, so a name the
+/// head gave the inode survives the session's unlink of another name. The
+/// content and attributes are the session's when it changed them, and
+/// otherwise the head's. An inode left without links is removed.
+fn merge_inode(ours: Inode, base: &crate::format::checkpoint::InodeRecord, theirs: Inode) -> Inode {
+    let removed: Vec<&(Ino, Vec<u8>)> = base.links.iter().filter(|link| !ours.links.contains(link)).collect();
+    let added: Vec<&(Ino, Vec<u8>)> = ours.links.iter().filter(|link| !base.links.contains(link)).collect();
+    let mut links: Vec<(Ino, Vec<u8>)> = theirs.links.iter().filter(|link| !removed.contains(link)).cloned().collect();
+    for link in added {
+        if !links.contains(link) {
+            links.push(link.clone());
+        }
+    }
+    let mut merged = if content_changed(&ours, base) { ours } else { theirs };
+    merged.attr.nlink = links.len() as u32;
+    merged.links = links;
+    merged
 }
 
 /// Applies this session's entry changes (base to ours) to the head's
