@@ -6,12 +6,17 @@
 //! mounted file system and the `chalk` binary drives [`Store`].
 
 pub mod cache;
+pub mod catalog;
 pub mod diff;
 pub mod error;
 pub mod extent;
 pub mod format;
+pub mod fsck;
+pub mod gc;
 pub mod ids;
+pub mod inspect;
 pub mod io;
+pub mod lease;
 pub mod lineage;
 pub mod object_store;
 pub mod segment;

@@ -2,6 +2,7 @@
 
 mod cache_cmd;
 mod mount_cmd;
+mod ops_cmd;
 mod output;
 mod transfer;
 
@@ -31,6 +32,13 @@ enum Command {
     /// Inspect the read cache of this host.
     #[command(subcommand)]
     Cache(cache_cmd::CacheCommand),
+    /// Check that the store is whole: records, checkpoints, lineages and the local cache.
+    Fsck(ops_cmd::FsckArgs),
+    /// Show stored structures: segments, checkpoints, versions, volumes and extent maps.
+    #[command(subcommand)]
+    Inspect(ops_cmd::InspectCommand),
+    /// Delete versions that retention drops and objects no kept version refers to.
+    Gc(ops_cmd::GcArgs),
 }
 
 #[derive(Subcommand)]
@@ -183,7 +191,7 @@ enum VolumeCommand {
         #[arg(long, value_parser = ["error", "fork", "ours"])]
         on_conflict: Option<String>,
     },
-    /// Delete a volume and all its versions.
+    /// Delete a volume and all its versions; `chalk gc NAME` then frees its objects.
     Delete { name: String },
     /// Fetch files into the local disk cache ahead of a job (the whole volume without PATH).
     Warm {
@@ -219,6 +227,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let command = match cli.command {
         Command::Volume(command) => command,
         Command::Cache(command) => return cache_cmd::run_cache(command),
+        Command::Fsck(args) => return ops_cmd::run_fsck(&*open_store()?, args),
+        Command::Inspect(command) => return ops_cmd::run_inspect(&open_store()?, command),
+        Command::Gc(args) => return ops_cmd::run_gc(&*open_store()?, args),
     };
     match command {
         VolumeCommand::Create { name } => {
@@ -390,7 +401,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("volume {volume} is mounted at {}; unmount it first with `chalk volume unmount DIR`", list.join(", "));
             }
             store.delete_volume(&volume)?;
-            println!("deleted volume {volume}");
+            println!("deleted volume {volume}; run `chalk gc {volume}` to free its objects in the store");
         }
         VolumeCommand::Warm { name, paths, version } => {
             let store = open_store()?;
