@@ -4,7 +4,7 @@
 //!
 //! Nothing here writes. Reading problems (an entry that does not decode, a
 //! page that is missing) are collected, not raised, so that `fsck` can
-//! report all of them; `gc` refuses to delete anything when there is one.
+//! report all of them. `gc` deletes nothing when there is one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -231,7 +231,7 @@ pub struct ExtentRef {
     pub extent: Extent,
 }
 
-/// What one version refers to.
+/// Objects and extents that one version refers to.
 #[derive(Clone, Debug, Default)]
 pub struct VersionRefs {
     pub root_key: String,

@@ -38,7 +38,7 @@ use crate::ids::{SegmentId, VersionId, VolumeName};
 use crate::segment;
 use crate::store::{segment_key, Store};
 
-/// What [`Store::fsck`] checks.
+/// Scope and mode of one [`Store::fsck`] run.
 #[derive(Clone, Debug, Default)]
 pub struct FsckOptions {
     /// Check one volume; every volume of the store when `None`.
@@ -50,7 +50,7 @@ pub struct FsckOptions {
     pub repair: bool,
 }
 
-/// Which copy of an object a problem is in.
+/// Copy of an object that a problem is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Copy {
@@ -374,11 +374,9 @@ impl Store {
                     format!("local copy {} ({} bytes) differs from {key} ({} bytes)", local_path.display(), local.len(), remote.size),
                 ));
             }
-            if differs || local_bad {
-                if options.repair {
-                    let outcome = self.refetch_segment(&key, &local_path);
-                    mark_repaired(report, segment, outcome, "refetched the local copy from the object store");
-                }
+            if (differs || local_bad) && options.repair {
+                let outcome = self.refetch_segment(&key, &local_path);
+                mark_repaired(report, segment, outcome, "refetched the local copy from the object store");
             }
         }
 
@@ -470,7 +468,7 @@ fn mark_repaired(report: &mut FsckReport, segment: SegmentId, outcome: std::resu
     }
 }
 
-/// Checks what lineage entries say about each other.
+/// Checks lineage entries against each other and against the pruned records.
 fn check_lineages(catalog: &Catalog, report: &mut FsckReport) {
     let volume = &catalog.volume;
     let versions = catalog.versions();

@@ -40,7 +40,7 @@ use crate::store::{volume_prefix, Store};
 /// Default time during which new objects are never deleted.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
 
-/// What [`Store::gc`] keeps and how it runs.
+/// Retention policy and mode of one [`Store::gc`] run.
 #[derive(Clone, Debug)]
 pub struct GcOptions {
     /// Keep the last N entries of every lineage.
@@ -58,7 +58,7 @@ impl Default for GcOptions {
     }
 }
 
-/// Why a version was kept.
+/// Reason a version was kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum KeepReason {
     Head,
@@ -119,7 +119,7 @@ impl Store {
         for meta in catalog.objects.values() {
             let rest = &meta.key[prefix.len()..];
             let old = meta.modified.is_some_and(|m| m < cutoff);
-            let wanted = match class_of(rest) {
+            let collectable = match class_of(rest) {
                 ObjectClass::Data => !marked.protects(&meta.key),
                 ObjectClass::Entry => catalog.entries.iter().any(|e| e.key == meta.key && dropped.contains(&e.version.id)),
                 ObjectClass::Lease => catalog
@@ -130,7 +130,7 @@ impl Store {
                 ObjectClass::Tag | ObjectClass::GcRecord => !catalog.exists,
                 ObjectClass::VolumeRecord | ObjectClass::SweepMarker | ObjectClass::Other => false,
             };
-            if !wanted {
+            if !collectable {
                 continue;
             }
             if !old {

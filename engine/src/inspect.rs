@@ -27,7 +27,7 @@ pub struct RecordView {
 #[derive(Clone, Debug)]
 pub struct SegmentView {
     pub id: SegmentId,
-    /// Where the bytes came from: a local path or an object key.
+    /// Source of the bytes: a local path or an object key.
     pub source: String,
     pub len: u64,
     pub header: Option<SegmentHeader>,
@@ -95,7 +95,7 @@ impl Store {
         Ok(SegmentView { id, source, len: bytes.len() as u64, header: scan.header, sealed: scan.sealed, records, invalid: scan.invalid })
     }
 
-    /// Finds the volume that holds the checkpoint of `version`.
+    /// Finds the volume that contains the checkpoint of `version`.
     pub fn volume_of_version(&self, version: VersionId) -> Result<VolumeName> {
         for volume in self.volumes_with_objects()? {
             if self.objects().get(&checkpoint_key(&volume, version))?.is_some() {
@@ -112,8 +112,8 @@ impl Store {
 }
 
 impl Session {
-    /// The attributes and extent map of the regular file at `path`, as
-    /// `(file offset, extent)` pairs in file order.
+    /// Returns the attributes and extent map of the regular file at
+    /// `path`, as `(file offset, extent)` pairs in file order.
     pub fn file_extents(&self, path: &str) -> Result<(Attr, Vec<(u64, Extent)>)> {
         let attr = self.resolve_path(path)?;
         let mut state = self.state.lock();

@@ -1,7 +1,7 @@
 //! Session leases and gc sweep markers: how live sessions and `gc` keep out
 //! of each other's way through the object store alone.
 //!
-//! A writable session (and a mount that asks for one) keeps a lease object
+//! A writable session (and a read-only mount, through `Session::hold_lease`) keeps a lease object
 //! at `volumes/<volume>/leases/<session>`. It names the versions the session
 //! reads, and during a sync the segments and the version id it is about to
 //! upload. A background thread rewrites it every third of its time to live,
@@ -33,9 +33,9 @@ use crate::object_store::{list_all, ObjectStore};
 
 /// Time to live of a lease that is not renewed.
 pub const LEASE_TTL: Duration = Duration::from_secs(600);
-/// A sweep marker older than this belongs to a gc run that died; sessions
-/// stop waiting for it, and a gc run stops deleting before its marker is
-/// half this old.
+/// A sweep marker older than this belongs to a gc run that died, so
+/// sessions stop waiting for it. A gc run stops deleting before its marker
+/// is half this old.
 pub const SWEEP_MARKER_TTL: Duration = Duration::from_secs(900);
 /// Pause between two looks at the sweep markers while one is live.
 const SWEEP_POLL: Duration = Duration::from_millis(50);

@@ -21,6 +21,7 @@ pub mod lineage;
 pub mod object_store;
 pub mod segment;
 pub mod session;
+pub mod space;
 pub mod store;
 pub mod tree;
 

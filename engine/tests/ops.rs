@@ -280,3 +280,31 @@ fn gc_racing_syncs_loses_nothing() {
     let check = fsck_volume(&store, &volume, true);
     assert!(check.is_whole(), "{:#?}", check.problems);
 }
+
+#[test]
+fn space_splits_exclusive_and_shared_bytes() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let session = writable(&store, &volume);
+    put(&session, "shared", &vec![1u8; 100_000]);
+    let base = published(session.sync(None).unwrap());
+    drop(session);
+    let (fork, _) = store.fork(&volume, base.id, Some(LineageName::new("exp").unwrap())).unwrap();
+    let session = store.open_session(&volume, SessionBase::Lineage(fork.clone()), Access::Writable).unwrap();
+    put(&session, "mine", &vec![2u8; 50_000]);
+    let forked = published(session.sync(None).unwrap());
+    drop(session);
+
+    let report = store.space(&volume).unwrap();
+    let lineage = |name: &str| report.lineages.iter().find(|(l, _)| l.as_str() == name).unwrap().1.clone();
+    let version = |id| report.versions.iter().find(|(v, _)| v.id == id).unwrap().1.clone();
+    // Record bytes: 40 bytes of header and data prefix per record.
+    assert_eq!(lineage("exp").exclusive_bytes, 50_040);
+    assert_eq!(lineage("exp").shared_bytes, 100_040);
+    assert_eq!(lineage("main").exclusive_bytes, 0);
+    assert_eq!(lineage("main").shared_bytes, 100_040);
+    assert_eq!(version(forked.id).bytes, 150_080);
+    assert_eq!(version(forked.id).exclusive_bytes, 50_040);
+    assert_eq!(version(base.id).exclusive_bytes, 0);
+    assert_eq!(report.total_bytes, 150_080);
+}

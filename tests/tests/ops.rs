@@ -178,7 +178,8 @@ fn remote_flip_is_found_by_deep_fsck() {
     assert_eq!(problem["copy"], "remote");
     assert!(problem["offset"].as_u64().unwrap() <= 200_000);
     let affected: Vec<&str> = problem["affected_versions"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    assert!(affected.contains(&first.as_str()) && affected.contains(&second.as_str()), "{affected:?}");
+    assert!(affected.contains(&first.as_str()), "{affected:?}");
+    assert!(affected.contains(&second.as_str()), "{affected:?}");
 
     let got = other.path().join("got.bin");
     let out = env.run_in(other.path(), &["volume", "get", "v", "a.bin", got.to_str().unwrap()]);
@@ -205,7 +206,8 @@ fn missing_remote_segment_lists_broken_versions() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("missing-segment"), "{text}");
     assert!(text.contains(&segment), "{text}");
-    assert!(text.contains(&first) && text.contains(&second), "broken versions not listed: {text}");
+    assert!(text.contains(&first), "first broken version not listed: {text}");
+    assert!(text.contains(&second), "second broken version not listed: {text}");
 }
 
 #[test]

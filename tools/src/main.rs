@@ -50,7 +50,8 @@ enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Show a volume's latest version, file count and size.
+    /// Show a volume's latest version, file count and size, and the stored
+    /// bytes per lineage and version, exclusive and shared.
     Info {
         name: String,
         #[arg(long)]
@@ -247,7 +248,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let volume = volume_name(&name)?;
             let head = store.head(&volume, &LineageName::main())?;
             let count = store.versions(&volume, &LineageName::main())?.len();
-            output::print_info(&volume, &head, count, json)?;
+            let space = store.space(&volume)?;
+            output::print_info(&volume, &head, count, &space, json)?;
         }
         VolumeCommand::Ls { name, path, version, recursive, json } => {
             let store = open_store()?;

@@ -266,8 +266,8 @@ pub fn run_inspect(store: &std::sync::Arc<Store>, command: InspectCommand) -> an
     }
 }
 
-/// The record CRC stored in the header of an extent's record, read through
-/// the cache's ranged read of the header alone.
+/// Reads the record CRC from the header of an extent's record: from the
+/// local whole segment when there is one, else with a ranged GET.
 fn record_crc(store: &Store, volume: &VolumeName, extent: &chalk_engine::extent::Extent) -> Option<u32> {
     let key = format!("volumes/{volume}/segments/{}.seg", extent.segment);
     let local = store.local_root().join("cache/segments").join(format!("{}.seg", extent.segment));
