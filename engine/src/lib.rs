@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod catalog;
+pub mod compact;
 pub mod diff;
 pub mod error;
 pub mod extent;

@@ -308,3 +308,50 @@ fn space_splits_exclusive_and_shared_bytes() {
     assert_eq!(version(base.id).exclusive_bytes, 0);
     assert_eq!(report.total_bytes, 150_080);
 }
+
+#[test]
+fn compaction_copies_live_bytes_and_frees_old_segments() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let session = writable(&store, &volume);
+    let a: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    let b: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+    put(&session, "a", &a);
+    put(&session, "dir/b", &b);
+    let first = published(session.sync(None).unwrap());
+    put(&session, "a", &vec![1u8; 1000]);
+    let second = published(session.sync(None).unwrap());
+    drop(session);
+    let old_segment = first.segments[0];
+
+    // Nothing is below a low threshold while version 2 keeps "a" alive.
+    let none = store.compact(&volume, 0.3).unwrap();
+    assert!(none.iter().all(|c| c.version.is_none()), "{none:?}");
+
+    store.gc(&volume, &GcOptions { keep_last: Some(1), ..no_grace() }).unwrap();
+    let compactions = store.compact(&volume, 0.6).unwrap();
+    let main = compactions.iter().find(|c| c.lineage.as_str() == "main").unwrap();
+    assert_eq!(main.segments, vec![old_segment]);
+    assert_eq!(main.copied_bytes, 200_000);
+    let compacted = main.version.clone().expect("no compaction version");
+    assert!(compacted.message.as_deref().unwrap().starts_with("compaction of"));
+    assert_eq!(compacted.parent, Some(second.id));
+
+    // The retained version and the compaction read the same bytes.
+    for version in [second.id, compacted.id] {
+        let reader = store.open_session(&volume, SessionBase::Version(version), Access::ReadOnly).unwrap();
+        assert_eq!(read(&reader, "a").unwrap(), vec![1u8; 1000]);
+        assert_eq!(read(&reader, "dir/b").unwrap(), b);
+    }
+    let before = store.open_session(&volume, SessionBase::Version(second.id), Access::ReadOnly).unwrap();
+    let after = store.open_session(&volume, SessionBase::Version(compacted.id), Access::ReadOnly).unwrap();
+    assert_eq!(before.resolve_path("dir/b").unwrap().mtime, after.resolve_path("dir/b").unwrap().mtime);
+    drop((before, after));
+
+    let key = format!("volumes/v/segments/{old_segment}.seg");
+    assert!(objects(&store).contains_key(&key));
+    store.gc(&volume, &GcOptions { keep_last: Some(1), ..no_grace() }).unwrap();
+    assert!(!objects(&store).contains_key(&key), "the old segment outlived the versions that used it");
+    let check = fsck_volume(&store, &volume, true);
+    assert!(check.is_whole(), "{:#?}", check.problems);
+}

@@ -293,3 +293,32 @@ fn gc_racing_puts_loses_nothing() {
     let out = env.ok(&["fsck", "v", "--deep"]);
     assert!(out.contains("the store is whole"), "{out}");
 }
+
+#[test]
+fn gc_compact_keeps_content_identical() {
+    let env = Env::new();
+    env.ok(&["volume", "create", "v"]);
+    let dir = env.home.path().join("tree");
+    fs::create_dir(&dir).unwrap();
+    let x: Vec<u8> = (0..300_000u32).map(|i| (i % 211) as u8).collect();
+    let y: Vec<u8> = (0..300_000u32).map(|i| (i % 199) as u8).collect();
+    fs::write(dir.join("x"), &x).unwrap();
+    fs::write(dir.join("y"), &y).unwrap();
+    env.ok(&["volume", "put", "v", dir.to_str().unwrap(), "d"]);
+    let head = env.put_file("v", "d/x", b"tiny");
+
+    let out = env.ok(&["gc", "v", "--keep-last", "1", "--grace", "0", "--compact", "--compact-threshold", "0.6"]);
+    assert!(out.contains("compacted lineage main"), "{out}");
+    let versions: serde_json::Value = serde_json::from_str(&env.ok(&["volume", "versions", "v", "--json"])).unwrap();
+    let last = versions.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["message"], format!("compaction of {head}").as_str());
+    for version in [head.as_str(), last["id"].as_str().unwrap()] {
+        let got = env.home.path().join(format!("y-{version}"));
+        env.ok(&["volume", "get", "v", "d/y", got.to_str().unwrap(), "--version", version]);
+        assert_eq!(fs::read(&got).unwrap(), y, "d/y differs in version {version}");
+        let got = env.home.path().join(format!("x-{version}"));
+        env.ok(&["volume", "get", "v", "d/x", got.to_str().unwrap(), "--version", version]);
+        assert_eq!(fs::read(&got).unwrap(), b"tiny", "d/x differs in version {version}");
+    }
+    assert!(env.ok(&["fsck", "v", "--deep"]).contains("the store is whole"));
+}

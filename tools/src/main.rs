@@ -230,7 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cache(command) => return cache_cmd::run_cache(command),
         Command::Fsck(args) => return ops_cmd::run_fsck(&*open_store()?, args),
         Command::Inspect(command) => return ops_cmd::run_inspect(&open_store()?, command),
-        Command::Gc(args) => return ops_cmd::run_gc(&*open_store()?, args),
+        Command::Gc(args) => return ops_cmd::run_gc(&open_store()?, args),
     };
     match command {
         VolumeCommand::Create { name } => {

@@ -48,6 +48,14 @@ pub struct GcArgs {
     /// Print what would be deleted, and delete nothing.
     #[arg(long)]
     dry_run: bool,
+    /// After collecting, publish a compaction version on every lineage whose
+    /// head uses segments with a live ratio below --compact-threshold.
+    #[arg(long, conflicts_with = "dry_run")]
+    compact: bool,
+    /// Live ratio (bytes still referenced / segment size) below which a
+    /// segment's live bytes are copied by --compact.
+    #[arg(long, value_name = "RATIO", default_value_t = 0.5, requires = "compact")]
+    compact_threshold: f64,
     #[arg(long)]
     json: bool,
 }
@@ -151,7 +159,7 @@ fn print_fsck(report: &FsckReport) {
 }
 
 /// Runs `chalk gc`.
-pub fn run_gc(store: &Store, args: GcArgs) -> anyhow::Result<()> {
+pub fn run_gc(store: &std::sync::Arc<Store>, args: GcArgs) -> anyhow::Result<()> {
     let volume = VolumeName::new(&args.name)?;
     let options = GcOptions {
         keep_last: args.keep_last,
@@ -167,6 +175,23 @@ pub fn run_gc(store: &Store, args: GcArgs) -> anyhow::Result<()> {
         print_gc_json(&report)?;
     } else {
         print_gc(&report);
+    }
+    if args.compact {
+        let compactions = store
+            .compact(&volume, args.compact_threshold)
+            .with_context(|| format!("compaction of volume {volume} failed; nothing was published"))?;
+        for c in &compactions {
+            match &c.version {
+                Some(version) => println!(
+                    "compacted lineage {}: copied {} from {} segments into version {}",
+                    c.lineage,
+                    human_bytes(c.copied_bytes),
+                    c.segments.len(),
+                    version.id
+                ),
+                None => println!("lineage {} needs no compaction", c.lineage),
+            }
+        }
     }
     Ok(())
 }
