@@ -1,7 +1,7 @@
 //! Compaction: a new version of a lineage with the same content as its
-//! head, whose live bytes in mostly dead segments are copied into new
-//! segments, so that `gc` can free the old segments once retention drops
-//! the versions that still use them.
+//! head, in which the live bytes of mostly dead segments are copied into
+//! new segments. `gc` then frees the old segments once retention drops the
+//! versions that still use them.
 //!
 //! A segment's live ratio is the bytes of its records that any version in
 //! a lineage refers to, divided by the size of its object. The compaction
