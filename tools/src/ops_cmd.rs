@@ -253,9 +253,9 @@ pub fn run_inspect(store: &std::sync::Arc<Store>, command: InspectCommand) -> an
             } else {
                 println!("checkpoint of version {version} (volume {volume})");
                 println!("files {}  bytes {} ({})  next inode {}  pages {}", root.files, root.bytes, human_bytes(root.bytes), root.next_ino, root.pages.len());
-                println!("{:>10}  KEY", "PAGE");
+                println!("{:>16}  KEY", "PAGE");
                 for (page, key) in &root.pages {
-                    println!("{page:>10}  {key}");
+                    println!("{page:>16}  {key}");
                 }
             }
             Ok(())
@@ -329,13 +329,13 @@ fn inspect_segment(store: &Store, id: &str, json: bool) -> anyhow::Result<()> {
     if let Some(header) = &view.header {
         println!("volume {}  session {}  sealed {}", header.volume, header.session, view.sealed);
     }
-    println!("{:>12} {:<9} {:>10} {:>10} {:>10} {:>14} {:>10}", "OFFSET", "TYPE", "LENGTH", "CRC", "INODE", "FILE OFFSET", "DATA");
+    println!("{:>12} {:<9} {:>10} {:>10} {:>18} {:>14} {:>10}", "OFFSET", "TYPE", "LENGTH", "CRC", "INODE", "FILE OFFSET", "DATA");
     for r in &view.records {
         let (ino, offset, len) = match r.data {
             Some((ino, offset, len)) => (ino.to_string(), offset.to_string(), len.to_string()),
             None => ("-".into(), "-".into(), "-".into()),
         };
-        println!("{:>12} {:<9} {:>10} {:>10} {ino:>10} {offset:>14} {len:>10}", r.offset, r.record_type, r.len, format!("{:08x}", r.crc));
+        println!("{:>12} {:<9} {:>10} {:>10} {ino:>18} {offset:>14} {len:>10}", r.offset, r.record_type, r.len, format!("{:08x}", r.crc));
     }
     if let Some((offset, detail)) = &view.invalid {
         println!("invalid bytes at offset {offset}: {detail}");
