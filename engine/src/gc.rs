@@ -95,6 +95,12 @@ impl Store {
 
         // Step 1.
         let catalog = Catalog::read(self, volume)?;
+        if catalog.objects.is_empty() {
+            return Err(EngineError::NotFound {
+                what: "volume",
+                name: format!("{volume} (the object store has no objects under volumes/{volume}/; list volumes with `chalk volume list`)"),
+            });
+        }
         stop_on_problems(volume, &catalog.problems.iter().map(|p| (p.key.clone(), p.detail.clone())).collect::<Vec<_>>())?;
 
         // Step 2.

@@ -322,3 +322,13 @@ fn gc_compact_keeps_content_identical() {
     }
     assert!(env.ok(&["fsck", "v", "--deep"]).contains("the store is whole"));
 }
+
+#[test]
+fn gc_of_unknown_volume_fails() {
+    let env = Env::new();
+    let out = env.run(&["gc", "no-such-volume"]);
+    assert!(!out.status.success(), "gc of a volume without objects succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no-such-volume"), "{stderr}");
+    assert!(stderr.contains("not found"), "{stderr}");
+}
