@@ -134,7 +134,9 @@ impl Store {
                     .any(|l| l.key == meta.key && !l.record.is_live(l.modified, cutoff)),
                 // Tags and gc records go with a deleted volume only.
                 ObjectClass::Tag | ObjectClass::GcRecord => !catalog.exists,
-                ObjectClass::VolumeRecord | ObjectClass::SweepMarker | ObjectClass::Other => false,
+                // The marker of a gc run that died; sessions already ignore it.
+                ObjectClass::SweepMarker => meta.modified.is_some_and(|m| m + SWEEP_MARKER_TTL < now),
+                ObjectClass::VolumeRecord | ObjectClass::Other => false,
             };
             if !collectable {
                 continue;
