@@ -61,7 +61,7 @@ pub enum EngineError {
 
     #[error(
         "corrupt {object} in segment {segment} at offset {offset}: {detail}; \
-         if the damaged copy is the local cache, delete it from $CHALK_HOME/cache/segments so it is fetched again"
+         if the damaged copy is the local cache, `chalk fsck --repair` fetches it again from the object store"
     )]
     CorruptSegment { object: &'static str, segment: SegmentId, offset: u64, detail: String },
 

@@ -6,16 +6,23 @@
 //! mounted file system and the `chalk` binary drives [`Store`].
 
 pub mod cache;
+pub mod catalog;
+pub mod compact;
 pub mod diff;
 pub mod error;
 pub mod extent;
 pub mod format;
+pub mod fsck;
+pub mod gc;
 pub mod ids;
+pub mod inspect;
 pub mod io;
+pub mod lease;
 pub mod lineage;
 pub mod object_store;
 pub mod segment;
 pub mod session;
+pub mod space;
 pub mod store;
 pub mod tree;
 

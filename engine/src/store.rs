@@ -279,13 +279,18 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes a volume and every object under it.
+    /// Deletes a volume: its record, lineage entries and tags, so that no
+    /// version of it is visible any more. Its segments and checkpoints stay
+    /// until `gc` of the volume frees them, which waits for the leases of
+    /// sessions still reading it and for the grace period.
     pub fn delete_volume(&self, volume: &VolumeName) -> Result<()> {
         self.require_volume(volume)?;
         // The volume record goes first, so a volume half deleted by a crash is already gone for readers.
         self.objects.delete(&format!("{}volume", volume_prefix(volume)))?;
-        for object in list_all(self.objects.as_ref(), &volume_prefix(volume))? {
-            self.objects.delete(&object.key)?;
+        for prefix in ["lineages/", "tags/"] {
+            for object in list_all(self.objects.as_ref(), &format!("{}{prefix}", volume_prefix(volume)))? {
+                self.objects.delete(&object.key)?;
+            }
         }
         self.versions.lock().retain(|key, _| !key.starts_with(&volume_prefix(volume)));
         Ok(())
@@ -456,16 +461,23 @@ pub(crate) fn now_ns() -> i64 {
 }
 
 fn decode_version(key: &str, bytes: &[u8]) -> Result<VersionInfo> {
+    Ok(decode_entry(key, bytes)?.0)
+}
+
+/// Decodes a lineage entry: the version it names and how it entered the
+/// lineage (`None` for a sync, else `fork` or `promote`).
+pub(crate) fn decode_entry(key: &str, bytes: &[u8]) -> Result<(VersionInfo, Option<String>)> {
     let corrupt = |detail: String| EngineError::CorruptObject { key: key.to_owned(), detail };
     let payload = unframe(ObjectType::VersionRecord, bytes).map_err(corrupt)?;
     let record: VersionRecord = serde_json::from_slice(payload).map_err(|e| corrupt(e.to_string()))?;
+    let entry = record.entry.clone();
     let id = record.id.parse::<VersionId>().map_err(|e| corrupt(e.to_string()))?;
     let parent = record.parent.map(|p| p.parse::<VersionId>()).transpose().map_err(|e| corrupt(e.to_string()))?;
     let segments =
         record.segments.iter().map(|s| s.parse::<SegmentId>()).collect::<Result<Vec<_>>>().map_err(|e| corrupt(e.to_string()))?;
     let secs = record.created_at_ns.div_euclid(1_000_000_000);
     let nanos = record.created_at_ns.rem_euclid(1_000_000_000) as u32;
-    Ok(VersionInfo {
+    let info = VersionInfo {
         id,
         seq: record.seq,
         parent,
@@ -475,5 +487,6 @@ fn decode_version(key: &str, bytes: &[u8]) -> Result<VersionInfo> {
         files: record.files,
         bytes: record.bytes,
         segments,
-    })
+    };
+    Ok((info, entry))
 }

@@ -3,6 +3,7 @@
 mod cache_cmd;
 mod dashboard;
 mod mount_cmd;
+mod ops_cmd;
 mod output;
 mod sandbox_cmd;
 mod transfer;
@@ -42,6 +43,13 @@ enum Command {
         #[arg(long, default_value_t = 16 << 30)]
         max_upload_bytes: u64,
     },
+    /// Check that the store is whole: records, checkpoints, lineages and the local cache.
+    Fsck(ops_cmd::FsckArgs),
+    /// Show stored structures: segments, checkpoints, versions, volumes and extent maps.
+    #[command(subcommand)]
+    Inspect(ops_cmd::InspectCommand),
+    /// Delete versions that retention drops and objects no kept version refers to.
+    Gc(ops_cmd::GcArgs),
     /// Run commands in sandboxes with volumes mounted at /volumes/NAME.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
@@ -84,7 +92,8 @@ enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Show a volume's latest version, file count and size.
+    /// Show a volume's latest version, file count and size, and the stored
+    /// bytes per lineage and version, exclusive and shared.
     Info {
         name: String,
         #[arg(long)]
@@ -230,7 +239,7 @@ enum VolumeCommand {
         #[arg(long, value_parser = ["error", "fork", "ours"])]
         on_conflict: Option<String>,
     },
-    /// Delete a volume and all its versions.
+    /// Delete a volume and all its versions; `chalk gc NAME` then frees its objects.
     Delete { name: String },
     /// Fetch files into the local disk cache ahead of a job (the whole volume without PATH).
     Warm {
@@ -280,6 +289,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        Command::Fsck(args) => return ops_cmd::run_fsck(&*open_store()?, args),
+        Command::Inspect(command) => return ops_cmd::run_inspect(&open_store()?, command),
+        Command::Gc(args) => return ops_cmd::run_gc(&open_store()?, args),
     };
     match command {
         VolumeCommand::Create { name } => {
@@ -297,7 +309,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let volume = volume_name(&name)?;
             let head = store.head(&volume, &LineageName::main())?;
             let count = store.versions(&volume, &LineageName::main())?.len();
-            output::print_info(&volume, &head, count, json)?;
+            let space = store.space(&volume)?;
+            output::print_info(&volume, &head, count, &space, json)?;
         }
         VolumeCommand::Ls { name, path, version, recursive, json } => {
             let store = open_store()?;
@@ -451,7 +464,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("volume {volume} is mounted at {}; unmount it first with `chalk volume unmount DIR`", list.join(", "));
             }
             store.delete_volume(&volume)?;
-            println!("deleted volume {volume}");
+            println!("deleted volume {volume}; run `chalk gc {volume}` to free its objects in the store");
         }
         VolumeCommand::Warm { name, paths, version } => {
             let store = open_store()?;

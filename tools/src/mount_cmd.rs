@@ -324,6 +324,13 @@ fn start_mount(
             .with_context(|| format!("opening a session on volume {volume} failed"))?,
     );
     let read_only = session.is_read_only();
+    if read_only {
+        // A lease keeps gc from collecting the mounted version; a store this
+        // host cannot write to still mounts, without that protection.
+        if let Err(err) = session.hold_lease() {
+            tracing::warn!(volume = %volume, error = %err, "failed to take a lease on the mounted version; gc may collect it while mounted");
+        }
+    }
 
     let pid = std::process::id();
     let socket = run_dir.join(format!("mount-{pid}.sock"));

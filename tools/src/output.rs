@@ -1,6 +1,7 @@
 //! Human-readable tables and `--json` output of the CLI.
 
 use chalk_engine::{Change, FileKind, LineageSummary, PathEntry, Timestamp, VersionInfo, VolumeName, VolumeSummary};
+use chalk_engine::space::{SpaceReport, SpaceUse};
 use serde_json::json;
 
 /// Formats a byte count with binary units (`1.5 MiB`).
@@ -85,15 +86,42 @@ pub fn print_volumes(volumes: &[VolumeSummary], json: bool) -> anyhow::Result<()
     Ok(())
 }
 
-pub fn print_info(volume: &VolumeName, head: &VersionInfo, versions: usize, json: bool) -> anyhow::Result<()> {
+pub fn print_info(volume: &VolumeName, head: &VersionInfo, versions: usize, space: &SpaceReport, json: bool) -> anyhow::Result<()> {
+    let usage_json = |u: &SpaceUse| json!({"bytes": u.bytes, "exclusive_bytes": u.exclusive_bytes, "shared_bytes": u.shared_bytes});
     if json {
-        return print_json(&json!({"name": volume.to_string(), "versions": versions, "latest_version": version_json(head)}));
+        let lineages: Vec<_> = space.lineages.iter().map(|(name, u)| json!({"lineage": name.to_string(), "space": usage_json(u)})).collect();
+        let per_version: Vec<_> = space
+            .versions
+            .iter()
+            .map(|(v, u)| json!({"id": v.id.to_string(), "lineage": v.lineage.to_string(), "seq": v.seq, "space": usage_json(u)}))
+            .collect();
+        return print_json(&json!({"name": volume.to_string(), "versions": versions, "latest_version": version_json(head),
+            "stored_bytes": space.total_bytes, "lineages": lineages, "version_space": per_version}));
     }
     println!("volume:         {volume}");
     println!("latest version: {} (seq {}, {})", head.id, head.seq, rfc3339(head.created_at));
     println!("files:          {}", head.files);
     println!("size:           {}", human_bytes(head.bytes));
     println!("versions:       {versions}");
+    println!("stored:         {} in segment records of all versions", human_bytes(space.total_bytes));
+    println!();
+    println!("{:<20} {:>12} {:>12} {:>12}", "LINEAGE", "BYTES", "EXCLUSIVE", "SHARED");
+    for (name, u) in &space.lineages {
+        println!("{:<20} {:>12} {:>12} {:>12}", name.to_string(), human_bytes(u.bytes), human_bytes(u.exclusive_bytes), human_bytes(u.shared_bytes));
+    }
+    println!();
+    println!("{:<26} {:<12} {:>5} {:>12} {:>12} {:>12}", "VERSION", "LINEAGE", "SEQ", "BYTES", "EXCLUSIVE", "SHARED");
+    for (v, u) in &space.versions {
+        println!(
+            "{:<26} {:<12} {:>5} {:>12} {:>12} {:>12}",
+            v.id.to_string(),
+            v.lineage.to_string(),
+            v.seq,
+            human_bytes(u.bytes),
+            human_bytes(u.exclusive_bytes),
+            human_bytes(u.shared_bytes)
+        );
+    }
     Ok(())
 }
 

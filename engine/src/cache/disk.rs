@@ -191,6 +191,37 @@ impl DiskTier {
         }
     }
 
+    /// Checks every written slot of a segment's block file without changing
+    /// it; returns the index and the reason of each slot that fails.
+    pub fn check_file(&self, segment: SegmentId) -> Vec<(u64, String)> {
+        let path = self.blocks_path(segment);
+        let Ok(file) = File::open(&path) else { return Vec::new() };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut bad = Vec::new();
+        for index in 0..len.div_ceil(SLOT_BYTES) {
+            let key = BlockKey { segment, index };
+            let slot = index * SLOT_BYTES;
+            let mut header = [0u8; HEADER_LEN];
+            if file.read_exact_at(&mut header, slot).is_err() || header.iter().all(|&b| b == 0) {
+                continue;
+            }
+            let checked = check_header(&key, &header).and_then(|(len, crc)| {
+                let mut payload = vec![0u8; len];
+                file.read_exact_at(&mut payload, slot + SLOT_HEADER_BYTES)
+                    .map_err(|e| format!("reading the payload failed: {e}"))?;
+                let found = crc32fast::hash(&payload);
+                if found != crc {
+                    return Err(format!("payload CRC32 {found:08x} does not match {crc:08x}"));
+                }
+                Ok(())
+            });
+            if let Err(detail) = checked {
+                bad.push((index, format!("cached block {index} in {}: {detail}", path.display())));
+            }
+        }
+        bad
+    }
+
     /// Writes the slot of a block unless the tier is off or the file system
     /// is nearly full. Returns what the eviction pass that the write
     /// triggered deleted, if any.

@@ -312,6 +312,30 @@ impl SegmentCache {
         self.core.whole.lock().remove(&id);
     }
 
+    /// Checks the disk tier's cached blocks of a segment. With `refetch`
+    /// (the segment's object key), each damaged block is dropped and fetched
+    /// again from the object store.
+    pub fn check_blocks(&self, segment: SegmentId, refetch: Option<&str>) -> Vec<BadBlock> {
+        let mut out = Vec::new();
+        for (index, detail) in self.core.disk.check_file(segment) {
+            let key = BlockKey { segment, index };
+            let mut repaired = false;
+            if let Some(object_key) = refetch {
+                self.core.memory.remove(&key);
+                self.core.disk.remove(&key);
+                if let Ok(bytes) = self.core.objects.get_range(object_key, index * BLOCK_BYTES, BLOCK_BYTES) {
+                    if !bytes.is_empty() {
+                        let evicted = self.core.disk.store(&key, &bytes);
+                        self.core.forget_evicted(evicted);
+                    }
+                    repaired = true;
+                }
+            }
+            out.push(BadBlock { offset: index * BLOCK_BYTES, detail, repaired });
+        }
+        out
+    }
+
     /// Waits until every block fetched so far is written to the disk tier.
     pub fn flush(&self) {
         self.core.flush_disk_writes();
@@ -659,6 +683,16 @@ impl Core {
             }
         }
     }
+}
+
+/// A cached block that failed its checks.
+#[derive(Clone, Debug)]
+pub(crate) struct BadBlock {
+    /// Segment offset of the block's first byte.
+    pub offset: u64,
+    pub detail: String,
+    /// Dropped and fetched again from the object store.
+    pub repaired: bool,
 }
 
 /// Consecutive blocks of one segment, starting at block `first`.

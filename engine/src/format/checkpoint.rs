@@ -42,6 +42,12 @@ pub enum ObjectType {
     VersionRecord = 4,
     VolumeRecord = 5,
     TagRecord = 6,
+    /// A session's lease: the versions it reads and the objects it is uploading.
+    LeaseRecord = 7,
+    /// A gc run's record of the lineage entries it removed.
+    PrunedRecord = 8,
+    /// Present while a gc run deletes objects.
+    SweepMarker = 9,
 }
 
 /// Frames `payload` as an object of `object_type`.

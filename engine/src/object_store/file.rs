@@ -193,9 +193,14 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<ObjectMeta>) -> Result<()> {
             }
             walk(root, &path, out)?;
         } else if file_type.is_file() {
-            let size = entry.metadata().map_err(|e| EngineError::io("listing object store", &path, e))?.len();
+            // An object deleted while the listing runs is simply not listed.
+            let metadata = match entry.metadata() {
+                Ok(metadata) => metadata,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(EngineError::io("listing object store", &path, e)),
+            };
             let key = path.strip_prefix(root).expect("walk stays under the root").to_string_lossy().into_owned();
-            out.push(ObjectMeta { key, size });
+            out.push(ObjectMeta { key, size: metadata.len(), modified: metadata.modified().ok() });
         }
     }
     Ok(())

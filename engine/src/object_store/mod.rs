@@ -10,6 +10,7 @@ mod s3;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 pub use file::FileStore;
 pub use s3::{S3Endpoint, S3Location, S3Settings, S3Store, PROBE_RECORD_KEY};
@@ -21,6 +22,9 @@ use crate::error::{EngineError, Result};
 pub struct ObjectMeta {
     pub key: String,
     pub size: u64,
+    /// When the object was last written, by the store's clock; `None` when
+    /// the store did not say. `gc` never deletes an object without one.
+    pub modified: Option<SystemTime>,
 }
 
 /// One page of a listing; `next_start_after` is set when more keys follow.

@@ -768,7 +768,8 @@ impl Inner {
             .iter()
             .filter_map(|object| {
                 let key = object.key()?.strip_prefix(&self.location.prefix)?;
-                Some(ObjectMeta { key: key.to_owned(), size: object.size().unwrap_or(0).max(0) as u64 })
+                let modified = object.last_modified().and_then(|t| std::time::SystemTime::try_from(*t).ok());
+                Some(ObjectMeta { key: key.to_owned(), size: object.size().unwrap_or(0).max(0) as u64, modified })
             })
             .collect();
         let next_start_after = match output.is_truncated() {

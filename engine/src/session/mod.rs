@@ -36,6 +36,7 @@ use crate::error::{EngineError, Result};
 use crate::format::checkpoint::{decode_chunk, decode_page, InodeRecord, RootCheckpoint, StoredContent, INODES_PER_PAGE};
 use crate::ids::{Ino, LineageName, SessionId, VersionId, VolumeName};
 use crate::io::DiskWriter;
+use crate::lease::Lease;
 use crate::segment::OpenSegment;
 use crate::store::{chunk_key, Store, VersionInfo};
 use crate::tree::{Content, Inode};
@@ -127,6 +128,9 @@ pub struct Session {
     _lock: Option<File>,
     /// Set by [`Session::discard`].
     discarded: std::sync::atomic::AtomicBool,
+    /// The lease that keeps `gc` from deleting what this session reads or
+    /// uploads; writable sessions always hold one.
+    pub(crate) lease: Mutex<Option<Lease>>,
     pub(crate) state: Mutex<State>,
 }
 
@@ -141,8 +145,14 @@ impl Store {
             }
             SessionBase::Version(id) => (self.resolve_version(volume, &id.to_string())?, None, 0),
         };
-        let root = self.load_checkpoint(volume, base_version.id)?;
         let id = SessionId::generate();
+        // The lease comes before the first read of the base checkpoint, so
+        // that a gc run either sees it or has finished deleting.
+        let lease = match access {
+            Access::Writable => Some(Lease::acquire(self.objects().clone(), volume, id, &[base_version.id])?),
+            Access::ReadOnly => None,
+        };
+        let root = self.load_checkpoint(volume, base_version.id)?;
         let (dir, lock, log) = match access {
             Access::ReadOnly => (None, None, None),
             Access::Writable => {
@@ -170,7 +180,7 @@ impl Store {
             unconfirmed: None,
             invalidations: Vec::new(),
         };
-        Ok(Session { store: self.clone(), volume: volume.clone(), id, access, dir, _lock: lock, discarded: Default::default(), state: Mutex::new(state) })
+        Ok(Session { store: self.clone(), volume: volume.clone(), id, access, dir, _lock: lock, discarded: Default::default(), lease: Mutex::new(lease), state: Mutex::new(state) })
     }
 }
 
@@ -317,6 +327,7 @@ impl Session {
     /// still hold handles when the process exits.
     pub fn discard(&self) {
         self.discarded.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(self.lease.lock().take());
         let mut state = self.state.lock();
         if let Some(log) = state.log.take() {
             for (segment, _) in &log.sealed {
@@ -331,6 +342,20 @@ impl Session {
                 Err(err) => tracing::warn!(session = %self.id, error = %err, "failed to delete the directory of an ended session"),
             }
         }
+    }
+
+    /// Takes a lease on this session's base version, so that `gc` keeps it
+    /// while the session lives; writable sessions hold one from the start.
+    /// A read-only mount calls this; it needs write access to the store.
+    pub fn hold_lease(&self) -> Result<()> {
+        let mut lease = self.lease.lock();
+        if lease.is_none() {
+            let base = self.state.lock().base.id;
+            *lease = Some(Lease::acquire(self.store.objects().clone(), &self.volume, self.id, &[base])?);
+            // The base may have been collected between the open and the lease.
+            self.store.load_checkpoint(&self.volume, base)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn check_writable(&self) -> Result<()> {

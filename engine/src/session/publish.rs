@@ -143,6 +143,8 @@ impl Session {
         let log = state.log.as_mut().expect("writable sessions have a log");
         log.roll(self)?;
         let segments = log.sealed.clone();
+        let version = VersionId::generate();
+        self.announce_sync(state, version, &segments)?;
 
         // Step 2: upload segments.
         let uploads: Vec<(String, &std::path::Path)> =
@@ -150,7 +152,6 @@ impl Session {
         parallel_puts(&uploads, |(key, path)| self.store.objects().put_file(key, path))?;
 
         // Step 3: checkpoint.
-        let version = VersionId::generate();
         let (root, new_pages) = self.write_checkpoint(state, version)?;
 
         // Step 4: the conditional head write. A session on a pinned version
@@ -228,6 +229,10 @@ impl Session {
                 tracing::warn!(segment = %segment, error = %err, "published segment stays in the session directory");
             }
         }
+        if let Some(lease) = self.lease.lock().as_ref() {
+            let unpublished: Vec<_> = log.sealed.iter().map(|(segment, _)| *segment).collect();
+            lease.end_sync(published.info.id, &unpublished);
+        }
         state.base = published.info;
         state.lineage = Some(published.lineage);
         state.base_entry_seq = published.seq;
@@ -238,6 +243,24 @@ impl Session {
             let open = &state.open_handles;
             state.inodes.retain(|ino, inode| inode.attr.nlink > 0 || open.contains_key(ino));
         }
+    }
+
+    /// Names the base, the version about to be published and the segments
+    /// about to be uploaded in the session's lease, waits for any gc run
+    /// that is deleting, and checks that the base survived it.
+    fn announce_sync(&self, state: &State, version: VersionId, segments: &[(crate::ids::SegmentId, std::path::PathBuf)]) -> Result<()> {
+        let lease = self.lease.lock();
+        let Some(lease) = lease.as_ref() else { return Ok(()) };
+        let ids: Vec<_> = segments.iter().map(|(segment, _)| *segment).collect();
+        lease.begin_sync(&self.volume, &[state.base.id, version], &ids)?;
+        self.store.load_checkpoint(&self.volume, state.base.id).map_err(|err| EngineError::CorruptObject {
+            key: crate::store::checkpoint_key(&self.volume, state.base.id),
+            detail: format!(
+                "the base version of this session is unreadable ({err}); gc may have removed it; \
+                 the session keeps its writes: copy them out, unmount and mount again"
+            ),
+        })?;
+        Ok(())
     }
 
     fn head_moved(&self, state: &State, lineage: &LineageName, head: &VersionInfo) -> EngineError {

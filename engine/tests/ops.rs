@@ -1,0 +1,357 @@
+//! Operator tools on the engine: fsck finds and repairs damage, gc keeps
+//! what retention and leases protect, stops on unreadable checkpoints, and
+//! never deletes what a concurrent sync publishes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chalk_engine::fsck::FsckOptions;
+use chalk_engine::gc::GcOptions;
+use chalk_engine::object_store::list_all;
+use chalk_engine::{
+    Access, EngineError, LineageName, OnConflict, Owner, Session, SessionBase, Store, StoreConfig, SyncOptions, SyncOutcome,
+    VersionInfo, VolumeName,
+};
+
+fn setup(root: &Path) -> (Arc<Store>, VolumeName) {
+    let store = Store::open(StoreConfig::with_local_root(root)).unwrap();
+    let volume = VolumeName::new("v").unwrap();
+    store.create_volume(&volume).unwrap();
+    (store, volume)
+}
+
+fn writable(store: &Arc<Store>, volume: &VolumeName) -> Session {
+    store.open_session(volume, SessionBase::Lineage(LineageName::main()), Access::Writable).unwrap()
+}
+
+fn put(session: &Session, path: &str, data: &[u8]) {
+    session.write_file_from(path, &mut &data[..], 0o644, Owner::current()).unwrap();
+}
+
+fn read(session: &Session, path: &str) -> chalk_engine::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    session.read_file_to(path, &mut out)?;
+    Ok(out)
+}
+
+fn published(outcome: SyncOutcome) -> VersionInfo {
+    match outcome {
+        SyncOutcome::Published(info) => info,
+        other => panic!("expected a published version, got {other:?}"),
+    }
+}
+
+fn no_grace() -> GcOptions {
+    GcOptions { grace: Duration::ZERO, ..GcOptions::default() }
+}
+
+fn objects(store: &Store) -> BTreeMap<String, u64> {
+    list_all(store.objects().as_ref(), "volumes/").unwrap().into_iter().map(|o| (o.key, o.size)).collect()
+}
+
+fn fsck_volume(store: &Store, volume: &VolumeName, deep: bool) -> chalk_engine::fsck::FsckReport {
+    store.fsck(&FsckOptions { volume: Some(volume.clone()), deep, ..FsckOptions::default() }).unwrap()
+}
+
+#[test]
+fn gc_keeps_heads_tags_and_leased_versions() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let mut versions = Vec::new();
+    for i in 0..5u8 {
+        let session = writable(&store, &volume);
+        put(&session, "f", &vec![i; 10_000 + i as usize]);
+        versions.push(published(session.sync(None).unwrap()));
+    }
+    store.tag(&volume, versions[1].id, "keep").unwrap();
+    let pinned = store.open_session(&volume, SessionBase::Version(versions[2].id), Access::ReadOnly).unwrap();
+    pinned.hold_lease().unwrap();
+
+    let report = store.gc(&volume, &GcOptions { keep_last: Some(1), ..no_grace() }).unwrap();
+    let kept: Vec<_> = report.kept.keys().copied().collect();
+    assert!(kept.contains(&versions[4].id), "head dropped");
+    assert!(kept.contains(&versions[1].id), "tagged version dropped");
+    assert!(kept.contains(&versions[2].id), "leased version dropped");
+    assert!(!kept.contains(&versions[0].id), "version 1 kept without a reason");
+    assert!(!kept.contains(&versions[3].id), "version 4 kept without a reason");
+    assert!(report.deleted_bytes > 0);
+
+    assert_eq!(read(&pinned, "f").unwrap(), vec![2u8; 10_002]);
+    for (i, version) in [(1u8, versions[1].id), (4, versions[4].id)] {
+        let reader = store.open_session(&volume, SessionBase::Version(version), Access::ReadOnly).unwrap();
+        assert_eq!(read(&reader, "f").unwrap(), vec![i; 10_000 + i as usize]);
+    }
+    assert!(store.open_session(&volume, SessionBase::Version(versions[3].id), Access::ReadOnly).is_err());
+    let check = fsck_volume(&store, &volume, true);
+    assert!(check.is_whole(), "{:#?}", check.problems);
+}
+
+#[test]
+fn gc_dry_run_deletes_nothing() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    for i in 0..3u8 {
+        let session = writable(&store, &volume);
+        put(&session, "f", &[i; 100]);
+        session.sync(None).unwrap();
+    }
+    let before = objects(&store);
+    let report = store.gc(&volume, &GcOptions { keep_last: Some(1), dry_run: true, ..no_grace() }).unwrap();
+    assert!(!report.deleted.is_empty(), "dry run found nothing to delete");
+    assert_eq!(objects(&store), before);
+}
+
+#[test]
+fn gc_stops_on_unreadable_checkpoint() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let mut last = None;
+    for i in 0..3u8 {
+        let session = writable(&store, &volume);
+        put(&session, &format!("f{i}"), &[i; 100]);
+        last = Some(published(session.sync(None).unwrap()));
+    }
+    let head = last.unwrap();
+    let root = dir.path().join(format!("objects/volumes/v/checkpoints/{}", head.id));
+    let mut bytes = std::fs::read(&root).unwrap();
+    bytes[20] ^= 0x40;
+    std::fs::write(&root, &bytes).unwrap();
+
+    let before = objects(&store);
+    let err = store.gc(&volume, &GcOptions { keep_last: Some(1), ..no_grace() }).unwrap_err();
+    assert!(matches!(err, EngineError::CorruptObject { .. }), "{err}");
+    assert!(err.to_string().contains("stopped before deleting anything"), "{err}");
+    assert_eq!(objects(&store), before, "gc deleted objects after a read error");
+}
+
+#[test]
+fn deleted_volume_is_freed_by_gc() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let session = writable(&store, &volume);
+    put(&session, "big", &vec![7u8; 300_000]);
+    session.sync(None).unwrap();
+    drop(session);
+    store.delete_volume(&volume).unwrap();
+    assert!(objects(&store).keys().any(|k| k.contains("/segments/")), "delete freed segments before gc");
+    assert!(!store.volume_exists(&volume).unwrap());
+
+    // Within the grace period nothing goes.
+    let report = store.gc(&volume, &GcOptions::default()).unwrap();
+    assert!(report.deleted.is_empty());
+    let report = store.gc(&volume, &no_grace()).unwrap();
+    assert!(report.deleted_bytes >= 300_000, "freed only {} bytes", report.deleted_bytes);
+    assert_eq!(objects(&store), BTreeMap::new());
+}
+
+#[test]
+fn fsck_finds_remote_damage_and_missing_segments() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let session = writable(&store, &volume);
+    put(&session, "a/one", &vec![1u8; 50_000]);
+    let first = published(session.sync(None).unwrap());
+    put(&session, "b/two", &vec![2u8; 50_000]);
+    let second = published(session.sync(None).unwrap());
+    drop(session);
+    assert!(fsck_volume(&store, &volume, true).is_whole());
+
+    // A flipped byte in the object store's copy of the first segment.
+    let segment = first.segments[0];
+    let object = dir.path().join(format!("objects/volumes/v/segments/{segment}.seg"));
+    let mut bytes = std::fs::read(&object).unwrap();
+    bytes[1000] ^= 1;
+    std::fs::write(&object, &bytes).unwrap();
+    let shallow = fsck_volume(&store, &volume, false);
+    assert!(shallow.is_whole(), "without --deep the store's copy is not read: {:#?}", shallow.problems);
+    let deep = fsck_volume(&store, &volume, true);
+    let problem = deep.problems.iter().find(|p| p.kind == "corrupt-record").expect("damage not found");
+    assert_eq!(problem.segment.as_deref(), Some(segment.to_string().as_str()));
+    assert_eq!(problem.copy, Some(chalk_engine::fsck::Copy::Remote));
+    assert!(problem.offset.unwrap() <= 1000, "offset {:?}", problem.offset);
+    assert_eq!(problem.path.as_deref(), Some("a/one"));
+    assert!(problem.affected_versions.contains(&first.id.to_string()));
+    assert!(problem.affected_versions.contains(&second.id.to_string()));
+
+    // The same segment missing from the store breaks both versions.
+    std::fs::remove_file(&object).unwrap();
+    let report = fsck_volume(&store, &volume, false);
+    let missing = report.problems.iter().find(|p| p.kind == "missing-segment").expect("missing segment not found");
+    assert_eq!(missing.affected_versions, {
+        let mut both = vec![first.id.to_string(), second.id.to_string()];
+        both.sort();
+        both
+    });
+    assert!(!report.is_whole());
+}
+
+#[test]
+fn fsck_repairs_local_copy_from_store() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let session = writable(&store, &volume);
+    put(&session, "f", &vec![9u8; 80_000]);
+    let version = published(session.sync(None).unwrap());
+    drop(session);
+    let local = dir.path().join(format!("cache/segments/{}.seg", version.segments[0]));
+    let mut bytes = std::fs::read(&local).unwrap();
+    bytes[2000] ^= 0x80;
+    std::fs::write(&local, &bytes).unwrap();
+
+    // A new store handle reads the damaged file, as a new process would.
+    let store = Store::open(StoreConfig::with_local_root(dir.path())).unwrap();
+    let reader = store.open_session(&volume, SessionBase::Version(version.id), Access::ReadOnly).unwrap();
+    assert!(matches!(read(&reader, "f"), Err(EngineError::CorruptSegment { .. })));
+    drop(reader);
+    let report = store.fsck(&FsckOptions { volume: Some(volume.clone()), repair: true, ..FsckOptions::default() }).unwrap();
+    assert!(report.problems.iter().any(|p| p.kind == "corrupt-record" && p.repaired), "{:#?}", report.problems);
+    assert!(report.is_whole());
+
+    let store = Store::open(StoreConfig::with_local_root(dir.path())).unwrap();
+    let reader = store.open_session(&volume, SessionBase::Version(version.id), Access::ReadOnly).unwrap();
+    assert_eq!(read(&reader, "f").unwrap(), vec![9u8; 80_000]);
+}
+
+#[test]
+fn gc_racing_syncs_loses_nothing() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let done = Arc::new(AtomicBool::new(false));
+    let collector = {
+        let (store, volume, done) = (store.clone(), volume.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut runs = 0;
+            let mut deleted = 0;
+            while !done.load(Ordering::SeqCst) {
+                let report = store.gc(&volume, &GcOptions { keep_last: Some(1), ..no_grace() }).unwrap();
+                deleted += report.deleted.len();
+                runs += 1;
+            }
+            (runs, deleted)
+        })
+    };
+
+    // One long-lived session that syncs again and again, and short ones beside it.
+    let long = writable(&store, &volume);
+    let rounds = 40;
+    for round in 0..rounds {
+        let data = format!("round {round} ").repeat(500 + round);
+        put(&long, "long/file", data.as_bytes());
+        put(&long, &format!("long/f{round}"), data.as_bytes());
+        let options = SyncOptions { on_conflict: OnConflict::Ours, ..SyncOptions::default() };
+        let mut synced = None;
+        for _ in 0..20 {
+            match long.sync_with(&options) {
+                Ok(outcome) => {
+                    synced = Some(outcome);
+                    break;
+                }
+                Err(EngineError::HeadMoved { .. }) => continue,
+                Err(err) => panic!("sync of round {round} failed: {err}"),
+            }
+        }
+        published(synced.expect("sync never won the head"));
+        assert_eq!(read(&long, "long/file").unwrap(), data.as_bytes());
+
+        let short = writable(&store, &volume);
+        put(&short, &format!("short/f{round}"), data.as_bytes());
+        let version = published(short.sync_with(&options).unwrap());
+        drop(short);
+        let reader = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::ReadOnly).unwrap();
+        assert_eq!(read(&reader, &format!("short/f{round}")).unwrap(), data.as_bytes(), "version {} lost data", version.id);
+        assert_eq!(read(&reader, "long/file").unwrap(), data.as_bytes());
+    }
+    done.store(true, Ordering::SeqCst);
+    let (runs, deleted) = collector.join().unwrap();
+    assert!(runs > 5, "gc ran only {runs} times");
+    assert!(deleted > 0, "gc never deleted anything, so it never raced");
+
+    let reader = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::ReadOnly).unwrap();
+    for round in 0..rounds {
+        let data = format!("round {round} ").repeat(500 + round);
+        assert_eq!(read(&reader, &format!("long/f{round}")).unwrap(), data.as_bytes());
+        assert_eq!(read(&reader, &format!("short/f{round}")).unwrap(), data.as_bytes());
+    }
+    drop(reader);
+    drop(long);
+    let check = fsck_volume(&store, &volume, true);
+    assert!(check.is_whole(), "{:#?}", check.problems);
+}
+
+#[test]
+fn space_splits_exclusive_and_shared_bytes() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let session = writable(&store, &volume);
+    put(&session, "shared", &vec![1u8; 100_000]);
+    let base = published(session.sync(None).unwrap());
+    drop(session);
+    let (fork, _) = store.fork(&volume, base.id, Some(LineageName::new("exp").unwrap())).unwrap();
+    let session = store.open_session(&volume, SessionBase::Lineage(fork.clone()), Access::Writable).unwrap();
+    put(&session, "mine", &vec![2u8; 50_000]);
+    let forked = published(session.sync(None).unwrap());
+    drop(session);
+
+    let report = store.space(&volume).unwrap();
+    let lineage = |name: &str| report.lineages.iter().find(|(l, _)| l.as_str() == name).unwrap().1.clone();
+    let version = |id| report.versions.iter().find(|(v, _)| v.id == id).unwrap().1.clone();
+    // Record bytes: 40 bytes of header and data prefix per record.
+    assert_eq!(lineage("exp").exclusive_bytes, 50_040);
+    assert_eq!(lineage("exp").shared_bytes, 100_040);
+    assert_eq!(lineage("main").exclusive_bytes, 0);
+    assert_eq!(lineage("main").shared_bytes, 100_040);
+    assert_eq!(version(forked.id).bytes, 150_080);
+    assert_eq!(version(forked.id).exclusive_bytes, 50_040);
+    assert_eq!(version(base.id).exclusive_bytes, 0);
+    assert_eq!(report.total_bytes, 150_080);
+}
+
+#[test]
+fn compaction_copies_live_bytes_and_frees_old_segments() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let session = writable(&store, &volume);
+    let a: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    let b: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+    put(&session, "a", &a);
+    put(&session, "dir/b", &b);
+    let first = published(session.sync(None).unwrap());
+    put(&session, "a", &vec![1u8; 1000]);
+    let second = published(session.sync(None).unwrap());
+    drop(session);
+    let old_segment = first.segments[0];
+
+    // Nothing is below a low threshold while version 2 keeps "a" alive.
+    let none = store.compact(&volume, 0.3).unwrap();
+    assert!(none.iter().all(|c| c.version.is_none()), "{none:?}");
+
+    store.gc(&volume, &GcOptions { keep_last: Some(1), ..no_grace() }).unwrap();
+    let compactions = store.compact(&volume, 0.6).unwrap();
+    let main = compactions.iter().find(|c| c.lineage.as_str() == "main").unwrap();
+    assert_eq!(main.segments, vec![old_segment]);
+    assert_eq!(main.copied_bytes, 200_000);
+    let compacted = main.version.clone().expect("no compaction version");
+    assert!(compacted.message.as_deref().unwrap().starts_with("compaction of"));
+    assert_eq!(compacted.parent, Some(second.id));
+
+    // The retained version and the compaction read the same bytes.
+    for version in [second.id, compacted.id] {
+        let reader = store.open_session(&volume, SessionBase::Version(version), Access::ReadOnly).unwrap();
+        assert_eq!(read(&reader, "a").unwrap(), vec![1u8; 1000]);
+        assert_eq!(read(&reader, "dir/b").unwrap(), b);
+    }
+    let before = store.open_session(&volume, SessionBase::Version(second.id), Access::ReadOnly).unwrap();
+    let after = store.open_session(&volume, SessionBase::Version(compacted.id), Access::ReadOnly).unwrap();
+    assert_eq!(before.resolve_path("dir/b").unwrap().mtime, after.resolve_path("dir/b").unwrap().mtime);
+    drop((before, after));
+
+    let key = format!("volumes/v/segments/{old_segment}.seg");
+    assert!(objects(&store).contains_key(&key));
+    store.gc(&volume, &GcOptions { keep_last: Some(1), ..no_grace() }).unwrap();
+    assert!(!objects(&store).contains_key(&key), "the old segment outlived the versions that used it");
+    let check = fsck_volume(&store, &volume, true);
+    assert!(check.is_whole(), "{:#?}", check.problems);
+}
