@@ -11,7 +11,7 @@
 //! A gc run writes a sweep marker at `volumes/<volume>/gc/sweeps/<ulid>`
 //! before it reads the leases a last time and deletes, and removes it after.
 //!
-//! Protocol (see `docs/design/0004-fsck-and-gc.md` for the argument):
+//! Protocol (see `docs/design/0005-fsck-and-gc.md` for the argument):
 //! 1. A session writes its lease, then lists the sweep markers and waits
 //!    while a live one exists.
 //! 2. Only then does it read its base checkpoint (at open) or upload (at sync).
