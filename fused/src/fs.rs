@@ -35,10 +35,15 @@ use tracing::span::EnteredSpan;
 
 use crate::attr::{file_attr, file_type, time_set, timestamp, BLOCK_SIZE_BYTES};
 use crate::errno::{log_failure, log_rejected};
+use crate::views::{self, Views};
 
 /// Entry and attribute timeout for read-only sessions. Nothing can change
 /// their tree through this mount, so the kernel may cache for long.
 const READ_ONLY_TTL: Duration = Duration::from_secs(3600);
+
+/// Entry and attribute timeout of `.chalk`, `.chalk/versions` and
+/// `.chalk/tags`, whose listings grow as versions are published.
+const VIEW_DIR_TTL: Duration = Duration::from_secs(1);
 
 /// Entry and attribute timeout for writable sessions.
 const WRITABLE_TTL: Duration = Duration::from_secs(1);
@@ -78,6 +83,13 @@ pub(crate) struct ChalkFs {
     /// Serializes `O_APPEND` writes, so that reading the file size and
     /// writing at it are one step for every appender of this mount.
     append_lock: Mutex<()>,
+    /// The read-only `.chalk` directory of past versions.
+    views: Views,
+}
+
+/// Logs and returns the error for a change under `.chalk`, which is read-only.
+fn read_only_view(op: &'static str, ino: u64) -> Errno {
+    log_rejected(op, ino, Errno::EROFS, "the .chalk directory of past versions is read-only")
 }
 
 fn op_span(op: &'static str, req: &Request, ino: u64) -> EnteredSpan {
@@ -92,6 +104,7 @@ impl ChalkFs {
     pub(crate) fn new(session: Arc<Session>, read_only: bool) -> Self {
         let read_only = read_only || session.is_read_only();
         ChalkFs {
+            views: Views::new(&session),
             session,
             read_only,
             ttl: if read_only { READ_ONLY_TTL } else { WRITABLE_TTL },
@@ -129,6 +142,15 @@ impl ChalkFs {
         Ok((Owner { uid: req.uid(), gid }, setgid))
     }
 
+    /// Timeout of an entry or attributes under `.chalk`: short for the
+    /// directories that list versions, long for the trees of versions.
+    fn view_ttl(&self, attr: &Attr) -> Duration {
+        match self.views.is_version_tree(attr.ino.0) {
+            true => READ_ONLY_TTL,
+            false => VIEW_DIR_TTL,
+        }
+    }
+
     /// Counts the kernel's new reference to `attr.ino`, then sends the entry.
     fn reply_entry(&self, reply: ReplyEntry, attr: &Attr) {
         self.session.remember(attr.ino, 1);
@@ -143,12 +165,18 @@ impl ChalkFs {
                 return Ok(Arc::clone(listing));
             }
         }
-        let entries = self.session.readdir(dir)?;
-        let parent = self.session.parent_of(dir)?;
-        let mut listing = Vec::with_capacity(entries.len() + 2);
-        listing.push(ListedEntry { name: b".".to_vec(), ino: dir, kind: FileKind::Directory });
-        listing.push(ListedEntry { name: b"..".to_vec(), ino: parent, kind: FileKind::Directory });
-        listing.extend(entries.into_iter().map(|DirEntry { name, ino, kind }| ListedEntry { name, ino, kind }));
+        let mut listing = Vec::new();
+        if views::is_view(dir.0) {
+            let entries = self.views.listing(dir.0)?;
+            listing.extend(entries.into_iter().map(|DirEntry { name, ino, kind }| ListedEntry { name, ino, kind }));
+        } else {
+            let entries = self.session.readdir(dir)?;
+            let parent = self.session.parent_of(dir)?;
+            listing.reserve(entries.len() + 2);
+            listing.push(ListedEntry { name: b".".to_vec(), ino: dir, kind: FileKind::Directory });
+            listing.push(ListedEntry { name: b"..".to_vec(), ino: parent, kind: FileKind::Directory });
+            listing.extend(entries.into_iter().map(|DirEntry { name, ino, kind }| ListedEntry { name, ino, kind }));
+        }
         let listing = Arc::new(listing);
         if let Some(slot) = self.dirs.lock().get_mut(&fh) {
             *slot = Some(Arc::clone(&listing));
@@ -181,6 +209,21 @@ impl Filesystem for ChalkFs {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _span = op_span("lookup", req, parent.0);
+        if parent.0 == Ino::ROOT.0 && name.as_bytes() == views::RESERVED_NAME {
+            match self.session.getattr(Ino::ROOT) {
+                Ok(root) => reply.entry(&VIEW_DIR_TTL, &file_attr(&self.views.chalk_dir(&root)), GENERATION),
+                Err(error) => reply.error(log_failure("lookup", parent.0, &error)),
+            }
+            return;
+        }
+        if views::is_view(parent.0) {
+            let result = self.session.getattr(Ino::ROOT).and_then(|root| self.views.lookup(parent.0, name, &root));
+            match result {
+                Ok(attr) => reply.entry(&self.view_ttl(&attr), &file_attr(&attr), GENERATION),
+                Err(error) => reply.error(log_failure("lookup", parent.0, &error)),
+            }
+            return;
+        }
         match self.session.lookup(engine_ino(parent), name) {
             Ok(attr) => self.reply_entry(reply, &attr),
             Err(EngineError::NotFound { .. }) if self.read_only => {
@@ -195,11 +238,24 @@ impl Filesystem for ChalkFs {
     // fuser 0.18 does not export `ForgetOne`, so `batch_forget` cannot be
     // overridden; its default calls this method once per inode.
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        // NOTE: nodes of `.chalk` keep their numbers and sessions for the
+        // mount's lifetime, so memory grows with the versions a user visits.
+        if views::is_view(ino.0) {
+            return;
+        }
         self.session.forget(engine_ino(ino), nlookup);
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _span = op_span("getattr", req, ino.0);
+        if views::is_view(ino.0) {
+            let result = self.session.getattr(Ino::ROOT).and_then(|root| self.views.getattr(ino.0, &root));
+            match result {
+                Ok(attr) => reply.attr(&self.view_ttl(&attr), &file_attr(&attr)),
+                Err(error) => reply.error(log_failure("getattr", ino.0, &error)),
+            }
+            return;
+        }
         match self.session.getattr(engine_ino(ino)) {
             Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
             Err(error) => reply.error(log_failure("getattr", ino.0, &error)),
@@ -225,6 +281,10 @@ impl Filesystem for ChalkFs {
         reply: ReplyAttr,
     ) {
         let _span = op_span("setattr", req, ino.0);
+        if views::is_view(ino.0) {
+            reply.error(read_only_view("setattr", ino.0));
+            return;
+        }
         // A size from ftruncate(2) arrives with the handle and one from
         // truncate(2) or O_TRUNC without it; both truncate the inode.
         let change = SetAttr {
@@ -244,7 +304,11 @@ impl Filesystem for ChalkFs {
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
         let _span = op_span("readlink", req, ino.0);
-        match self.session.readlink(engine_ino(ino)) {
+        let result = match views::is_view(ino.0) {
+            true => self.views.readlink(ino.0),
+            false => self.session.readlink(engine_ino(ino)),
+        };
+        match result {
             Ok(target) => reply.data(&target),
             Err(error) => reply.error(log_failure("readlink", ino.0, &error)),
         }
@@ -261,6 +325,10 @@ impl Filesystem for ChalkFs {
         reply: ReplyEntry,
     ) {
         let _span = op_span("mknod", req, parent.0);
+        if views::is_view(parent.0) {
+            reply.error(read_only_view("mknod", parent.0));
+            return;
+        }
         let kind = match mode & libc::S_IFMT {
             libc::S_IFREG => None,
             libc::S_IFIFO => Some(FileKind::Fifo),
@@ -285,6 +353,10 @@ impl Filesystem for ChalkFs {
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         let _span = op_span("mkdir", req, parent.0);
+        if views::is_view(parent.0) {
+            reply.error(read_only_view("mkdir", parent.0));
+            return;
+        }
         let result = self.new_owner(req, engine_ino(parent)).and_then(|(owner, setgid)| {
             let mut mode = mode & 0o7777;
             if setgid {
@@ -300,6 +372,10 @@ impl Filesystem for ChalkFs {
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _span = op_span("unlink", req, parent.0);
+        if views::is_view(parent.0) {
+            reply.error(read_only_view("unlink", parent.0));
+            return;
+        }
         match self.session.unlink(engine_ino(parent), name) {
             Ok(()) => reply.ok(),
             Err(error) => reply.error(log_failure("unlink", parent.0, &error)),
@@ -308,6 +384,10 @@ impl Filesystem for ChalkFs {
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _span = op_span("rmdir", req, parent.0);
+        if views::is_view(parent.0) {
+            reply.error(read_only_view("rmdir", parent.0));
+            return;
+        }
         match self.session.rmdir(engine_ino(parent), name) {
             Ok(()) => reply.ok(),
             Err(error) => reply.error(log_failure("rmdir", parent.0, &error)),
@@ -316,6 +396,10 @@ impl Filesystem for ChalkFs {
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let _span = op_span("symlink", req, parent.0);
+        if views::is_view(parent.0) {
+            reply.error(read_only_view("symlink", parent.0));
+            return;
+        }
         let result = self.new_owner(req, engine_ino(parent)).and_then(|(owner, _)| {
             self.session.symlink(engine_ino(parent), link_name, target.as_os_str().as_bytes(), owner)
         });
@@ -336,6 +420,10 @@ impl Filesystem for ChalkFs {
         reply: ReplyEmpty,
     ) {
         let _span = op_span("rename", req, parent.0);
+        if views::is_view(parent.0) || views::is_view(newparent.0) {
+            reply.error(read_only_view("rename", parent.0));
+            return;
+        }
         let mode = if flags.is_empty() {
             RenameMode::Replace
         } else if flags == RenameFlags::RENAME_NOREPLACE {
@@ -356,6 +444,10 @@ impl Filesystem for ChalkFs {
 
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let _span = op_span("link", req, ino.0);
+        if views::is_view(ino.0) || views::is_view(newparent.0) {
+            reply.error(read_only_view("link", ino.0));
+            return;
+        }
         match self.session.link(engine_ino(ino), engine_ino(newparent), newname) {
             Ok(attr) => self.reply_entry(reply, &attr),
             Err(error) => reply.error(log_failure("link", ino.0, &error)),
@@ -364,6 +456,20 @@ impl Filesystem for ChalkFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _span = op_span("open", req, ino.0);
+        if views::is_view(ino.0) {
+            if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+                reply.error(read_only_view("open", ino.0));
+                return;
+            }
+            if let Err(error) = self.views.open(ino.0) {
+                reply.error(log_failure("open", ino.0, &error));
+                return;
+            }
+            let fh = self.allocate_handle();
+            self.files.lock().insert(fh, OpenFile { ino: engine_ino(ino), flags: flags.0 });
+            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            return;
+        }
         if let Err(error) = self.session.open(engine_ino(ino)) {
             reply.error(log_failure("open", ino.0, &error));
             return;
@@ -385,7 +491,11 @@ impl Filesystem for ChalkFs {
         reply: ReplyData,
     ) {
         let _span = op_span("read", req, ino.0);
-        match self.session.read(engine_ino(ino), offset, size) {
+        let result = match views::is_view(ino.0) {
+            true => self.views.read(ino.0, offset, size),
+            false => self.session.read(engine_ino(ino), offset, size),
+        };
+        match result {
             Ok(data) => reply.data(&data),
             Err(error) => reply.error(log_failure("read", ino.0, &error)),
         }
@@ -404,6 +514,10 @@ impl Filesystem for ChalkFs {
         reply: ReplyWrite,
     ) {
         let _span = op_span("write", req, ino.0);
+        if views::is_view(ino.0) {
+            reply.error(read_only_view("write", ino.0));
+            return;
+        }
         let ino = engine_ino(ino);
         // The kernel sends the file's current flags with each write, so an
         // O_APPEND set or cleared by fcntl(2) counts. The flags remembered at
@@ -449,6 +563,7 @@ impl Filesystem for ChalkFs {
         let _span = op_span("release", req, ino.0);
         let file = self.files.lock().remove(&fh.0);
         match file {
+            Some(file) if views::is_view(file.ino.0) => self.views.release(file.ino.0),
             Some(file) => self.session.release(file.ino),
             None => tracing::warn!(op = "release", ino = ino.0, fh = fh.0, "release of an unknown file handle"),
         }
@@ -467,7 +582,10 @@ impl Filesystem for ChalkFs {
         let _span = op_span("opendir", req, ino.0);
         let fh = self.allocate_handle();
         self.dirs.lock().insert(fh, None);
-        let flags = if self.read_only {
+        // The listings of `.chalk` grow as versions are published, so the
+        // kernel must not cache them; the trees of versions never change.
+        let view_dir = views::is_view(ino.0) && self.views.is_version_tree(ino.0);
+        let flags = if (self.read_only && !views::is_view(ino.0)) || view_dir {
             FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR
         } else {
             FopenFlags::empty()
@@ -506,8 +624,13 @@ impl Filesystem for ChalkFs {
         };
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         let mut added = 0usize;
+        let in_views = views::is_view(ino.0);
         for (index, entry) in listing.iter().enumerate().skip(start) {
-            let attr = match self.session.getattr(entry.ino) {
+            let looked_up = match views::is_view(entry.ino.0) {
+                true => self.session.getattr(Ino::ROOT).and_then(|root| self.views.getattr(entry.ino.0, &root)),
+                false => self.session.getattr(entry.ino),
+            };
+            let attr = match looked_up {
                 Ok(attr) => attr,
                 // Removed since the listing was taken.
                 Err(EngineError::NotFound { .. }) => continue,
@@ -523,7 +646,7 @@ impl Filesystem for ChalkFs {
                 }
             };
             // The kernel takes no reference for `.` and `..` (entries 0 and 1).
-            let counted = index >= 2;
+            let counted = index >= 2 && !in_views;
             if counted {
                 self.session.remember(attr.ino, 1);
             }
@@ -581,6 +704,10 @@ impl Filesystem for ChalkFs {
         reply: ReplyEmpty,
     ) {
         let _span = op_span("setxattr", req, ino.0);
+        if views::is_view(ino.0) {
+            reply.error(read_only_view("setxattr", ino.0));
+            return;
+        }
         // POSIX ACLs would have to change the mode bits too, which the engine
         // does not do, so they are refused and tools such as `cp -a` fall back to chmod.
         if name.as_bytes().starts_with(b"system.posix_acl_") {
@@ -609,7 +736,11 @@ impl Filesystem for ChalkFs {
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let _span = op_span("getxattr", req, ino.0);
-        match self.session.getxattr(engine_ino(ino), name) {
+        let result = match views::is_view(ino.0) {
+            true => self.views.getxattr(ino.0, name),
+            false => self.session.getxattr(engine_ino(ino), name),
+        };
+        match result {
             Ok(value) => reply_xattr(reply, &value, size),
             Err(error) => reply.error(log_failure("getxattr", ino.0, &error)),
         }
@@ -617,7 +748,11 @@ impl Filesystem for ChalkFs {
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let _span = op_span("listxattr", req, ino.0);
-        match self.session.listxattr(engine_ino(ino)) {
+        let result = match views::is_view(ino.0) {
+            true => self.views.listxattr(ino.0),
+            false => self.session.listxattr(engine_ino(ino)),
+        };
+        match result {
             Ok(names) => {
                 // The list is each name followed by a NUL byte.
                 let mut list = Vec::with_capacity(names.iter().map(|name| name.len() + 1).sum());
@@ -633,6 +768,10 @@ impl Filesystem for ChalkFs {
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _span = op_span("removexattr", req, ino.0);
+        if views::is_view(ino.0) {
+            reply.error(read_only_view("removexattr", ino.0));
+            return;
+        }
         match self.session.removexattr(engine_ino(ino), name) {
             Ok(()) => reply.ok(),
             Err(error) => reply.error(log_failure("removexattr", ino.0, &error)),
@@ -656,6 +795,10 @@ impl Filesystem for ChalkFs {
         reply: ReplyCreate,
     ) {
         let _span = op_span("create", req, parent.0);
+        if views::is_view(parent.0) {
+            reply.error(read_only_view("create", parent.0));
+            return;
+        }
         let result = self.new_owner(req, engine_ino(parent)).and_then(|(owner, _)| {
             let attr = self.session.create(engine_ino(parent), name, mode & 0o7777, owner)?;
             self.session.open(attr.ino)?;
@@ -683,6 +826,10 @@ impl Filesystem for ChalkFs {
         reply: ReplyEmpty,
     ) {
         let _span = op_span("fallocate", req, ino.0);
+        if views::is_view(ino.0) {
+            reply.error(read_only_view("fallocate", ino.0));
+            return;
+        }
         // The engine cannot reserve space ahead of writes, so no fallocate
         // mode can keep its promise. With EOPNOTSUPP, posix_fallocate(3) in
         // glibc falls back to writing the range.

@@ -17,5 +17,6 @@ mod attr;
 mod errno;
 mod fs;
 mod mount;
+mod views;
 
 pub use mount::{mount, Invalidator, MountHandle, MountOptions};

@@ -254,3 +254,48 @@ fn rebase_shows_other_writers_changes() {
     assert!(b.0.join("from-a.txt").exists());
     assert_eq!(fs::read(b.0.join("from-b.txt")).unwrap(), b"b");
 }
+
+#[test]
+fn chalk_directory_shows_every_version() {
+    let home = Home::new();
+    home.ok(&["volume", "create", "my-data"]);
+    put_text(&home, "dir/f.txt", "first");
+    let versions = home.json(&["volume", "versions", "my-data", "--json"]);
+    let first = versions.as_array().unwrap().last().unwrap()["id"].as_str().unwrap().to_owned();
+    home.ok(&["volume", "tag", "my-data", &first, "baseline"]);
+    put_text(&home, "dir/f.txt", "second");
+    let mount = mount(&home, "m", &[]);
+
+    // Reachable by path, but not listed in the root.
+    let root: Vec<_> = fs::read_dir(&mount.0).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(root, vec!["dir"]);
+    let chalk = mount.0.join(".chalk");
+    let mut listed: Vec<String> =
+        fs::read_dir(chalk.join("versions")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    listed.sort();
+    let all = home.json(&["volume", "versions", "my-data", "--all", "--json"]);
+    let mut ids: Vec<String> = all.as_array().unwrap().iter().map(|v| v["id"].as_str().unwrap().to_owned()).collect();
+    ids.sort();
+    assert_eq!(listed, ids);
+
+    assert_eq!(fs::read(chalk.join("versions").join(&first).join("dir/f.txt")).unwrap(), b"first");
+    assert_eq!(fs::read(chalk.join("tags/baseline/dir/f.txt")).unwrap(), b"first");
+    assert_eq!(fs::read(mount.0.join("dir/f.txt")).unwrap(), b"second");
+
+    // Read-only, and the name is reserved at the root of every volume.
+    let err = fs::write(chalk.join("versions").join(&first).join("new.txt"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    let err = fs::write(chalk.join("note.txt"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    let local = home.0.path().join("upload.tmp");
+    let out = home.run(&["volume", "put", "my-data", local.to_str().unwrap(), ".chalk/x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reserved"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A sync publishes the mount's writes and nothing of `.chalk`.
+    fs::write(mount.0.join("new.txt"), b"new").unwrap();
+    home.ok(&["volume", "sync", mount.0.to_str().unwrap()]);
+    let listing = home.json(&["volume", "ls", "my-data", "--json"]);
+    let names: Vec<&str> = listing.as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["dir", "new.txt"]);
+}

@@ -366,6 +366,14 @@ impl S3Store {
             .stalled_stream_protection(
                 StalledStreamProtectionConfig::enabled().grace_period(Duration::from_secs(10)).build(),
             );
+        // The region comes from the environment or the AWS profile only. The
+        // default chain would ask the EC2 instance metadata service last,
+        // which off EC2 costs a timeout and names no S3 endpoint anyway.
+        let region = aws_config::meta::region::RegionProviderChain::first_try(
+            aws_config::environment::EnvironmentVariableRegionProvider::new(),
+        )
+        .or_else(aws_config::profile::ProfileFileRegionProvider::new());
+        loader = loader.region(region);
         if let Some(endpoint) = endpoint {
             let key = Credentials::new(&endpoint.access_key_id, &endpoint.secret_access_key, None, None, "chalk-static");
             loader = loader

@@ -247,6 +247,11 @@ impl Session {
         &self.volume
     }
 
+    /// The store this session reads from and publishes to.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     pub fn id(&self) -> SessionId {
         self.id
     }

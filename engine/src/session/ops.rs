@@ -40,6 +40,22 @@ pub(crate) fn validate_name(name: &OsStr) -> Result<Vec<u8>> {
     Ok(bytes.to_vec())
 }
 
+/// Name at the volume root that mounts reserve for their `.chalk` directory
+/// of past versions; nothing can be created there.
+pub const RESERVED_ROOT_NAME: &[u8] = b".chalk";
+
+/// Checks the name of a new entry of directory `parent` and returns its bytes.
+fn validate_new_name(parent: Ino, name: &OsStr) -> Result<Vec<u8>> {
+    let bytes = validate_name(name)?;
+    if parent == Ino::ROOT && bytes == RESERVED_ROOT_NAME {
+        return Err(EngineError::InvalidName {
+            name: name.to_string_lossy().into_owned(),
+            reason: "'.chalk' at the volume root is reserved for the versions directory of mounts",
+        });
+    }
+    Ok(bytes)
+}
+
 type Entries = BTreeMap<Vec<u8>, (Ino, FileKind)>;
 
 impl State {
@@ -271,7 +287,7 @@ impl Session {
         rdev: u32,
     ) -> Result<Attr> {
         self.check_writable()?;
-        let name = validate_name(name)?;
+        let name = validate_new_name(parent, name)?;
         let mut state = self.state.lock();
         if state.child(self, parent, &name)?.is_some() {
             return Err(EngineError::exists("entry", String::from_utf8_lossy(&name)));
@@ -331,7 +347,7 @@ impl Session {
     /// Adds a hard link `new_parent/new_name` to a file or symlink.
     pub fn link(&self, ino: Ino, new_parent: Ino, new_name: &OsStr) -> Result<Attr> {
         self.check_writable()?;
-        let name = validate_name(new_name)?;
+        let name = validate_new_name(new_parent, new_name)?;
         let mut state = self.state.lock();
         let kind = state.inode(&self.store, &self.volume, ino)?.attr.kind;
         if kind == FileKind::Directory {
@@ -380,7 +396,7 @@ impl Session {
     pub fn rename(&self, parent: Ino, name: &OsStr, new_parent: Ino, new_name: &OsStr, mode: RenameMode) -> Result<()> {
         self.check_writable()?;
         let name = validate_name(name)?;
-        let new_name = validate_name(new_name)?;
+        let new_name = validate_new_name(new_parent, new_name)?;
         let mut state = self.state.lock();
         let state = &mut *state;
         let Some((src, src_kind)) = state.child(self, parent, &name)? else {
