@@ -299,3 +299,58 @@ fn chalk_directory_shows_every_version() {
     let names: Vec<&str> = listing.as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
     assert_eq!(names, vec!["dir", "new.txt"]);
 }
+
+#[test]
+fn eight_mount_processes_sync_one_lineage() {
+    let home = Home::new();
+    home.ok(&["volume", "create", "my-data"]);
+    put_text(&home, "shared.txt", "base");
+    // Every mount starts from the same head before any of them syncs. Even
+    // ones write only their own file; odd ones also rewrite shared.txt.
+    let mounts: Vec<MountGuard> = (0..8).map(|i| mount(&home, &format!("m{i}"), &[])).collect();
+    for (i, m) in mounts.iter().enumerate() {
+        fs::write(m.0.join(format!("own-{i}.txt")), format!("writer {i}")).unwrap();
+        if i % 2 == 1 {
+            fs::write(m.0.join("shared.txt"), format!("shared from {i}")).unwrap();
+        }
+    }
+    let outputs: Vec<Output> = std::thread::scope(|scope| {
+        let handles: Vec<_> =
+            mounts.iter().map(|m| scope.spawn(|| home.run(&["volume", "sync", m.0.to_str().unwrap()]))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+
+    let mut published = Vec::new();
+    let mut shared_winner = None;
+    for (i, out) in outputs.iter().enumerate() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            published.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+            if i % 2 == 1 {
+                assert!(shared_winner.replace(i).is_none(), "two writers of shared.txt both published");
+            }
+        } else {
+            assert!(i % 2 == 1, "writer {i} changed no shared path but failed: {stderr}");
+            assert!(stderr.contains("shared.txt"), "writer {i} failed without naming shared.txt: {stderr}");
+        }
+    }
+    let winner = shared_winner.expect("one writer of shared.txt publishes");
+    assert_eq!(published.len(), 5, "four disjoint writers and one shared.txt writer");
+
+    // Every accepted version is in the history, and the head has every accepted write.
+    let history = home.json(&["volume", "versions", "my-data", "--json"]);
+    let ids: Vec<&str> = history.as_array().unwrap().iter().map(|v| v["id"].as_str().unwrap()).collect();
+    for id in &published {
+        assert!(ids.contains(&id.as_str()), "version {id} is missing from the history");
+    }
+    let check = home.0.path().join("check.txt");
+    for i in (0..8).filter(|i| i % 2 == 0 || *i == winner) {
+        home.ok(&["volume", "get", "my-data", &format!("own-{i}.txt"), check.to_str().unwrap()]);
+        assert_eq!(fs::read_to_string(&check).unwrap(), format!("writer {i}"));
+    }
+    home.ok(&["volume", "get", "my-data", "shared.txt", check.to_str().unwrap()]);
+    assert_eq!(fs::read_to_string(&check).unwrap(), format!("shared from {winner}"));
+    // A writer that lost keeps its writes in its mount.
+    let loser = (1..8).step_by(2).find(|i| *i != winner).unwrap();
+    assert_eq!(fs::read_to_string(mounts[loser].0.join("shared.txt")).unwrap(), format!("shared from {loser}"));
+}

@@ -128,60 +128,76 @@ impl Session {
         if !effective {
             return Ok(SyncOutcome::NothingToPublish { base: state.base.clone() });
         }
-        if let Some(lineage) = state.lineage.clone() {
-            let (seq, head) = self.store.head_entry(&self.volume, &lineage)?;
-            if seq != state.base_entry_seq {
-                match self.rebase_onto(state, &lineage, seq, head, options.on_conflict)? {
-                    super::rebase::Rebase::Rebased => {}
-                    // Publishing without a lineage forks one from the base below.
-                    super::rebase::Rebase::Fork => state.lineage = None,
+        // Another writer can take the next entry between the head check and
+        // the head write; a sync then checks and rebases again, a bounded
+        // number of times, before it reports the moved head.
+        let mut uploaded: HashSet<crate::ids::SegmentId> = HashSet::new();
+        let mut attempt = 0;
+        let (info, lineage, seq, root, new_pages, segments) = loop {
+            attempt += 1;
+            if let Some(lineage) = state.lineage.clone() {
+                let (seq, head) = self.store.head_entry(&self.volume, &lineage)?;
+                if seq != state.base_entry_seq {
+                    match self.rebase_onto(state, &lineage, seq, head, options.on_conflict)? {
+                        super::rebase::Rebase::Rebased => {}
+                        // Publishing without a lineage forks one from the base below.
+                        super::rebase::Rebase::Fork => state.lineage = None,
+                    }
                 }
             }
-        }
 
-        // Step 1: seal.
-        let log = state.log.as_mut().expect("writable sessions have a log");
-        log.roll(self)?;
-        let segments = log.sealed.clone();
-        let version = VersionId::generate();
-        self.announce_sync(state, version, &segments)?;
+            // Step 1: seal.
+            let log = state.log.as_mut().expect("writable sessions have a log");
+            log.roll(self)?;
+            let segments = log.sealed.clone();
+            let version = VersionId::generate();
+            self.announce_sync(state, version, &segments)?;
 
-        // Step 2: upload segments.
-        let uploads: Vec<(String, &std::path::Path)> =
-            segments.iter().map(|(segment, path)| (segment_key(&self.volume, *segment), path.as_path())).collect();
-        parallel_puts(&uploads, |(key, path)| self.store.objects().put_file(key, path))?;
+            // Step 2: upload the segments that no earlier attempt uploaded.
+            let uploads: Vec<(String, &std::path::Path)> = segments
+                .iter()
+                .filter(|(segment, _)| !uploaded.contains(segment))
+                .map(|(segment, path)| (segment_key(&self.volume, *segment), path.as_path()))
+                .collect();
+            parallel_puts(&uploads, |(key, path)| self.store.objects().put_file(key, path))?;
+            uploaded.extend(segments.iter().map(|(segment, _)| *segment));
 
-        // Step 3: checkpoint.
-        let (root, new_pages) = self.write_checkpoint(state, version)?;
+            // Step 3: checkpoint.
+            let (root, new_pages) = self.write_checkpoint(state, version)?;
 
-        // Step 4: the conditional head write. A session on a pinned version
-        // first forks its own lineage from that version.
-        let (lineage, seq) = match &state.lineage {
-            Some(lineage) => (lineage.clone(), state.base_entry_seq + 1),
-            None => (self.store.fork(&self.volume, state.base.id, None)?.0, 2),
-        };
-        let info = VersionInfo {
-            id: version,
-            seq,
-            parent: Some(state.base.id),
-            lineage: lineage.clone(),
-            created_at: Timestamp::now(),
-            message: message.map(str::to_owned),
-            files: root.files,
-            bytes: root.bytes,
-            segments: segments.iter().map(|(id, _)| *id).collect(),
-        };
-        let landed = match self.store.publish_entry(&self.volume, &lineage, seq, &info, EntryKind::Commit) {
-            Ok(landed) => landed,
-            Err(err) => {
-                state.unconfirmed = Some(Unconfirmed { info, lineage, seq, root, new_pages });
-                return Err(err);
+            // Step 4: the conditional head write. A session on a pinned version
+            // first forks its own lineage from that version.
+            let (lineage, seq) = match &state.lineage {
+                Some(lineage) => (lineage.clone(), state.base_entry_seq + 1),
+                None => (self.store.fork(&self.volume, state.base.id, None)?.0, 2),
+            };
+            let info = VersionInfo {
+                id: version,
+                seq,
+                parent: Some(state.base.id),
+                lineage: lineage.clone(),
+                created_at: Timestamp::now(),
+                message: message.map(str::to_owned),
+                files: root.files,
+                bytes: root.bytes,
+                segments: segments.iter().map(|(id, _)| *id).collect(),
+            };
+            let landed = match self.store.publish_entry(&self.volume, &lineage, seq, &info, EntryKind::Commit) {
+                Ok(landed) => landed,
+                Err(err) => {
+                    state.unconfirmed = Some(Unconfirmed { info, lineage, seq, root, new_pages });
+                    return Err(err);
+                }
+            };
+            if landed {
+                break (info, lineage, seq, root, new_pages, segments);
             }
-        };
-        if !landed {
             let head = self.store.head(&self.volume, &lineage)?;
-            return Err(self.head_moved(state, &lineage, &head));
-        }
+            if state.lineage.is_none() || attempt >= PUBLISH_ATTEMPTS {
+                return Err(self.head_moved(state, &lineage, &head));
+            }
+            tracing::debug!(volume = %self.volume, lineage = %lineage, attempt, head = %head.id, "another writer published first; checking the head again");
+        };
         tracing::info!(volume = %self.volume, version = %info.id, seq = info.seq, segments = segments.len(), "published version");
         self.carry_on(state, Unconfirmed { info: info.clone(), lineage, seq, root, new_pages }, ChangesSince::None);
         Ok(SyncOutcome::Published(info))
@@ -357,6 +373,9 @@ impl Session {
         InodeRecord { attr: inode.attr.clone(), links: inode.links.clone(), xattrs: inode.xattrs.clone(), content }
     }
 }
+
+/// Head writes a sync tries before it reports that the head moved.
+const PUBLISH_ATTEMPTS: u32 = 16;
 
 /// Object writes in flight at once during a sync.
 const PARALLEL_PUTS: usize = 8;
