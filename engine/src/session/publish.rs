@@ -129,8 +129,8 @@ impl Session {
             return Ok(SyncOutcome::NothingToPublish { base: state.base.clone() });
         }
         // Another writer can take the next entry between the head check and
-        // the head write; a sync then checks and rebases again, a bounded
-        // number of times, before it reports the moved head.
+        // the head write. The sync then checks and rebases again, up to
+        // PUBLISH_ATTEMPTS times, before it reports the moved head.
         let mut uploaded: HashSet<crate::ids::SegmentId> = HashSet::new();
         let mut attempt = 0;
         let (info, lineage, seq, root, new_pages, segments) = loop {
