@@ -244,6 +244,7 @@ impl Session {
                         lineage: lineage.to_string(),
                         head: head.id.to_string(),
                         paths: conflicts,
+                        promoted: None,
                     })
                 }
                 OnConflict::Fork => return Ok(Rebase::Fork),
