@@ -57,6 +57,12 @@ struct Published {
     version: Value,
 }
 
+/// Checks the `dir` query parameter the way the engine will.
+fn check_upload_dir(dir: &str) -> Result<(), ApiError> {
+    normalize_path(dir).map_err(|err| ApiError::bad_request(format!("rejected upload dir {dir:?}: {err}")))?;
+    Ok(())
+}
+
 /// Checks an upload path the way the engine will, and joins it to `dir`.
 fn upload_path(dir: &str, path: &str) -> Result<String, ApiError> {
     let bad = |err: chalk_engine::EngineError| ApiError::bad_request(format!("rejected upload path {path:?}: {err}"));
@@ -197,7 +203,7 @@ pub async fn upload(
     let volume = parse_volume(&volume)?;
     let lineage = LineageName::new(query.lineage.as_deref().filter(|l| !l.is_empty()).unwrap_or(LineageName::MAIN))?;
     let dir = query.dir.unwrap_or_default();
-    upload_path(&dir, "probe").map_err(|e| e.context("invalid dir"))?;
+    check_upload_dir(&dir)?;
 
     let (sender, receiver) = mpsc::channel(CHANNEL_MESSAGES);
     let store = state.store.clone();
