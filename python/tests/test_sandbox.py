@@ -47,8 +47,12 @@ def client():
 
 
 def chalk_mounts() -> list[str]:
+    """Chalk mounts below this test's CHALK_HOME, where its sandboxes mount;
+    other tests and developers on the host may have chalk mounts elsewhere."""
+    home = os.environ["CHALK_HOME"].rstrip("/") + "/"
     with open("/proc/self/mountinfo") as mountinfo:
-        return [line.split()[4] for line in mountinfo if " chalk:" in line]
+        points = [line.split()[4] for line in mountinfo if " chalk:" in line]
+    return [point for point in points if point.startswith(home)]
 
 
 def test_seed_sandbox_block(client) -> None:
