@@ -475,13 +475,14 @@ fn upload_rejects_bad_paths() {
     let dashboard = Dashboard::start(&home, &[]);
     let before = home.versions("vol").len();
     let long_name = "n".repeat(256);
-    let cases: [(&str, Vec<Part>, &str); 6] = [
+    let cases: [(&str, Vec<Part>, &str); 7] = [
         ("parent in path", vec![Part::Text("path", "../evil.txt"), Part::File("evil.txt", b"x")], "'..' is not allowed"),
         ("parent deeper", vec![Part::Text("path", "a/../../evil.txt"), Part::File("evil.txt", b"x")], "'..' is not allowed"),
         ("parent in file name", vec![Part::File("../evil.txt", b"x")], "'..' is not allowed"),
         ("name too long", vec![Part::Text("path", &long_name), Part::File("x", b"x")], "longer than 255 bytes"),
         ("NUL in name", vec![Part::Text("path", "a\0b"), Part::File("x", b"x")], "NUL"),
         ("empty name", vec![Part::Text("path", "/"), Part::File("x", b"x")], "names no file"),
+        ("trailing slash", vec![Part::Text("path", "reports/"), Part::File("x", b"x")], "ends in '/'"),
     ];
     for (case, parts, expected) in cases {
         // A good file first: a rejected path later in the body must discard it too.

@@ -153,6 +153,12 @@ impl Session {
         let Some(name) = names.pop() else {
             return Err(EngineError::InvalidPath { path: path.to_owned(), reason: "a file path needs a name".into() });
         };
+        if path.ends_with('/') {
+            return Err(EngineError::InvalidPath {
+                path: path.to_owned(),
+                reason: "it ends in '/', which names a directory; put the file name after the last '/'".into(),
+            });
+        }
         let parent_path: Vec<String> = names.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect();
         let parent = self.make_dirs(&parent_path.join("/"), owner)?;
         let name = OsStr::from_bytes(&name);

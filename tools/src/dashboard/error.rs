@@ -116,7 +116,7 @@ pub async fn json_errors(request: Request, next: Next) -> Response {
     let message = match (text.is_empty(), status) {
         (false, _) => format!("{method} {path}: {text}"),
         (true, StatusCode::METHOD_NOT_ALLOWED) => {
-            let allowed = allow.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("another method");
+            let allowed = allow.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("the method the endpoint takes (GET, or POST for uploads)");
             format!("{method} is not allowed on {path}; use {allowed}")
         }
         (true, _) => format!("{method} {path} failed: {status}"),

@@ -71,6 +71,11 @@ fn upload_path(dir: &str, path: &str) -> Result<String, ApiError> {
     if file_names.is_empty() {
         return Err(ApiError::bad_request(format!("rejected upload path {path:?}: it names no file; give a file name")));
     }
+    if path.ends_with('/') {
+        return Err(ApiError::bad_request(format!(
+            "rejected upload path {path:?}: it ends in '/', which names a directory; put the file name after the last '/'"
+        )));
+    }
     names.extend(file_names);
     Ok(names.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect::<Vec<_>>().join("/"))
 }
