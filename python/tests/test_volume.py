@@ -131,6 +131,16 @@ def test_trailing_slash_names_a_directory(tmp_path: Path) -> None:
     assert vol.stat("models").type == "dir"
 
 
+def test_remove_directory_needs_recursive() -> None:
+    vol = Volume.create("tree")
+    vol.put_file("data/a.txt", b"a")
+    with pytest.raises(InvalidPath, match=re.escape("recursive=True")):
+        vol.remove("data")
+    assert vol.exists("data/a.txt")
+    vol.remove("data", recursive=True)
+    assert not vol.exists("data")
+
+
 def test_batch_upload_publishes_one_version(tmp_path: Path) -> None:
     vol = Volume.create("batch")
     local_file = tmp_path / "weights.bin"

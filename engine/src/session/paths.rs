@@ -221,7 +221,9 @@ impl Session {
         if !recursive {
             return Err(EngineError::InvalidPath {
                 path: path.to_owned(),
-                reason: "is a directory; pass -r to remove it and everything under it".into(),
+                reason: "is a directory; remove it and everything under it with `chalk volume rm -r` \
+                         or, in Python, remove(path, recursive=True)"
+                    .into(),
             });
         }
         self.remove_tree(attr.ino)?;
