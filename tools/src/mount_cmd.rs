@@ -117,6 +117,11 @@ pub fn run_mount(
     request: &MountRequest,
     daemon: bool,
 ) -> anyhow::Result<()> {
+    // Checked before mounting, because a daemon that failed here would have
+    // reported the mount ready and then ended it.
+    if request.follow {
+        follow_interval()?;
+    }
     if !daemon {
         install_stop_handlers()?;
         let active = start_mount(&store, volume, dir, request, None)?;
@@ -388,7 +393,7 @@ fn serve_until_stopped(active: ActiveMount) -> anyhow::Result<()> {
     }
 
     let mount_point = registration.lock().dir.clone();
-    let follow_interval = follow_interval()?;
+    let follow_interval = if follow { follow_interval()? } else { Duration::MAX };
     let mut last_follow = Instant::now();
     loop {
         if handle.wait_timeout(STOP_POLL_INTERVAL) {
