@@ -218,6 +218,15 @@ def test_chalk_sandbox_run(chalk_bin: Path) -> None:
 
     failing = sandbox_run(chalk_bin, "--image", "host", "--", "sh", "-c", "exit 7")
     assert failing.returncode == 7
+
+    versions = len(vol.versions())
+    failed_sync = sandbox_run(chalk_bin, "--volume", "my-data", "--sync", "--", "sh", "-c",
+                              "echo lost > /volumes/my-data/lost.txt; exit 3")
+    assert failed_sync.returncode == 3
+    assert "--sync published nothing" in failed_sync.stderr
+    assert "my-data" in failed_sync.stderr
+    assert not vol.exists("lost.txt")
+    assert len(vol.versions()) == versions
     assert chalk_mounts() == []
 
 
