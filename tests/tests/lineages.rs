@@ -205,6 +205,18 @@ fn bad_follow_interval_fails_before_mounting() {
 }
 
 #[test]
+fn sync_of_follow_mount_is_rejected() {
+    let home = Home::new();
+    home.ok(&["volume", "create", "my-data"]);
+    let follow = mount_with_env(&home, "follow", &["--follow"], &[]);
+    let out = home.run(&["volume", "sync", follow.0.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "sync of a --follow mount succeeded: {stderr}");
+    assert!(stderr.contains("is read-only"), "{stderr}");
+    assert!(stderr.contains("--follow"), "{stderr}");
+}
+
+#[test]
 fn follow_mount_shows_new_heads() {
     use std::io::Read;
     use std::sync::atomic::{AtomicBool, Ordering};

@@ -184,7 +184,7 @@ pub fn run_sync(store: &Store, target: &str, message: Option<&str>, on_conflict:
             if registration.read_only {
                 bail!(
                     "the mount at {} is read-only, so it has nothing to sync; \
-                     mount the volume without --read-only or --version to write to it",
+                     mount the volume without --read-only, --version or --follow to write to it",
                     dir.display()
                 );
             }
