@@ -184,6 +184,36 @@ fn api_rejections_are_json() {
 }
 
 #[test]
+fn concurrent_uploads_all_publish() {
+    let (home, _, _) = sample_store();
+    let dashboard = Dashboard::start(&home, &[]);
+    let before = home.versions("vol").len();
+    let data = pseudo_random_bytes(8 << 20, 3);
+    let results: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let uploads: Vec<_> = (0..4)
+            .map(|i| {
+                let (dashboard, data) = (&dashboard, &data);
+                scope.spawn(move || {
+                    // Into an existing folder: uploads that each created a new folder would conflict.
+                    let path = format!("data/parallel-{i}.bin");
+                    status_and_json(dashboard.upload("vol", "", &[Part::Text("path", &path), Part::File("x.bin", data)]))
+                })
+            })
+            .collect();
+        uploads.into_iter().map(|upload| upload.join().unwrap()).collect()
+    });
+    for (status, body) in &results {
+        assert_eq!(*status, 200, "{body}");
+    }
+    assert_eq!(home.versions("vol").len(), before + 4);
+    let tree = dashboard.json("/api/volumes/vol/tree?path=data");
+    let names: Vec<&str> = tree["entries"].as_array().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
+    for i in 0..4 {
+        assert!(names.contains(&format!("parallel-{i}.bin").as_str()), "{names:?}");
+    }
+}
+
+#[test]
 fn volumes_tree_and_previews() {
     let (home, _, blob) = sample_store();
     let dashboard = Dashboard::start(&home, &[]);
