@@ -35,8 +35,13 @@ pub enum EngineError {
     #[error("read-only session: {reason}")]
     ReadOnly { reason: String },
 
-    #[error("invalid name {name:?}: {reason}")]
-    InvalidName { name: String, reason: &'static str },
+    #[error("invalid {kind} name {name:?}: {reason}")]
+    InvalidName {
+        /// What the name is for: `volume`, `lineage`, `tag` or `file`.
+        kind: &'static str,
+        name: String,
+        reason: &'static str,
+    },
 
     #[error("name too long ({len} bytes, the limit is 255): {name:?}")]
     NameTooLong { name: String, len: usize },
@@ -72,11 +77,19 @@ pub enum EngineError {
     HeadMoved { volume: String, lineage: String, base: String, head: String },
 
     #[error(
-        "sync conflicts with lineage {lineage:?} of volume {volume:?}: version {head} changed the same paths ({}); \
-         this session keeps its writes; sync with --on-conflict fork to publish into a new lineage, or ours to overwrite",
-        paths.join(", ")
+        "{} conflicts with lineage {lineage:?} of volume {volume:?}: version {head} changed the same paths ({}); {}",
+        conflict_action(promoted.as_deref()),
+        paths.join(", "),
+        conflict_next_step(volume, promoted.as_deref())
     )]
-    Conflict { volume: String, lineage: String, head: String, paths: Vec<String> },
+    Conflict {
+        volume: String,
+        lineage: String,
+        head: String,
+        paths: Vec<String>,
+        /// The version a `promote` tried to apply; `None` for the sync of a session.
+        promoted: Option<String>,
+    },
 
     #[error("object store {url}: {detail}")]
     ObjectStore { url: String, detail: String },
@@ -86,6 +99,23 @@ pub enum EngineError {
 
     #[error("no space left on device while {context} {path}; free space under the store's local root and retry")]
     NoSpace { context: &'static str, path: PathBuf },
+}
+
+fn conflict_action(promoted: Option<&str>) -> String {
+    match promoted {
+        Some(source) => format!("promote of version {source}"),
+        None => "sync".to_owned(),
+    }
+}
+
+fn conflict_next_step(volume: &str, promoted: Option<&str>) -> String {
+    match promoted {
+        Some(source) => format!(
+            "nothing was published; copy the wanted paths from the source with \
+             `chalk volume cp {volume} PATH PATH --from-version {source}`, or edit them in a writable mount of the target lineage"
+        ),
+        None => "this session keeps its writes; sync with --on-conflict fork to publish into a new lineage, or ours to overwrite".to_owned(),
+    }
 }
 
 impl EngineError {

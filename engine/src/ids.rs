@@ -86,7 +86,7 @@ fn validate_name(kind: &'static str, name: &str) -> Result<()> {
         None
     };
     match reason {
-        Some(reason) => Err(EngineError::InvalidName { name: format!("{kind} {name}"), reason }),
+        Some(reason) => Err(EngineError::InvalidName { kind, name: name.to_owned(), reason }),
         None => Ok(()),
     }
 }
@@ -158,5 +158,13 @@ mod tests {
             assert!(VolumeName::new(bad).is_err(), "{bad:?} was accepted");
         }
         assert!(VolumeName::new("my-data_1.v2").is_ok());
+    }
+
+    #[test]
+    fn invalid_name_message_quotes_only_the_name() {
+        let volume = VolumeName::new("../x").unwrap_err().to_string();
+        assert!(volume.starts_with("invalid volume name \"../x\": "), "{volume}");
+        let lineage = LineageName::new("a b").unwrap_err().to_string();
+        assert!(lineage.starts_with("invalid lineage name \"a b\": "), "{lineage}");
     }
 }

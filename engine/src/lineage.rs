@@ -140,7 +140,8 @@ impl Store {
             && tag.parse::<VersionId>().is_err();
         if !valid {
             return Err(EngineError::InvalidName {
-                name: format!("tag {tag}"),
+                kind: "tag",
+                name: tag.to_owned(),
                 reason: "use 1 to 63 ASCII letters, digits, '-', '_' or '.', not starting with '.' or '-', and not a version id",
             });
         }
@@ -229,7 +230,13 @@ impl Store {
             message: Some(format!("promote {} onto {onto}", source.id)),
             on_conflict: OnConflict::Error,
         };
-        let published = match session.sync_with(&options)? {
+        let synced = session.sync_with(&options).map_err(|err| match err {
+            EngineError::Conflict { volume, lineage, head, paths, .. } => {
+                EngineError::Conflict { volume, lineage, head, paths, promoted: Some(source.id.to_string()) }
+            }
+            other => other,
+        })?;
+        let published = match synced {
             SyncOutcome::Published(info) => info,
             // The head already contains every change of `source`.
             SyncOutcome::NothingToPublish { .. } => return self.head(volume, onto),

@@ -272,6 +272,35 @@ fn promote_overlap_conflicts() {
 }
 
 #[test]
+fn promote_conflict_message_fits_promote() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let main_lineage = SessionBase::Lineage(LineageName::main());
+    let seed = store.open_session(&volume, main_lineage.clone(), Access::Writable).unwrap();
+    put(&seed, "model.bin", b"v1");
+    let base = published(seed.sync(None).unwrap());
+    drop(seed);
+
+    store.fork(&volume, base.id, Some(lineage("exp"))).unwrap();
+    let exp = store.open_session(&volume, SessionBase::Lineage(lineage("exp")), Access::Writable).unwrap();
+    put(&exp, "model.bin", b"exp");
+    let exp_head = published(exp.sync(None).unwrap());
+    let main = store.open_session(&volume, main_lineage, Access::Writable).unwrap();
+    put(&main, "model.bin", b"main");
+    published(main.sync(None).unwrap());
+
+    let err = store.promote(&volume, exp_head.id, &LineageName::main()).unwrap_err();
+    let message = err.to_string();
+    assert!(message.starts_with(&format!("promote of version {}", exp_head.id)), "{message}");
+    assert!(message.contains("(model.bin)"), "{message}");
+    assert!(message.contains("nothing was published"), "{message}");
+    assert!(message.contains("--from-version"), "{message}");
+    // Promote has no session that keeps writes and no --on-conflict option.
+    assert!(!message.contains("this session keeps its writes"), "{message}");
+    assert!(!message.contains("--on-conflict"), "{message}");
+}
+
+#[test]
 fn tag_cannot_shadow_a_version_id() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let (store, volume) = setup(dir.path());

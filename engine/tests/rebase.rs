@@ -73,6 +73,28 @@ fn disjoint_changes_rebase() {
 }
 
 #[test]
+fn directory_created_on_both_sides_conflicts() {
+    let (_dir, store, volume) = setup();
+    let a = session(&store, &volume);
+    let b = session(&store, &volume);
+    put(&a, "new/a.txt", b"from a");
+    put(&b, "new/b.txt", b"from b");
+    let first = published(a.sync(None).unwrap());
+
+    // Each session made its own inode for new/, and the merged root can hold
+    // only one of them: publishing b's would drop new/a.txt.
+    match b.sync(None) {
+        Err(EngineError::Conflict { paths, .. }) => assert_eq!(paths, vec!["new".to_owned()]),
+        other => panic!("expected a conflict on new, got {other:?}"),
+    }
+    let reader = head_reader(&store, &volume);
+    assert_eq!(reader.base_version().id, first.id);
+    assert_eq!(read(&reader, "new/a.txt"), b"from a");
+    // The conflicting session keeps its writes.
+    assert_eq!(read(&b, "new/b.txt"), b"from b");
+}
+
+#[test]
 fn overlapping_change_conflicts_and_keeps_writes() {
     let (_dir, store, volume) = setup();
     let seed = session(&store, &volume);

@@ -21,7 +21,7 @@ from fsspec.transaction import Transaction
 
 from . import _native
 from .errors import AlreadyExists, InvalidArgument, NotFound, ReadOnly
-from .volume import OPEN_BUFFER_BYTES, STREAM_CHUNK_BYTES, Volume, VolumeFile
+from .volume import OPEN_BUFFER_BYTES, STREAM_CHUNK_BYTES, Volume, VolumeFile, _write_stream
 
 _TYPES = {"dir": "directory", "file": "file", "symlink": "link"}
 
@@ -215,6 +215,24 @@ class ChalkFileSystem(AbstractFileSystem):
             batch.commit(message.format(path=inner))
         finally:
             batch.discard()
+
+    def cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
+        """Copy one file, streamed, as one version of the destination's volume.
+
+        The source may be in another volume or a pinned version. fsspec's
+        ``copy`` calls this for each file, and ``mv`` copies, then removes
+        the source, which publishes a second version.
+        """
+        source, source_inner, _prefix = self._volume(path1)
+        if source.stat(source_inner).type == "dir":
+            self.mkdir(path2)
+            return
+
+        def copy(batch: Any, inner: str) -> None:
+            with source.open(source_inner) as reader:
+                _write_stream(batch, inner, reader)
+
+        self._write_batch(path2, copy, "cp {path}")
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
         self._write_batch(path, lambda batch, inner: batch.put_bytes(inner, bytes(value)), "put {path}")

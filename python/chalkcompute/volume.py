@@ -205,7 +205,7 @@ class Volume:
         return self._published(batch)
 
     def upload_file(self, local_path: Union[str, os.PathLike], path: Optional[str] = None, *, message: Optional[str] = None) -> Version:
-        """Copy a local file to ``path`` (default: its file name) as one version."""
+        """Copy a local file to ``path`` (default: its file name; a path ending in ``/`` gets it appended) as one version."""
         remote = path if path is not None else os.path.basename(os.fspath(local_path))
         with self.batch_upload(message=message or f"upload {remote}") as batch:
             batch.upload_file(local_path, remote)
@@ -364,9 +364,14 @@ class BatchUpload:
         _write_data(self._open_batch(), path, data)
 
     def upload_file(self, local_path: Union[str, os.PathLike], path: Optional[str] = None) -> None:
-        """Copy a local file to ``path`` (default: its file name)."""
+        """Copy a local file to ``path`` (default: its file name; a path ending in ``/`` gets it appended)."""
         local = os.fspath(local_path)
-        self._open_batch().upload_file(local, path if path is not None else os.path.basename(local))
+        if path is None:
+            path = os.path.basename(local)
+        elif path.endswith("/"):
+            # As for `chalk volume put`: a directory path takes the local file's name.
+            path += os.path.basename(local)
+        self._open_batch().upload_file(local, path)
 
     def upload_directory(self, local_dir: Union[str, os.PathLike], path: str = "") -> None:
         """Copy the tree under a local directory to ``path``. Sockets, FIFOs and

@@ -157,3 +157,28 @@ def test_mkdir_and_rm_publish_versions(vol: Volume) -> None:
     assert len(vol.versions()) == versions + 3
     assert vol.stat("empty/dir").type == "dir"
     assert not vol.exists("gone.txt")
+
+
+def test_copy_and_move(vol: Volume) -> None:
+    fs = fsspec.filesystem("chalk")
+    payload = bytes(range(256)) * 20_000
+    vol.put_file("src/big.bin", payload)
+    pinned = vol.latest_version().id
+    versions = len(vol.versions())
+
+    fs.cp_file("my-data/src/big.bin", "my-data/copy/big.bin")
+    assert vol.read_file("copy/big.bin") == payload
+    assert len(vol.versions()) == versions + 1
+
+    # A pinned version is a valid source, and copy() takes whole trees.
+    fs.copy(f"my-data@{pinned}/src", "my-data/tree", recursive=True)
+    assert vol.read_file("tree/big.bin") == payload
+
+    fs.mv("my-data/copy/big.bin", "my-data/moved.bin")
+    assert vol.read_file("moved.bin") == payload
+    assert not vol.exists("copy/big.bin")
+
+    with pytest.raises(NotFound):
+        fs.cp_file("my-data/missing.bin", "my-data/x.bin")
+    with pytest.raises(ReadOnly):
+        fs.cp_file("my-data/moved.bin", f"my-data@{pinned}/x.bin")

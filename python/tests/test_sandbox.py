@@ -47,8 +47,12 @@ def client():
 
 
 def chalk_mounts() -> list[str]:
+    """Chalk mounts below this test's CHALK_HOME, where its sandboxes mount;
+    other tests and developers on the host may have chalk mounts elsewhere."""
+    home = os.environ["CHALK_HOME"].rstrip("/") + "/"
     with open("/proc/self/mountinfo") as mountinfo:
-        return [line.split()[4] for line in mountinfo if " chalk:" in line]
+        points = [line.split()[4] for line in mountinfo if " chalk:" in line]
+    return [point for point in points if point.startswith(home)]
 
 
 def test_seed_sandbox_block(client) -> None:
@@ -214,6 +218,15 @@ def test_chalk_sandbox_run(chalk_bin: Path) -> None:
 
     failing = sandbox_run(chalk_bin, "--image", "host", "--", "sh", "-c", "exit 7")
     assert failing.returncode == 7
+
+    versions = len(vol.versions())
+    failed_sync = sandbox_run(chalk_bin, "--volume", "my-data", "--sync", "--", "sh", "-c",
+                              "echo lost > /volumes/my-data/lost.txt; exit 3")
+    assert failed_sync.returncode == 3
+    assert "--sync published nothing" in failed_sync.stderr
+    assert "my-data" in failed_sync.stderr
+    assert not vol.exists("lost.txt")
+    assert len(vol.versions()) == versions
     assert chalk_mounts() == []
 
 

@@ -113,6 +113,34 @@ def test_put_file_rejects_other_data() -> None:
     assert len(vol.versions()) == versions
 
 
+def test_trailing_slash_names_a_directory(tmp_path: Path) -> None:
+    vol = Volume.create("slash")
+    versions = len(vol.versions())
+    with pytest.raises(InvalidPath, match="ends in '/'"):
+        vol.put_file("models/", b"weights")
+    with pytest.raises(InvalidPath, match="ends in '/'"):
+        vol.put_file("models/", io.BytesIO(b"weights"))
+    assert len(vol.versions()) == versions
+    assert not vol.exists("models")
+
+    # As with `chalk volume put`, a directory path takes the local file's name.
+    local = tmp_path / "weights.bin"
+    local.write_bytes(b"weights")
+    vol.upload_file(local, "models/")
+    assert vol.read_file("models/weights.bin") == b"weights"
+    assert vol.stat("models").type == "dir"
+
+
+def test_remove_directory_needs_recursive() -> None:
+    vol = Volume.create("tree")
+    vol.put_file("data/a.txt", b"a")
+    with pytest.raises(InvalidPath, match=re.escape("recursive=True")):
+        vol.remove("data")
+    assert vol.exists("data/a.txt")
+    vol.remove("data", recursive=True)
+    assert not vol.exists("data")
+
+
 def test_batch_upload_publishes_one_version(tmp_path: Path) -> None:
     vol = Volume.create("batch")
     local_file = tmp_path / "weights.bin"

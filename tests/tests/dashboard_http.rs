@@ -127,6 +127,93 @@ fn query_token_sets_cookie_and_redirects() {
 }
 
 #[test]
+fn upload_from_other_origin_is_rejected() {
+    let (home, _, _) = sample_store();
+    let dashboard = Dashboard::start(&home, &[]);
+    let before = home.versions("vol").len();
+    let cookie = format!("chalk_dashboard_{}={}", dashboard.port, dashboard.token);
+    let (content_type, body) = support::multipart(&[Part::Text("path", "csrf.txt"), Part::File("csrf.txt", b"x")]);
+    let post = |origin: &str| {
+        let request = ureq::post(&dashboard.url("/api/volumes/vol/upload"))
+            .set("Cookie", &cookie)
+            .set("Content-Type", &content_type)
+            .set("Origin", origin);
+        send(request, &body)
+    };
+    // Another port of 127.0.0.1 is the same site, so the browser sends the SameSite=Strict cookie.
+    for origin in ["http://127.0.0.1:1", "http://localhost", "null"] {
+        let (status, body) = status_and_json(post(origin));
+        assert_eq!(status, 403, "{origin}: {body}");
+        assert!(error_message(&body).contains(origin), "{origin}: {body}");
+    }
+    assert_eq!(home.versions("vol").len(), before, "a cross-origin upload created a version");
+
+    // The dashboard's own page sends its own origin.
+    let (status, body) = status_and_json(post(&dashboard.base));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(home.versions("vol").len(), before + 1);
+}
+
+#[test]
+fn api_rejections_are_json() {
+    let (home, _, _) = sample_store();
+    let dashboard = Dashboard::start(&home, &[]);
+
+    let (status, body) = status_and_json(dashboard.get("/api/volumes/vol/diff?b=x"));
+    assert_eq!(status, 400, "{body}");
+    assert!(error_message(&body).contains("missing field `a`"), "{body}");
+
+    let request = ureq::post(&dashboard.url("/api/volumes/vol/upload"))
+        .set("Authorization", &format!("Bearer {}", dashboard.token))
+        .set("Content-Type", "text/plain");
+    let (status, body) = status_and_json(send(request, b"not multipart"));
+    assert!((400..500).contains(&status), "{status}: {body}");
+    assert!(error_message(&body).contains("multipart"), "{body}");
+
+    let request = ureq::delete(&dashboard.url("/api/volumes/vol/tree")).set("Authorization", &format!("Bearer {}", dashboard.token));
+    let response = send(request, b"");
+    assert_eq!(response.header("allow").map(str::to_owned).as_deref().map(|v| v.contains("GET")), Some(true));
+    let (status, body) = status_and_json(response);
+    assert_eq!(status, 405, "{body}");
+    assert!(error_message(&body).contains("DELETE is not allowed"), "{body}");
+
+    // A 416 of a download stays a plain-text body next to its Content-Range.
+    let response = dashboard.get_with("/api/volumes/vol/download?path=blob.bin", &[("Range", "bytes=999999-")]);
+    assert_eq!(response.status(), 416);
+    assert!(response.header("content-range").is_some());
+}
+
+#[test]
+fn concurrent_uploads_all_publish() {
+    let (home, _, _) = sample_store();
+    let dashboard = Dashboard::start(&home, &[]);
+    let before = home.versions("vol").len();
+    let data = pseudo_random_bytes(8 << 20, 3);
+    let results: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let uploads: Vec<_> = (0..4)
+            .map(|i| {
+                let (dashboard, data) = (&dashboard, &data);
+                scope.spawn(move || {
+                    // Into an existing folder: uploads that each created a new folder would conflict.
+                    let path = format!("data/parallel-{i}.bin");
+                    status_and_json(dashboard.upload("vol", "", &[Part::Text("path", &path), Part::File("x.bin", data)]))
+                })
+            })
+            .collect();
+        uploads.into_iter().map(|upload| upload.join().unwrap()).collect()
+    });
+    for (status, body) in &results {
+        assert_eq!(*status, 200, "{body}");
+    }
+    assert_eq!(home.versions("vol").len(), before + 4);
+    let tree = dashboard.json("/api/volumes/vol/tree?path=data");
+    let names: Vec<&str> = tree["entries"].as_array().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
+    for i in 0..4 {
+        assert!(names.contains(&format!("parallel-{i}.bin").as_str()), "{names:?}");
+    }
+}
+
+#[test]
 fn volumes_tree_and_previews() {
     let (home, _, blob) = sample_store();
     let dashboard = Dashboard::start(&home, &[]);
@@ -195,6 +282,24 @@ fn volumes_tree_and_previews() {
     assert!(error_message(&bad).contains("'..' is not allowed"));
     let (status, _) = status_and_json(dashboard.get("/api/volumes/vol/preview?path=data"));
     assert_eq!(status, 400);
+}
+
+#[test]
+fn byte_order_mark_tables() {
+    let home = Home::new("chalk-dash-http-");
+    home.ok(&["volume", "create", "vol"]);
+    let files: [(&str, &[u8]); 3] = [
+        ("excel.csv", b"\xef\xbb\xbfh1,h2\n1,2\n"),
+        ("excel.tsv", b"\xef\xbb\xbfh1\th2\n1\t2\n"),
+        ("doc.json", b"\xef\xbb\xbf[{\"h1\": 1, \"h2\": 2}]"),
+    ];
+    home.put_tree("vol", "bom", &files, "/");
+    let dashboard = Dashboard::start(&home, &[]);
+    for (name, _) in files {
+        let preview = dashboard.json(&format!("/api/volumes/vol/preview?path={name}"));
+        assert_eq!(preview["kind"], "table", "{name}: {preview}");
+        assert_eq!(preview["columns"], serde_json::json!(["h1", "h2"]), "{name}");
+    }
 }
 
 #[test]
@@ -400,13 +505,14 @@ fn upload_rejects_bad_paths() {
     let dashboard = Dashboard::start(&home, &[]);
     let before = home.versions("vol").len();
     let long_name = "n".repeat(256);
-    let cases: [(&str, Vec<Part>, &str); 6] = [
+    let cases: [(&str, Vec<Part>, &str); 7] = [
         ("parent in path", vec![Part::Text("path", "../evil.txt"), Part::File("evil.txt", b"x")], "'..' is not allowed"),
         ("parent deeper", vec![Part::Text("path", "a/../../evil.txt"), Part::File("evil.txt", b"x")], "'..' is not allowed"),
         ("parent in file name", vec![Part::File("../evil.txt", b"x")], "'..' is not allowed"),
         ("name too long", vec![Part::Text("path", &long_name), Part::File("x", b"x")], "longer than 255 bytes"),
         ("NUL in name", vec![Part::Text("path", "a\0b"), Part::File("x", b"x")], "NUL"),
         ("empty name", vec![Part::Text("path", "/"), Part::File("x", b"x")], "names no file"),
+        ("trailing slash", vec![Part::Text("path", "reports/"), Part::File("x", b"x")], "ends in '/'"),
     ];
     for (case, parts, expected) in cases {
         // A good file first: a rejected path later in the body must discard it too.
@@ -434,6 +540,20 @@ fn upload_rejects_bad_paths() {
     assert_eq!(home.versions("vol").len(), before, "a rejected upload created a version");
     let tree = dashboard.json("/api/volumes/vol/tree");
     assert!(!tree["entries"].as_array().unwrap().iter().any(|e| e["name"] == "good.txt"), "a rejected upload left a file");
+}
+
+#[test]
+fn upload_dir_error_names_dir() {
+    let (home, _, _) = sample_store();
+    let dashboard = Dashboard::start(&home, &[]);
+    for dir in ["../up", "a/../../up"] {
+        let query = format!("?dir={}", dir.replace('/', "%2F"));
+        let (status, body) = status_and_json(dashboard.upload("vol", &query, &[Part::File("x.txt", b"x")]));
+        assert_eq!(status, 400, "{dir}: {body}");
+        let message = error_message(&body);
+        assert!(message.contains(&format!("rejected upload dir {dir:?}")), "{dir}: {message}");
+        assert!(!message.contains("probe"), "{dir}: {message}");
+    }
 }
 
 /// Writes a whole request in one write and reads the response until the

@@ -178,6 +178,45 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 }
 
 #[test]
+fn bad_follow_interval_fails_before_mounting() {
+    let home = Home::new();
+    home.ok(&["volume", "create", "my-data"]);
+    let dir = home.0.path().join("follow");
+    fs::create_dir_all(&dir).unwrap();
+    let _guard = MountGuard(dir.clone());
+    let out = Command::new(chalk_binary())
+        .env("CHALK_HOME", home.0.path())
+        .env_remove("CHALK_STORE")
+        .env("CHALK_FOLLOW_INTERVAL_MS", "abc")
+        .args(["volume", "mount", "my-data", dir.to_str().unwrap(), "--follow", "--daemon"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a --follow mount with a bad interval reported success: {stderr}");
+    assert!(stderr.contains("CHALK_FOLLOW_INTERVAL_MS=\"abc\""), "{stderr}");
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(dir.to_str().unwrap()), "the failed --follow mount is mounted");
+
+    // Only --follow mounts read the variable, so other mounts keep working.
+    let plain = mount_with_env(&home, "plain", &[], &[("CHALK_FOLLOW_INTERVAL_MS", "abc")]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    fs::write(plain.0.join("still-mounted.txt"), b"x").unwrap();
+    assert_eq!(fs::read(plain.0.join("still-mounted.txt")).unwrap(), b"x");
+}
+
+#[test]
+fn sync_of_follow_mount_is_rejected() {
+    let home = Home::new();
+    home.ok(&["volume", "create", "my-data"]);
+    let follow = mount_with_env(&home, "follow", &["--follow"], &[]);
+    let out = home.run(&["volume", "sync", follow.0.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "sync of a --follow mount succeeded: {stderr}");
+    assert!(stderr.contains("is read-only"), "{stderr}");
+    assert!(stderr.contains("--follow"), "{stderr}");
+}
+
+#[test]
 fn follow_mount_shows_new_heads() {
     use std::io::Read;
     use std::sync::atomic::{AtomicBool, Ordering};

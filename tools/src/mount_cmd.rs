@@ -117,6 +117,11 @@ pub fn run_mount(
     request: &MountRequest,
     daemon: bool,
 ) -> anyhow::Result<()> {
+    // Checked before mounting, because a daemon that failed here would have
+    // reported the mount ready and then ended it.
+    if request.follow {
+        follow_interval()?;
+    }
     if !daemon {
         install_stop_handlers()?;
         let active = start_mount(&store, volume, dir, request, None)?;
@@ -179,7 +184,7 @@ pub fn run_sync(store: &Store, target: &str, message: Option<&str>, on_conflict:
             if registration.read_only {
                 bail!(
                     "the mount at {} is read-only, so it has nothing to sync; \
-                     mount the volume without --read-only or --version to write to it",
+                     mount the volume without --read-only, --version or --follow to write to it",
                     dir.display()
                 );
             }
@@ -395,7 +400,7 @@ fn serve_until_stopped(active: ActiveMount) -> anyhow::Result<()> {
     }
 
     let mount_point = registration.lock().dir.clone();
-    let follow_interval = follow_interval()?;
+    let follow_interval = if follow { follow_interval()? } else { Duration::MAX };
     let mut last_follow = Instant::now();
     loop {
         if handle.wait_timeout(STOP_POLL_INTERVAL) {

@@ -217,6 +217,12 @@ pub fn run(store: &Store, request: &RunRequest) -> anyhow::Result<i32> {
                     println!("{}: {line}", mount.name);
                 }
             }
+        } else if request.sync && !mounts.is_empty() {
+            let names: Vec<&str> = mounts.iter().map(|m| m.name.as_str()).collect();
+            eprintln!(
+                "chalk sandbox run: the command failed ({status}), so --sync published nothing and the writes to {} were discarded",
+                names.join(", ")
+            );
         }
         drop(mounts);
         use std::os::unix::process::ExitStatusExt;

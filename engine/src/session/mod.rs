@@ -277,6 +277,9 @@ impl Session {
     /// if it moved. Inodes cached by the session are dropped, except those
     /// of open files that the new head removed, so an open file keeps
     /// reading. Returns the new base, or `None` when the head did not move.
+    ///
+    /// NOTE: an open file that the new head modified in place is not kept,
+    /// so its next read returns bytes of the new version.
     pub fn follow_head(&self) -> Result<Option<VersionInfo>> {
         let Some(lineage) = self.lineage() else {
             return Err(EngineError::InvalidArgument(format!(

@@ -26,16 +26,16 @@ pub(crate) fn validate_name(name: &OsStr) -> Result<Vec<u8>> {
     let bytes = name.as_bytes();
     let lossy = || name.to_string_lossy().into_owned();
     if bytes.is_empty() {
-        return Err(EngineError::InvalidName { name: lossy(), reason: "empty name" });
+        return Err(EngineError::InvalidName { kind: "file", name: lossy(), reason: "empty name" });
     }
     if bytes.len() > NAME_MAX {
         return Err(EngineError::NameTooLong { name: lossy(), len: bytes.len() });
     }
     if bytes == b"." || bytes == b".." {
-        return Err(EngineError::InvalidName { name: lossy(), reason: "'.' and '..' cannot be created or removed" });
+        return Err(EngineError::InvalidName { kind: "file", name: lossy(), reason: "'.' and '..' cannot be created or removed" });
     }
     if bytes.contains(&b'/') || bytes.contains(&0) {
-        return Err(EngineError::InvalidName { name: lossy(), reason: "names cannot contain '/' or NUL" });
+        return Err(EngineError::InvalidName { kind: "file", name: lossy(), reason: "names cannot contain '/' or NUL" });
     }
     Ok(bytes.to_vec())
 }

@@ -153,6 +153,12 @@ impl Session {
         let Some(name) = names.pop() else {
             return Err(EngineError::InvalidPath { path: path.to_owned(), reason: "a file path needs a name".into() });
         };
+        if path.ends_with('/') {
+            return Err(EngineError::InvalidPath {
+                path: path.to_owned(),
+                reason: "it ends in '/', which names a directory; put the file name after the last '/'".into(),
+            });
+        }
         let parent_path: Vec<String> = names.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect();
         let parent = self.make_dirs(&parent_path.join("/"), owner)?;
         let name = OsStr::from_bytes(&name);
@@ -215,7 +221,9 @@ impl Session {
         if !recursive {
             return Err(EngineError::InvalidPath {
                 path: path.to_owned(),
-                reason: "is a directory; pass -r to remove it and everything under it".into(),
+                reason: "is a directory; remove it and everything under it with `chalk volume rm -r` \
+                         or, in Python, remove(path, recursive=True)"
+                    .into(),
             });
         }
         self.remove_tree(attr.ino)?;

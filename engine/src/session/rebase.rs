@@ -208,7 +208,11 @@ impl Session {
                 Ok(true)
             }
             Content::Symlink(target) => Ok(*target == head_tree.readlink(theirs.ino)?),
-            Content::Directory(_) | Content::Special => Ok(true),
+            // Directories made apart at one path are different inodes, and the
+            // merged parent keeps only one of them, so the files in the other would
+            // be lost. Only the same directory, changed on both sides, is merged.
+            Content::Directory(_) => Ok(ours == theirs.ino),
+            Content::Special => Ok(true),
         }
     }
 
@@ -244,6 +248,7 @@ impl Session {
                         lineage: lineage.to_string(),
                         head: head.id.to_string(),
                         paths: conflicts,
+                        promoted: None,
                     })
                 }
                 OnConflict::Fork => return Ok(Rebase::Fork),

@@ -98,8 +98,35 @@ fn reject(state: &SharedState, request: &Request, status: StatusCode, message: &
     ApiError::new(status, message).into_response()
 }
 
+/// Checks that a request which changes the store comes from the dashboard's
+/// own pages. `SameSite=Strict` does not stop other ports of 127.0.0.1: they
+/// are the same site, so a page served on another port could post a form
+/// with the cookie. Browsers send `Origin` on every cross-origin POST, and
+/// clients such as curl send none and authenticate with the bearer header.
+fn foreign_origin(request: &Request) -> Option<String> {
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return None;
+    }
+    let origin = request.headers().get(header::ORIGIN)?;
+    let origin = origin.to_str().unwrap_or("(not text)");
+    let host = request.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    // An HTTPS proxy in front of the dashboard makes the page's origin https://HOST.
+    let own = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")).is_some_and(|rest| rest == host);
+    (!own).then(|| origin.to_owned())
+}
+
 /// Middleware that admits only requests carrying the access token.
 pub async fn require_token(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    if let Some(origin) = foreign_origin(&request) {
+        tracing::warn!(origin, method = %request.method(), path = request.uri().path(), "rejected a request from another origin");
+        let message = format!(
+            "rejected a {} request from origin {origin}: only the dashboard's own pages may change volumes; \
+             scripts should send no Origin header and use `Authorization: Bearer TOKEN`",
+            request.method()
+        );
+        return reject(&state, &request, StatusCode::FORBIDDEN, &message);
+    }
+
     let (query_token, rest) = split_token(request.uri().query().unwrap_or(""));
     let given = query_token
         .clone()

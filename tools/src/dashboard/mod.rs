@@ -131,6 +131,7 @@ fn router(state: SharedState) -> Router {
             post(upload::upload).layer(DefaultBodyLimit::max(upload_limit)),
         )
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(error::json_errors))
         .layer(DefaultBodyLimit::max(OTHER_BODY_MAX_BYTES))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token))
         .layer(axum::middleware::map_response(auth::security_headers))

@@ -76,11 +76,14 @@ fn preview_file(session: &Session, path: &str) -> Result<Map<String, Value>, Api
         return Ok(out);
     };
     let extension = path.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    // Spreadsheet programs start their CSV exports with a byte order mark,
+    // which would otherwise become part of the first column's name.
+    let data = text.strip_prefix('\u{feff}').unwrap_or(text);
     let table = match extension.as_str() {
-        "csv" => Some(csv_table(text, b',', truncated)),
-        "tsv" => Some(csv_table(text, b'\t', truncated)),
-        "json" if !truncated => serde_json::from_str::<Value>(text).ok().map(|v| json_table(&v)),
-        "jsonl" | "ndjson" => Some(json_lines_table(text, truncated)),
+        "csv" => Some(csv_table(data, b',', truncated)),
+        "tsv" => Some(csv_table(data, b'\t', truncated)),
+        "json" if !truncated => serde_json::from_str::<Value>(data).ok().map(|v| json_table(&v)),
+        "jsonl" | "ndjson" => Some(json_lines_table(data, truncated)),
         _ => None,
     };
     match table {

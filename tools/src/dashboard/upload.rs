@@ -20,7 +20,7 @@ use axum::extract::multipart::MultipartError;
 use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
-use chalk_engine::{normalize_path, Access, LineageName, Owner, SessionBase, Store, SyncOutcome, VolumeName};
+use chalk_engine::{normalize_path, Access, EngineError, LineageName, Owner, SessionBase, Store, SyncOutcome, VolumeName};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -57,6 +57,12 @@ struct Published {
     version: Value,
 }
 
+/// Checks the `dir` query parameter the way the engine will.
+fn check_upload_dir(dir: &str) -> Result<(), ApiError> {
+    normalize_path(dir).map_err(|err| ApiError::bad_request(format!("rejected upload dir {dir:?}: {err}")))?;
+    Ok(())
+}
+
 /// Checks an upload path the way the engine will, and joins it to `dir`.
 fn upload_path(dir: &str, path: &str) -> Result<String, ApiError> {
     let bad = |err: chalk_engine::EngineError| ApiError::bad_request(format!("rejected upload path {path:?}: {err}"));
@@ -64,6 +70,11 @@ fn upload_path(dir: &str, path: &str) -> Result<String, ApiError> {
     let file_names = normalize_path(path).map_err(bad)?;
     if file_names.is_empty() {
         return Err(ApiError::bad_request(format!("rejected upload path {path:?}: it names no file; give a file name")));
+    }
+    if path.ends_with('/') {
+        return Err(ApiError::bad_request(format!(
+            "rejected upload path {path:?}: it ends in '/', which names a directory; put the file name after the last '/'"
+        )));
     }
     names.extend(file_names);
     Ok(names.iter().map(|n| String::from_utf8_lossy(n).into_owned()).collect::<Vec<_>>().join("/"))
@@ -111,7 +122,7 @@ fn run_worker(store: std::sync::Arc<Store>, volume: VolumeName, lineage: Lineage
                     .map_err(|err| ApiError::from(err).context(format!("failed to write {path}")))?;
             }
             Some(Message::Commit(message)) => {
-                return match session.sync(Some(&message))? {
+                return match sync_retrying(&session, &message)? {
                     SyncOutcome::Published(version) => {
                         tracing::info!(volume = %volume, lineage = %lineage, version = %version.id, "dashboard upload published");
                         Ok(Published { version: version_json(&version) })
@@ -122,6 +133,38 @@ fn run_worker(store: std::sync::Arc<Store>, volume: VolumeName, lineage: Lineage
             Some(Message::Data(_) | Message::Finish) => return Err(ApiError::internal("upload data arrived outside a file")),
             // The request failed; dropping the session discards its writes.
             None => return Err(ApiError::bad_request("the upload ended before it was complete; nothing was published")),
+        }
+    }
+}
+
+/// Times an upload syncs again after another writer published between its
+/// rebase and its head write, as the Python SDK's batches do.
+const COMMIT_ATTEMPTS: u32 = 16;
+
+/// Syncs the upload's session. A head that moved during the sync is tried
+/// again, which rebases onto it. Overlapping paths are a conflict, and the
+/// dropped session publishes nothing.
+fn sync_retrying(session: &chalk_engine::Session, message: &str) -> Result<SyncOutcome, ApiError> {
+    let mut attempt = 1;
+    loop {
+        match session.sync(Some(message)) {
+            Err(EngineError::HeadMoved { .. }) if attempt < COMMIT_ATTEMPTS => {
+                // A short random pause keeps uploads that collided from colliding again.
+                std::thread::sleep(std::time::Duration::from_millis(1 + rand::random::<u64>() % 20));
+                attempt += 1;
+            }
+            Err(EngineError::Conflict { head, paths, .. }) => {
+                tracing::info!(volume = %session.volume(), head, paths = paths.len(), "dashboard upload conflicts");
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "the upload conflicts with version {head}, published while it ran, which changed the same paths ({}); \
+                         nothing was published; upload again to replace them",
+                        paths.join(", ")
+                    ),
+                ));
+            }
+            outcome => return Ok(outcome?),
         }
     }
 }
@@ -197,7 +240,7 @@ pub async fn upload(
     let volume = parse_volume(&volume)?;
     let lineage = LineageName::new(query.lineage.as_deref().filter(|l| !l.is_empty()).unwrap_or(LineageName::MAIN))?;
     let dir = query.dir.unwrap_or_default();
-    upload_path(&dir, "probe").map_err(|e| e.context("invalid dir"))?;
+    check_upload_dir(&dir)?;
 
     let (sender, receiver) = mpsc::channel(CHANNEL_MESSAGES);
     let store = state.store.clone();
