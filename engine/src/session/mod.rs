@@ -156,9 +156,15 @@ impl Store {
         let (dir, lock, log) = match access {
             Access::ReadOnly => (None, None, None),
             Access::Writable => {
+                // The directory is prepared under a hidden name and renamed
+                // once its lock is held, so another process's cleanup never
+                // sees it unlocked.
                 let dir = self.sessions_dir().join(id.to_string());
-                std::fs::create_dir_all(&dir).map_err(|e| EngineError::io("creating session directory", &dir, e))?;
-                let lock = lock_session_dir(&dir)?;
+                let staging = self.sessions_dir().join(format!(".{id}.new"));
+                std::fs::create_dir_all(&staging)
+                    .map_err(|e| EngineError::io("creating session directory", &staging, e))?;
+                let lock = lock_session_dir(&staging)?;
+                std::fs::rename(&staging, &dir).map_err(|e| EngineError::io("renaming session directory", &staging, e))?;
                 let writer = DiskWriter::new(self.config().io_mode)
                     .map_err(|e| EngineError::io("setting up io_uring for", &dir, e))?;
                 (Some(dir), Some(lock), Some(Log { writer, current: None, sealed: Vec::new() }))
@@ -201,6 +207,14 @@ pub(crate) fn discard_abandoned_sessions(store: &Store) {
     let Ok(entries) = std::fs::read_dir(store.sessions_dir()) else { return };
     for entry in entries.flatten() {
         let dir = entry.path();
+        if entry.file_name().as_encoded_bytes().starts_with(b".") {
+            // A directory still being prepared; one left by a killed process goes after a minute.
+            let age = entry.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+            if age.is_some_and(|age| age > std::time::Duration::from_secs(60)) {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            continue;
+        }
         let Ok(lock) = File::open(dir.join("lock")) else {
             // A session creates its directory and then its lock file; only a
             // directory that stayed without one for a minute is abandoned.

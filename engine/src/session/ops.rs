@@ -49,6 +49,7 @@ fn validate_new_name(parent: Ino, name: &OsStr) -> Result<Vec<u8>> {
     let bytes = validate_name(name)?;
     if parent == Ino::ROOT && bytes == RESERVED_ROOT_NAME {
         return Err(EngineError::InvalidName {
+            kind: "file",
             name: name.to_string_lossy().into_owned(),
             reason: "'.chalk' at the volume root is reserved for the versions directory of mounts",
         });
