@@ -246,23 +246,29 @@ fn promote_diverged_lineage_rebases() {
     assert_eq!(store.head(&volume, &lineage("exp")).unwrap().id, exp_head.id);
 }
 
-#[test]
-fn promote_overlap_conflicts() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let (store, volume) = setup(dir.path());
+/// Publishes model.bin on main, forks `exp` there, and rewrites model.bin
+/// on both lineages. Returns the heads of `exp` and main.
+fn diverged_on_model(store: &Arc<Store>, volume: &VolumeName) -> (VersionInfo, VersionInfo) {
     let main_lineage = SessionBase::Lineage(LineageName::main());
-    let seed = store.open_session(&volume, main_lineage.clone(), Access::Writable).unwrap();
+    let seed = store.open_session(volume, main_lineage.clone(), Access::Writable).unwrap();
     put(&seed, "model.bin", b"v1");
     let base = published(seed.sync(None).unwrap());
     drop(seed);
 
-    store.fork(&volume, base.id, Some(lineage("exp"))).unwrap();
-    let exp = store.open_session(&volume, SessionBase::Lineage(lineage("exp")), Access::Writable).unwrap();
+    store.fork(volume, base.id, Some(lineage("exp"))).unwrap();
+    let exp = store.open_session(volume, SessionBase::Lineage(lineage("exp")), Access::Writable).unwrap();
     put(&exp, "model.bin", b"exp");
     let exp_head = published(exp.sync(None).unwrap());
-    let main = store.open_session(&volume, main_lineage, Access::Writable).unwrap();
+    let main = store.open_session(volume, main_lineage, Access::Writable).unwrap();
     put(&main, "model.bin", b"main");
-    let main_head = published(main.sync(None).unwrap());
+    (exp_head, published(main.sync(None).unwrap()))
+}
+
+#[test]
+fn promote_overlap_conflicts() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let (exp_head, main_head) = diverged_on_model(&store, &volume);
 
     match store.promote(&volume, exp_head.id, &LineageName::main()) {
         Err(EngineError::Conflict { paths, .. }) => assert_eq!(paths, vec!["model.bin".to_owned()]),
@@ -275,19 +281,7 @@ fn promote_overlap_conflicts() {
 fn promote_conflict_message_fits_promote() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let (store, volume) = setup(dir.path());
-    let main_lineage = SessionBase::Lineage(LineageName::main());
-    let seed = store.open_session(&volume, main_lineage.clone(), Access::Writable).unwrap();
-    put(&seed, "model.bin", b"v1");
-    let base = published(seed.sync(None).unwrap());
-    drop(seed);
-
-    store.fork(&volume, base.id, Some(lineage("exp"))).unwrap();
-    let exp = store.open_session(&volume, SessionBase::Lineage(lineage("exp")), Access::Writable).unwrap();
-    put(&exp, "model.bin", b"exp");
-    let exp_head = published(exp.sync(None).unwrap());
-    let main = store.open_session(&volume, main_lineage, Access::Writable).unwrap();
-    put(&main, "model.bin", b"main");
-    published(main.sync(None).unwrap());
+    let (exp_head, _) = diverged_on_model(&store, &volume);
 
     let err = store.promote(&volume, exp_head.id, &LineageName::main()).unwrap_err();
     let message = err.to_string();
