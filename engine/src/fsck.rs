@@ -315,7 +315,7 @@ impl Store {
         let local_path = self.segments.path(segment);
         let local = std::fs::read(&local_path).ok();
         let remote_bytes = if options.deep {
-            match self.objects().get(&key) {
+            match self.remote_objects().get(&key) {
                 Ok(Some(bytes)) => Some(bytes),
                 Ok(None) => None,
                 Err(err) => {
@@ -394,7 +394,7 @@ impl Store {
     fn refetch_segment(&self, key: &str, local_path: &Path) -> std::result::Result<(), String> {
         let temp = local_path.with_extension(format!("seg.fetch-{}", ulid::Ulid::new().to_string().to_lowercase()));
         let result = (|| {
-            if !self.objects().get_to_file(key, &temp).map_err(|e| e.to_string())? {
+            if !self.remote_objects().get_to_file(key, &temp).map_err(|e| e.to_string())? {
                 return Err(format!("{key} is missing from the object store"));
             }
             let bytes = std::fs::read(&temp).map_err(|e| format!("reading {}: {e}", temp.display()))?;

@@ -48,11 +48,20 @@ impl IoMode {
 }
 
 /// A heap buffer aligned to [`BLOCK_SIZE`] whose capacity is a multiple of it.
+///
+/// Buffers of [`MMAP_MIN_BYTES`] or more are anonymous mappings, whose pages
+/// the kernel zeroes on first touch; smaller ones come zeroed from the heap.
+/// So every byte is initialised without a zeroing pass over large buffers.
 pub struct AlignedBuf {
     ptr: *mut u8,
     cap: usize,
     len: usize,
+    /// The buffer is a mapping of its own rather than a heap allocation.
+    mapped: bool,
 }
+
+/// Buffers at least this large are mapped rather than allocated.
+pub const MMAP_MIN_BYTES: usize = 1 << 20;
 
 // SAFETY: the buffer is plain owned memory; moving it between threads is as
 // safe as moving a Vec<u8>.
@@ -61,13 +70,29 @@ unsafe impl Send for AlignedBuf {}
 impl AlignedBuf {
     pub fn with_capacity(min_cap: usize) -> Self {
         let cap = min_cap.max(BLOCK_SIZE).next_multiple_of(BLOCK_SIZE);
+        if cap >= MMAP_MIN_BYTES {
+            // SAFETY: an anonymous private mapping with no address hint; the result is checked.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    cap,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if ptr != libc::MAP_FAILED {
+                return AlignedBuf { ptr: ptr.cast(), cap, len: 0, mapped: true };
+            }
+        }
         let layout = Layout::from_size_align(cap, BLOCK_SIZE).expect("valid layout");
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
             alloc::handle_alloc_error(layout);
         }
-        AlignedBuf { ptr, cap, len: 0 }
+        AlignedBuf { ptr, cap, len: 0, mapped: false }
     }
 
     pub fn len(&self) -> usize {
@@ -126,6 +151,11 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.mapped {
+            // SAFETY: ptr and cap are those of the mapping made by `with_capacity`, unmapped once.
+            unsafe { libc::munmap(self.ptr.cast(), self.cap) };
+            return;
+        }
         let layout = Layout::from_size_align(self.cap, BLOCK_SIZE).expect("valid layout");
         // SAFETY: ptr was allocated with exactly this layout and is freed once.
         unsafe { alloc::dealloc(self.ptr, layout) };

@@ -27,7 +27,7 @@ use crate::error::{EngineError, Result};
 use crate::format::checkpoint::{frame, unframe, ObjectType, RootCheckpoint};
 use crate::ids::{LineageName, SegmentId, VersionId, VolumeName};
 use crate::io::IoMode;
-use crate::object_store::{self, list_all, ObjectStore};
+use crate::object_store::{self, list_all, CachedStore, ObjectStore};
 use crate::cache::{CacheConfig, SegmentCache};
 use crate::segment;
 use crate::tree::Timestamp;
@@ -172,10 +172,16 @@ pub(crate) fn version_key(volume: &VolumeName, lineage: &LineageName, seq: u64) 
     format!("volumes/{volume}/lineages/{lineage}/{seq:020}")
 }
 
+/// Directory under the cache that holds [`CachedStore`]'s metadata copies.
+pub const METADATA_CACHE_DIR: &str = "objects";
+
 /// Store handle shared by every session of a process.
 pub struct Store {
     config: StoreConfig,
+    /// The object store, through local metadata copies when it is remote.
     objects: Arc<dyn ObjectStore>,
+    /// The object store itself.
+    remote: Arc<dyn ObjectStore>,
     pub(crate) segments: SegmentCache,
     /// Version records by key; they are immutable once created.
     versions: Mutex<HashMap<String, VersionInfo>>,
@@ -201,8 +207,16 @@ impl Store {
                 });
             }
         }
-        let objects = object_store::open(&config.object_store_url)?;
-        Self::open_with(config, objects)
+        let remote = object_store::open(&config.object_store_url)?;
+        let cache = CacheConfig::from_env(&config.local_root.join("cache"))?;
+        // A remote store gets local copies of the metadata that opening a
+        // session reads, so that sessions still open while it is unreachable.
+        let objects: Arc<dyn ObjectStore> = if config.object_store_url.starts_with("s3://") && cache.disk_limit_bytes > 0 {
+            Arc::new(CachedStore::new(remote.clone(), &config.local_root.join("cache").join(METADATA_CACHE_DIR))?)
+        } else {
+            remote.clone()
+        };
+        Self::assemble(config, objects, remote, cache)
     }
 
     /// Opens the store on an object store the caller built (tests use this to
@@ -214,8 +228,12 @@ impl Store {
 
     /// Opens the store on an object store the caller built, with the given cache sizes.
     pub fn open_with_cache(config: StoreConfig, objects: Arc<dyn ObjectStore>, cache: CacheConfig) -> Result<Arc<Store>> {
-        let segments = SegmentCache::new(&config.local_root.join("cache"), objects.clone(), cache)?;
-        let store = Arc::new(Store { config, objects, segments, versions: Mutex::new(HashMap::new()) });
+        Self::assemble(config, objects.clone(), objects, cache)
+    }
+
+    fn assemble(config: StoreConfig, objects: Arc<dyn ObjectStore>, remote: Arc<dyn ObjectStore>, cache: CacheConfig) -> Result<Arc<Store>> {
+        let segments = SegmentCache::new(&config.local_root.join("cache"), remote.clone(), cache)?;
+        let store = Arc::new(Store { config, objects, remote, segments, versions: Mutex::new(HashMap::new()) });
         crate::session::discard_abandoned_sessions(&store);
         Ok(store)
     }
@@ -230,6 +248,12 @@ impl Store {
 
     pub fn objects(&self) -> &Arc<dyn ObjectStore> {
         &self.objects
+    }
+
+    /// The object store without the local metadata copies of
+    /// [`CachedStore`], for checks that must see what the store holds.
+    pub fn remote_objects(&self) -> &Arc<dyn ObjectStore> {
+        &self.remote
     }
 
     pub(crate) fn sessions_dir(&self) -> PathBuf {
@@ -439,6 +463,19 @@ impl Store {
             key: key.to_owned(),
             detail: format!("missing from {}", self.objects.url()),
         })
+    }
+
+    /// Checks that the store itself, not a local copy, still holds the
+    /// checkpoint of `version`: a gc run may have removed it.
+    pub(crate) fn check_checkpoint_in_store(&self, volume: &VolumeName, version: VersionId) -> Result<()> {
+        let key = checkpoint_key(volume, version);
+        match self.remote.get(&key)? {
+            Some(bytes) => match RootCheckpoint::decode(&bytes) {
+                Ok(_) => Ok(()),
+                Err(detail) => Err(EngineError::CorruptObject { key, detail }),
+            },
+            None => Err(EngineError::CorruptObject { key, detail: format!("missing from {}", self.remote.url()) }),
+        }
     }
 
     pub(crate) fn load_checkpoint(&self, volume: &VolumeName, version: VersionId) -> Result<RootCheckpoint> {

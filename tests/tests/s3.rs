@@ -22,7 +22,9 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use chalk_engine::cache::CacheConfig;
-use chalk_engine::object_store::{ConditionalWrites, ObjectStore, S3Endpoint, S3Settings, S3Store, PROBE_RECORD_KEY};
+use chalk_engine::object_store::{
+    CachedStore, ConditionalWrites, ObjectStore, S3Endpoint, S3Settings, S3Store, PROBE_RECORD_KEY,
+};
 use chalk_engine::{
     Access, EngineError, IoMode, LineageName, Owner, Session, SessionBase, Store, StoreConfig, SyncOutcome, VersionInfo,
     VolumeName,
@@ -124,7 +126,7 @@ fn temp_home() -> TempDir {
 }
 
 /// Opens a store with its own local root over `objects`.
-fn store_on(home: &Path, url: &str, objects: Arc<S3Store>) -> Arc<Store> {
+fn store_on(home: &Path, url: &str, objects: Arc<dyn ObjectStore>) -> Arc<Store> {
     let config = StoreConfig { local_root: home.to_owned(), object_store_url: url.to_owned(), io_mode: IoMode::Auto };
     let mut cache = CacheConfig::defaults_for(&home.join("cache"));
     cache.memory_limit_bytes = 64 * MIB;
@@ -256,6 +258,24 @@ fn cli_round_trip_through_garage() {
     assert_eq!(std::fs::read(out.path().join("data/big.bin")).unwrap(), big);
     assert_eq!(std::fs::read(out.path().join("data/sub/small.txt")).unwrap(), b"small");
     assert_eq!(std::fs::read(out.path().join("data/empty")).unwrap(), b"");
+
+    // With the store gone (a port nothing listens on), the second host still
+    // lists and reads what it read before, from its metadata and block copies.
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let offline = |args: &[&str]| {
+        let mut command = chalk(&garage, &url, other_home.path());
+        command.env("AWS_ENDPOINT_URL", &dead_url).env("CHALK_S3_MAX_ATTEMPTS", "2").args(args);
+        command
+    };
+    let versions = json(&run_ok(&mut offline(&["volume", "versions", "v", "--json"])));
+    assert_eq!(versions.as_array().unwrap().len(), 2);
+    let again = tempfile::tempdir_in("/var/tmp").unwrap();
+    let got = offline(&["volume", "get", "v", "data/big.bin"]).arg(again.path().join("big.bin")).output().unwrap();
+    assert!(got.status.success(), "{}", describe(&got));
+    assert!(String::from_utf8_lossy(&got.stderr).contains("metadata cached on this host"), "{}", describe(&got));
+    assert_eq!(std::fs::read(again.path().join("big.bin")).unwrap(), big);
 }
 
 #[test]
@@ -702,6 +722,58 @@ fn unreachable_store_keeps_cached_reads_and_fails_sync() {
         let check = store.open_session(&volume, SessionBase::Version(version.id), Access::ReadOnly).unwrap();
         assert_eq!(read(&check, "later"), format!("{plan:?}").as_bytes());
     }
+}
+
+#[test]
+fn sessions_open_from_metadata_copies_while_the_store_is_down() {
+    let Some(garage) = garage() else { return };
+    let url = fresh_url(&garage, "offline-open");
+    let proxy = FaultProxy::start(&garage);
+    let volume = VolumeName::new("v").unwrap();
+    let mut settings = test_settings();
+    settings.max_attempts = 2;
+    settings.connect_timeout = Duration::from_millis(500);
+    let (home, offline_home) = (temp_home(), temp_home());
+    let store = store_on(home.path(), &url, open_s3(&garage, &url, None, test_settings()));
+    store.create_volume(&volume).unwrap();
+    let writer = store.open_session(&volume, main_lineage(), Access::Writable).unwrap();
+    let data = pattern(3 * MIB, 9);
+    put(&writer, "data", &data);
+    let first = published(writer.sync(None).unwrap());
+
+    // A host reads the volume once through the proxy, then loses the store.
+    let remote = open_s3(&garage, &url, Some(&proxy.url()), settings);
+    let copies = Arc::new(CachedStore::new(remote, &offline_home.path().join("cache/objects")).unwrap());
+    let offline = store_on(offline_home.path(), &url, copies);
+    assert!(read(&offline.open_session(&volume, main_lineage(), Access::ReadOnly).unwrap(), "data") == data);
+    // Finding a version by id lists every lineage, which this host does once
+    // here: offline, only listings seen before can be answered.
+    offline.open_session(&volume, SessionBase::Version(first.id), Access::ReadOnly).unwrap();
+    proxy.set(FaultPlan { refuse_all: true, ..FaultPlan::default() });
+
+    let started = Instant::now();
+    let by_lineage = offline.open_session(&volume, main_lineage(), Access::ReadOnly).expect("open on main with the store down");
+    assert_eq!(by_lineage.base_version().id, first.id);
+    assert!(read(&by_lineage, "data") == data, "cached bytes differ with the store down");
+    let by_version = offline.open_session(&volume, SessionBase::Version(first.id), Access::ReadOnly).unwrap();
+    assert!(read(&by_version, "data") == data);
+    assert_eq!(offline.versions(&volume, &LineageName::main()).unwrap().len(), 2);
+
+    // A writable session opens too; its writes wait for the store.
+    let private = offline.open_session(&volume, main_lineage(), Access::Writable).expect("writable open with the store down");
+    put(&private, "written-offline", b"kept until the store is back");
+    let err = private.sync(None).expect_err("a sync without a store must fail");
+    assert!(matches!(err, EngineError::ObjectStore { .. }), "unexpected error {err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "offline opens took {:?}", started.elapsed());
+    // Nothing the store has not seen is readable elsewhere.
+    let never = offline.open_session(&volume, SessionBase::Version(first.id), Access::ReadOnly).unwrap();
+    assert!(never.read_file_to("written-offline", &mut Vec::new()).is_err());
+
+    proxy.set(FaultPlan::default());
+    let second = published(private.sync(None).expect("the sync after the store came back"));
+    let check = store.open_session(&volume, SessionBase::Version(second.id), Access::ReadOnly).unwrap();
+    assert_eq!(read(&check, "written-offline"), b"kept until the store is back");
+    assert!(read(&check, "data") == data);
 }
 
 #[test]

@@ -44,7 +44,7 @@
 
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
@@ -56,6 +56,7 @@ use super::config::filesystem_space;
 use super::{BlockKey, BLOCK_BYTES};
 use crate::error::{EngineError, Result};
 use crate::ids::SegmentId;
+use crate::io::{AlignedBuf, BLOCK_SIZE};
 
 const MAGIC: &[u8; 8] = b"CHLKBLK1";
 const FORMAT_VERSION: u16 = 1;
@@ -93,7 +94,7 @@ pub(crate) struct Evicted {
 /// Space and files of the disk tier, from a scan.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DiskUsage {
-    /// Space the files take on disk.
+    /// Space the files take on disk, metadata copies included.
     pub bytes: u64,
     /// `.blk` files, one per segment with cached blocks.
     pub block_files: u64,
@@ -114,6 +115,8 @@ struct Entry {
 pub(crate) struct DiskTier {
     blocks_dir: PathBuf,
     segments_dir: PathBuf,
+    /// Metadata copies of `CachedStore`, evicted with the blocks.
+    objects_dir: PathBuf,
     limit_bytes: u64,
     /// Blocks are not written while the file system has less than this free.
     free_min_bytes: u64,
@@ -128,12 +131,14 @@ impl DiskTier {
     pub fn new(cache_root: &Path, limit_bytes: u64, free_min_bytes: u64) -> Result<Self> {
         let blocks_dir = cache_root.join("blocks");
         let segments_dir = cache_root.join("segments");
+        let objects_dir = cache_root.join(crate::store::METADATA_CACHE_DIR);
         for dir in [&blocks_dir, &segments_dir] {
             fs::create_dir_all(dir).map_err(|e| EngineError::io("creating cache directory", dir, e))?;
         }
         Ok(DiskTier {
             blocks_dir,
             segments_dir,
+            objects_dir,
             limit_bytes,
             free_min_bytes,
             used_bytes: Mutex::new(None),
@@ -232,12 +237,7 @@ impl DiskTier {
             return Evicted::default();
         }
         let path = self.blocks_path(key.segment);
-        let written = File::options().create(true).write(true).truncate(false).open(&path).and_then(|file| {
-            let slot = key.index * SLOT_BYTES;
-            file.write_all_at(data, slot + SLOT_HEADER_BYTES)?;
-            file.write_all_at(&encode_header(key, data), slot)
-        });
-        match written {
+        match write_slot(&path, key, data) {
             Ok(()) => self.note_added(SLOT_HEADER_BYTES + data.len() as u64, &path),
             Err(err) => {
                 tracing::warn!(path = %path.display(), error = %err, "failed to write a block to the disk cache");
@@ -332,7 +332,8 @@ impl DiskTier {
             usage.bytes += entry.bytes;
             match entry.segment {
                 Some(_) => usage.segments += 1,
-                None => usage.block_files += 1,
+                None if entry.path.extension().is_some_and(|e| e == "blk") => usage.block_files += 1,
+                None => {}
             }
         }
         usage
@@ -383,6 +384,13 @@ impl DiskTier {
                 remove_if_stale(&file);
             }
         }
+        for file in list_files(&self.objects_dir) {
+            if file.path.extension().is_some_and(|e| e == "obj") {
+                entries.push(file);
+            } else {
+                remove_if_stale(&file);
+            }
+        }
         entries
     }
 }
@@ -421,6 +429,48 @@ fn touch_if_old(file: &File) {
         // Recency only orders eviction, so a failure here costs nothing else.
         let _ = file.set_modified(now);
     }
+}
+
+/// Writes a block's slot: the payload, then the header. Uses `O_DIRECT`
+/// where the file system allows it, which keeps the cached copy out of the
+/// page cache: a cold read of a large file would otherwise spend about as
+/// much CPU on the page cache of the disk tier as on serving the read. A
+/// payload that is not aligned to [`BLOCK_SIZE`] in memory is copied into a
+/// scratch buffer first; one that is (S3 responses are) is written as it is.
+fn write_slot(path: &Path, key: &BlockKey, data: &[u8]) -> std::io::Result<()> {
+    let slot = key.index * SLOT_BYTES;
+    let direct = File::options().create(true).write(true).truncate(false).custom_flags(libc::O_DIRECT).open(path);
+    let file = match direct {
+        Ok(file) => file,
+        // tmpfs and some other file systems refuse O_DIRECT.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let file = File::options().create(true).write(true).truncate(false).open(path)?;
+            file.write_all_at(data, slot + SLOT_HEADER_BYTES)?;
+            return file.write_all_at(&encode_header(key, data), slot);
+        }
+        Err(e) => return Err(e),
+    };
+    let aligned = data.as_ptr() as usize % BLOCK_SIZE == 0 && data.len() % BLOCK_SIZE == 0;
+    if aligned {
+        file.write_all_at(data, slot + SLOT_HEADER_BYTES)?;
+    } else {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let scratch = scratch.get_or_insert_with(|| AlignedBuf::with_capacity(BLOCK_BYTES as usize));
+            // Zeroes the buffer, so the padding up to the next BLOCK_SIZE
+            // (which stays inside the slot) is zero.
+            scratch.keep_head(0);
+            scratch.extend_from_slice(data);
+            file.write_all_at(scratch.padded(), slot + SLOT_HEADER_BYTES)
+        })?;
+    }
+    let mut header = AlignedBuf::with_capacity(SLOT_HEADER_BYTES as usize);
+    header.extend_from_slice(&encode_header(key, data));
+    file.write_all_at(header.padded(), slot)
+}
+
+thread_local! {
+    /// Page-aligned copy of an unaligned payload, for `O_DIRECT`.
+    static SCRATCH: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
 }
 
 fn encode_header(key: &BlockKey, data: &[u8]) -> [u8; HEADER_LEN] {

@@ -607,8 +607,8 @@ impl Core {
         let first = run[0].0;
         let offset = first * BLOCK_BYTES;
         let len = run.len() as u64 * BLOCK_BYTES;
-        let bytes = match self.objects.get_range(&segment_key(volume, segment), offset, len) {
-            Ok(bytes) => Bytes::from(bytes),
+        let bytes = match self.objects.get_range_bytes(&segment_key(volume, segment), offset, len) {
+            Ok(bytes) => bytes,
             Err(err) => {
                 for (index, pending) in run {
                     self.fail(&BlockKey { segment, index: *index }, pending, err.to_string());

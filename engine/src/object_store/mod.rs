@@ -5,6 +5,7 @@
 //! Two backends: [`FileStore`] (`file:///path`, the default) and [`S3Store`]
 //! (`s3://bucket/prefix`, any S3-compatible store).
 
+mod cached;
 mod file;
 mod s3;
 
@@ -12,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+pub use cached::{CachedStore, OFFLINE_WINDOW};
 pub use file::FileStore;
 pub use s3::{S3Endpoint, S3Location, S3Settings, S3Store, PROBE_RECORD_KEY};
 
@@ -66,6 +68,13 @@ pub trait ObjectStore: Send + Sync {
 
     /// Returns `len` bytes from `offset`; fewer only at the end of the object.
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
+
+    /// [`get_range`](Self::get_range) into a shared buffer. A store may
+    /// return a buffer aligned to 4096 bytes, which the disk cache then
+    /// writes with `O_DIRECT` without copying it.
+    fn get_range_bytes(&self, key: &str, offset: u64, len: u64) -> Result<bytes::Bytes> {
+        self.get_range(key, offset, len).map(bytes::Bytes::from)
+    }
 
     /// Copies the whole object into a new local file. Returns `false` when it does not exist.
     fn get_to_file(&self, key: &str, path: &Path) -> Result<bool>;

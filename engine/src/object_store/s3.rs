@@ -62,6 +62,7 @@ use tokio::sync::Semaphore;
 use super::{validate_key, ConditionalWrites, ListPage, ObjectMeta, ObjectStore};
 use crate::cache::parse_size;
 use crate::error::{EngineError, Result};
+use crate::io::AlignedBuf;
 
 /// Key, under the store's prefix, of the recorded result of the conditional-write probe.
 pub const PROBE_RECORD_KEY: &str = "store/conditional-writes";
@@ -77,6 +78,15 @@ const PART_MIN_BYTES: u64 = 5 << 20;
 
 /// S3 allows at most this many parts in one multipart upload.
 const PARTS_MAX: u64 = 10_000;
+
+/// A response body owned by [`Bytes`]: its blocks keep their alignment.
+struct AlignedBody(AlignedBuf);
+
+impl AsRef<[u8]> for AlignedBody {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+}
 
 /// Tuning of the S3 store. Every field has a `CHALK_S3_*` setting.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -668,7 +678,9 @@ impl Inner {
         .await
     }
 
-    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+    /// Reads a range into a buffer aligned to [`crate::io::BLOCK_SIZE`], so that
+    /// the disk cache can write its blocks with `O_DIRECT`.
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<AlignedBuf> {
         let full_key = self.full_key(key);
         let last = offset + len - 1;
         self.retry("ranged GET", key, |_| {
@@ -683,7 +695,7 @@ impl Inner {
                 let output = match request.send().await {
                     Ok(output) => output,
                     // The range starts at or past the end of the object.
-                    Err(e) if status_of(&e) == Some(416) => return Ok(Vec::new()),
+                    Err(e) if status_of(&e) == Some(416) => return Ok(AlignedBuf::with_capacity(0)),
                     Err(e) => return Err(Failure::from_sdk(&e, status_of(&e))),
                 };
                 let expected_len = match output.content_range().and_then(total_from_content_range) {
@@ -691,7 +703,7 @@ impl Inner {
                     None => output.content_length().map_or(len, |n| n.max(0) as u64),
                 };
                 // One copy, from the response buffers into the result.
-                let mut body = Vec::with_capacity(expected_len as usize);
+                let mut body = AlignedBuf::with_capacity(expected_len as usize);
                 let mut stream = output.body;
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk
@@ -1090,7 +1102,16 @@ impl ObjectStore for S3Store {
         if len == 0 {
             return Ok(Vec::new());
         }
-        self.block_on(self.inner.get_range(key, offset, len))
+        Ok(self.block_on(self.inner.get_range(key, offset, len))?.as_slice().to_vec())
+    }
+
+    fn get_range_bytes(&self, key: &str, offset: u64, len: u64) -> Result<Bytes> {
+        validate_key(key)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let body = self.block_on(self.inner.get_range(key, offset, len))?;
+        Ok(Bytes::from_owner(AlignedBody(body)))
     }
 
     fn get_to_file(&self, key: &str, path: &Path) -> Result<bool> {

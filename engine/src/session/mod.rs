@@ -149,7 +149,17 @@ impl Store {
         // The lease comes before the first read of the base checkpoint, so
         // that a gc run either sees it or has finished deleting.
         let lease = match access {
-            Access::Writable => Some(Lease::acquire(self.objects().clone(), volume, id, &[base_version.id])?),
+            Access::Writable => match Lease::acquire(self.objects().clone(), volume, id, &[base_version.id]) {
+                Ok(lease) => Some(lease),
+                // The store is unreachable and the base came from local
+                // metadata copies. Writes stay private, and the first sync
+                // takes the lease before it uploads anything.
+                Err(err @ EngineError::ObjectStore { .. }) => {
+                    tracing::warn!(volume = %volume, session = %id, error = %err, "opened a writable session without a lease; the first sync takes it");
+                    None
+                }
+                Err(err) => return Err(err),
+            },
             Access::ReadOnly => None,
         };
         let root = self.load_checkpoint(volume, base_version.id)?;
@@ -375,7 +385,7 @@ impl Session {
             let base = self.state.lock().base.id;
             *lease = Some(Lease::acquire(self.store.objects().clone(), &self.volume, self.id, &[base])?);
             // The base may have been collected between the open and the lease.
-            self.store.load_checkpoint(&self.volume, base)?;
+            self.store.check_checkpoint_in_store(&self.volume, base)?;
         }
         Ok(())
     }

@@ -25,7 +25,8 @@ use crate::ids::{Ino, LineageName, VersionId, VolumeName};
 use crate::store::{checkpoint_key, chunk_key, page_key, segment_key, EntryKind, Store, VersionInfo};
 use crate::tree::{Attr, Content, FileKind, Inode, Owner, Timestamp};
 
-use super::{Session, State, SyncOutcome};
+use super::{Access, Session, State, SyncOutcome};
+use crate::lease::Lease;
 
 /// A publish whose lineage entry write returned an error, so the entry may
 /// or may not exist. Everything it refers to was written before.
@@ -265,11 +266,15 @@ impl Session {
     /// about to be uploaded in the session's lease, waits for any gc run
     /// that is deleting, and checks that the base survived it.
     fn announce_sync(&self, state: &State, version: VersionId, segments: &[(crate::ids::SegmentId, std::path::PathBuf)]) -> Result<()> {
-        let lease = self.lease.lock();
+        let mut lease = self.lease.lock();
+        if lease.is_none() && self.access == Access::Writable {
+            // The session opened while the store was unreachable.
+            *lease = Some(Lease::acquire(self.store.objects().clone(), &self.volume, self.id, &[state.base.id])?);
+        }
         let Some(lease) = lease.as_ref() else { return Ok(()) };
         let ids: Vec<_> = segments.iter().map(|(segment, _)| *segment).collect();
         lease.begin_sync(&self.volume, &[state.base.id, version], &ids)?;
-        self.store.load_checkpoint(&self.volume, state.base.id).map_err(|err| EngineError::CorruptObject {
+        self.store.check_checkpoint_in_store(&self.volume, state.base.id).map_err(|err| EngineError::CorruptObject {
             key: crate::store::checkpoint_key(&self.volume, state.base.id),
             detail: format!(
                 "the base version of this session is unreadable ({err}); gc may have removed it; \
