@@ -62,7 +62,6 @@ use tokio::sync::Semaphore;
 use super::{validate_key, ConditionalWrites, ListPage, ObjectMeta, ObjectStore};
 use crate::cache::parse_size;
 use crate::error::{EngineError, Result};
-use crate::io::AlignedBuf;
 
 /// Key, under the store's prefix, of the recorded result of the conditional-write probe.
 pub const PROBE_RECORD_KEY: &str = "store/conditional-writes";
@@ -79,12 +78,79 @@ const PART_MIN_BYTES: u64 = 5 << 20;
 /// S3 allows at most this many parts in one multipart upload.
 const PARTS_MAX: u64 = 10_000;
 
-/// A response body owned by [`Bytes`]: its blocks keep their alignment.
-struct AlignedBody(AlignedBuf);
+/// Page-aligned buffer of a ranged GET's body, so that the disk cache can
+/// write its blocks with `O_DIRECT`. Buffers come from a small pool of
+/// mappings: a fresh mapping costs a page fault and a zeroed page per 4 KiB,
+/// which was the largest cost of the fetch threads in a cold read.
+struct ResponseBuf {
+    ptr: std::ptr::NonNull<u8>,
+    cap: usize,
+    len: usize,
+}
 
-impl AsRef<[u8]> for AlignedBody {
+// SAFETY: the buffer is plain owned memory, written only through `&mut self`.
+unsafe impl Send for ResponseBuf {}
+// SAFETY: `&self` only reads.
+unsafe impl Sync for ResponseBuf {}
+
+/// Idle response buffers, as (capacity, address) pairs.
+static IDLE_RESPONSE_BUFFERS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+/// Idle response buffers kept for reuse; more are unmapped.
+const IDLE_RESPONSE_BUFFERS_MAX: usize = 8;
+/// Buffer capacities are multiples of this, so that buffers are reused across requests.
+const RESPONSE_BUF_GRANULE: usize = 1 << 20;
+
+impl ResponseBuf {
+    fn with_capacity(len: usize) -> std::result::Result<Self, Failure> {
+        let cap = len.max(1).next_multiple_of(RESPONSE_BUF_GRANULE);
+        {
+            let mut idle = IDLE_RESPONSE_BUFFERS.lock();
+            if let Some(at) = idle.iter().position(|(c, _)| *c == cap) {
+                let (_, addr) = idle.swap_remove(at);
+                let ptr = std::ptr::NonNull::new(addr as *mut u8).expect("pooled buffers are mapped");
+                return Ok(ResponseBuf { ptr, cap, len: 0 });
+            }
+        }
+        // SAFETY: an anonymous private mapping with no address hint; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), cap, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        };
+        if ptr == libc::MAP_FAILED {
+            let err = std::io::Error::last_os_error();
+            return Err(Failure::transient(format!("failed to map a {cap}-byte response buffer: {err}")));
+        }
+        Ok(ResponseBuf { ptr: std::ptr::NonNull::new(ptr.cast()).expect("mmap never returns null"), cap, len: 0 })
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn extend_from_slice(&mut self, data: &[u8]) {
+        assert!(self.len + data.len() <= self.cap, "response buffer overflow");
+        // SAFETY: the destination lies inside the mapping and cannot overlap the borrowed `data`.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(self.len), data.len()) };
+        self.len += data.len();
+    }
+}
+
+impl AsRef<[u8]> for ResponseBuf {
     fn as_ref(&self) -> &[u8] {
-        self.0.as_slice()
+        // SAFETY: the first `len` bytes were written by `extend_from_slice`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for ResponseBuf {
+    fn drop(&mut self) {
+        let mut idle = IDLE_RESPONSE_BUFFERS.lock();
+        if idle.len() < IDLE_RESPONSE_BUFFERS_MAX {
+            idle.push((self.cap, self.ptr.as_ptr() as usize));
+            return;
+        }
+        drop(idle);
+        // SAFETY: ptr and cap are those of a mapping made by `with_capacity`, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.cap) };
     }
 }
 
@@ -678,9 +744,8 @@ impl Inner {
         .await
     }
 
-    /// Reads a range into a buffer aligned to [`crate::io::BLOCK_SIZE`], so that
-    /// the disk cache can write its blocks with `O_DIRECT`.
-    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<AlignedBuf> {
+    /// Reads a range into a page-aligned buffer.
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<ResponseBuf> {
         let full_key = self.full_key(key);
         let last = offset + len - 1;
         self.retry("ranged GET", key, |_| {
@@ -695,7 +760,7 @@ impl Inner {
                 let output = match request.send().await {
                     Ok(output) => output,
                     // The range starts at or past the end of the object.
-                    Err(e) if status_of(&e) == Some(416) => return Ok(AlignedBuf::with_capacity(0)),
+                    Err(e) if status_of(&e) == Some(416) => return ResponseBuf::with_capacity(0),
                     Err(e) => return Err(Failure::from_sdk(&e, status_of(&e))),
                 };
                 let expected_len = match output.content_range().and_then(total_from_content_range) {
@@ -703,7 +768,7 @@ impl Inner {
                     None => output.content_length().map_or(len, |n| n.max(0) as u64),
                 };
                 // One copy, from the response buffers into the result.
-                let mut body = AlignedBuf::with_capacity(expected_len as usize);
+                let mut body = ResponseBuf::with_capacity(expected_len as usize)?;
                 let mut stream = output.body;
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk
@@ -1102,7 +1167,7 @@ impl ObjectStore for S3Store {
         if len == 0 {
             return Ok(Vec::new());
         }
-        Ok(self.block_on(self.inner.get_range(key, offset, len))?.as_slice().to_vec())
+        Ok(self.block_on(self.inner.get_range(key, offset, len))?.as_ref().to_vec())
     }
 
     fn get_range_bytes(&self, key: &str, offset: u64, len: u64) -> Result<Bytes> {
@@ -1111,7 +1176,7 @@ impl ObjectStore for S3Store {
             return Ok(Bytes::new());
         }
         let body = self.block_on(self.inner.get_range(key, offset, len))?;
-        Ok(Bytes::from_owner(AlignedBody(body)))
+        Ok(Bytes::from_owner(body))
     }
 
     fn get_to_file(&self, key: &str, path: &Path) -> Result<bool> {
