@@ -22,6 +22,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use chalk_engine::cache::CacheConfig;
+use chalk_engine::gc::GcOptions;
 use chalk_engine::object_store::{
     CachedStore, ConditionalWrites, ObjectStore, S3Endpoint, S3Settings, S3Store, PROBE_RECORD_KEY,
 };
@@ -774,6 +775,59 @@ fn sessions_open_from_metadata_copies_while_the_store_is_down() {
     let check = store.open_session(&volume, SessionBase::Version(second.id), Access::ReadOnly).unwrap();
     assert_eq!(read(&check, "written-offline"), b"kept until the store is back");
     assert!(read(&check, "data") == data);
+}
+
+#[test]
+fn gc_aborts_abandoned_multipart_uploads() {
+    let Some(garage) = garage() else { return };
+    let url = fresh_url(&garage, "abandoned-upload");
+    let home = temp_home();
+    let store = store_on(home.path(), &url, open_s3(&garage, &url, None, test_settings()));
+    let volume = VolumeName::new("v").unwrap();
+    store.create_volume(&volume).unwrap();
+    let key = "volumes/v/segments/0000000000000000000000000000000a.seg";
+    // A sync killed mid-upload leaves a started upload with a part.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (client, bucket, full_key) = raw_client(&garage, &url, key);
+    let upload_id = runtime.block_on(async {
+        let started = client.create_multipart_upload().bucket(&bucket).key(&full_key).send().await.unwrap();
+        let upload_id = started.upload_id().unwrap().to_owned();
+        let part = aws_sdk_s3::primitives::ByteStream::from(vec![7u8; 5 * MIB as usize]);
+        client.upload_part().bucket(&bucket).key(&full_key).upload_id(&upload_id).part_number(1).body(part).send().await.unwrap();
+        upload_id
+    });
+    let listed = store.objects().incomplete_uploads("volumes/v/").unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].key, key);
+    assert_eq!(listed[0].upload_id, upload_id);
+
+    // Within the grace period the upload is left alone.
+    let report = store.gc(&volume, &GcOptions::default()).unwrap();
+    assert!(report.aborted_uploads.is_empty(), "{:?}", report.aborted_uploads);
+    let no_grace = GcOptions { grace: Duration::ZERO, ..GcOptions::default() };
+    let dry = store.gc(&volume, &GcOptions { dry_run: true, ..no_grace.clone() }).unwrap();
+    assert_eq!(dry.aborted_uploads.len(), 1);
+    assert_eq!(store.objects().incomplete_uploads("volumes/v/").unwrap().len(), 1, "a dry run aborted the upload");
+
+    std::thread::sleep(Duration::from_millis(1100));
+    let report = store.gc(&volume, &no_grace).unwrap();
+    assert_eq!(report.aborted_uploads.len(), 1);
+    assert!(store.objects().incomplete_uploads("volumes/v/").unwrap().is_empty(), "the upload is still listed");
+}
+
+/// An SDK client of `server` and the bucket and full key of `key` in the store at `url`.
+fn raw_client(server: &Server, url: &str, key: &str) -> (aws_sdk_s3::Client, String, String) {
+    let endpoint = &server.endpoint;
+    let credentials = aws_sdk_s3::config::Credentials::new(&endpoint.access_key_id, &endpoint.secret_access_key, None, None, "chalk-test");
+    let config = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .endpoint_url(&endpoint.endpoint_url)
+        .region(aws_sdk_s3::config::Region::new(endpoint.region.clone()))
+        .credentials_provider(credentials)
+        .force_path_style(true)
+        .build();
+    let (bucket, prefix) = url.strip_prefix("s3://").unwrap().split_once('/').unwrap();
+    (aws_sdk_s3::Client::from_conf(config), bucket.to_owned(), format!("{prefix}/{key}"))
 }
 
 #[test]

@@ -204,6 +204,9 @@ fn print_gc(report: &GcReport) {
     for entry in &report.pruned {
         println!("{} version {} (lineage {} entry {})", if report.dry_run { "would prune" } else { "pruned" }, entry.version, entry.lineage, entry.seq);
     }
+    for upload in &report.aborted_uploads {
+        println!("{} incomplete multipart upload of {}", if report.dry_run { "would abort" } else { "aborted" }, upload.key);
+    }
     println!(
         "{} {}: {} objects, {}; kept {} versions, {} unreferenced objects younger than the grace period{}",
         report.volume,
@@ -228,6 +231,7 @@ fn print_gc_json(report: &GcReport) -> anyhow::Result<()> {
         "deleted_bytes": report.deleted_bytes,
         "young_kept": report.young_kept,
         "lease_kept": report.lease_kept,
+        "aborted_uploads": report.aborted_uploads.iter().map(|u| json!({"key": u.key, "upload_id": u.upload_id})).collect::<Vec<_>>(),
     });
     println!("{}", serde_json::to_string_pretty(&value)?);
     Ok(())

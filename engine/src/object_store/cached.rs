@@ -41,7 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::{ConditionalWrites, ListPage, ObjectMeta, ObjectStore};
+use super::{ConditionalWrites, IncompleteUpload, ListPage, ObjectMeta, ObjectStore};
 use crate::error::{EngineError, Result};
 
 const MAGIC: &[u8; 8] = b"CHLKOBJ1";
@@ -281,6 +281,14 @@ impl ObjectStore for CachedStore {
 
     fn conditional_writes(&self) -> Result<ConditionalWrites> {
         self.inner.conditional_writes()
+    }
+
+    fn incomplete_uploads(&self, prefix: &str) -> Result<Vec<IncompleteUpload>> {
+        self.inner.incomplete_uploads(prefix)
+    }
+
+    fn abort_upload(&self, upload: &IncompleteUpload) -> Result<()> {
+        self.inner.abort_upload(upload)
     }
 }
 

@@ -91,6 +91,28 @@ pub trait ObjectStore: Send + Sync {
     fn conditional_writes(&self) -> Result<ConditionalWrites> {
         Ok(ConditionalWrites::Honoured)
     }
+
+    /// Lists the multipart uploads under `prefix` that were started and
+    /// neither completed nor aborted. A store without multipart uploads has none.
+    fn incomplete_uploads(&self, _prefix: &str) -> Result<Vec<IncompleteUpload>> {
+        Ok(Vec::new())
+    }
+
+    /// Aborts an incomplete multipart upload, freeing its parts. Aborting
+    /// one that is already gone succeeds.
+    fn abort_upload(&self, _upload: &IncompleteUpload) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A multipart upload that was started and neither completed nor aborted:
+/// a killed sync leaves one, and its parts take space until it is aborted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IncompleteUpload {
+    pub key: String,
+    pub upload_id: String,
+    /// When the upload started, by the store's clock; `None` when the store did not say.
+    pub initiated: Option<SystemTime>,
 }
 
 /// Lists every key under `prefix`, following pagination.

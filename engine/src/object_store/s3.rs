@@ -59,7 +59,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use super::{validate_key, ConditionalWrites, ListPage, ObjectMeta, ObjectStore};
+use super::{validate_key, ConditionalWrites, IncompleteUpload, ListPage, ObjectMeta, ObjectStore};
 use crate::cache::parse_size;
 use crate::error::{EngineError, Result};
 
@@ -866,6 +866,61 @@ impl Inner {
         Ok(ListPage { objects, next_start_after })
     }
 
+    async fn incomplete_uploads(&self, prefix: &str) -> Result<Vec<IncompleteUpload>> {
+        let full_prefix = self.full_key(prefix);
+        let mut out = Vec::new();
+        let mut markers: (Option<String>, Option<String>) = (None, None);
+        loop {
+            let output = self
+                .retry("LIST uploads", prefix, |_| {
+                    let request = self
+                        .client
+                        .list_multipart_uploads()
+                        .bucket(&self.location.bucket)
+                        .prefix(&full_prefix)
+                        .set_key_marker(markers.0.clone())
+                        .set_upload_id_marker(markers.1.clone());
+                    async move {
+                        let _permit = self.permit().await;
+                        request.send().await.map_err(|e| Failure::from_sdk(&e, status_of(&e)))
+                    }
+                })
+                .await?;
+            for upload in output.uploads() {
+                let (Some(key), Some(upload_id)) = (upload.key(), upload.upload_id()) else { continue };
+                let Some(key) = key.strip_prefix(&self.location.prefix) else { continue };
+                let initiated = upload.initiated().and_then(|t| std::time::SystemTime::try_from(*t).ok());
+                out.push(IncompleteUpload { key: key.to_owned(), upload_id: upload_id.to_owned(), initiated });
+            }
+            let next = (output.next_key_marker().map(str::to_owned), output.next_upload_id_marker().map(str::to_owned));
+            if output.is_truncated() != Some(true) || next.0.is_none() || next == markers {
+                return Ok(out);
+            }
+            markers = next;
+        }
+    }
+
+    async fn abort_upload(&self, upload: &IncompleteUpload) -> Result<()> {
+        let full_key = self.full_key(&upload.key);
+        self.retry("abort upload", &upload.key, |_| {
+            let request = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.location.bucket)
+                .key(&full_key)
+                .upload_id(&upload.upload_id);
+            async move {
+                let _permit = self.permit().await;
+                match request.send().await {
+                    Ok(_) => Ok(()),
+                    Err(e) if status_of(&e) == Some(404) => Ok(()),
+                    Err(e) => Err(Failure::from_sdk(&e, status_of(&e))),
+                }
+            }
+        })
+        .await
+    }
+
     async fn delete(&self, key: &str) -> Result<()> {
         let full_key = self.full_key(key);
         self.retry("DELETE", key, |_| {
@@ -1191,6 +1246,15 @@ impl ObjectStore for S3Store {
     fn delete(&self, key: &str) -> Result<()> {
         validate_key(key)?;
         self.block_on(self.inner.delete(key))
+    }
+
+    fn incomplete_uploads(&self, prefix: &str) -> Result<Vec<IncompleteUpload>> {
+        self.block_on(self.inner.incomplete_uploads(prefix))
+    }
+
+    fn abort_upload(&self, upload: &IncompleteUpload) -> Result<()> {
+        validate_key(&upload.key)?;
+        self.block_on(self.inner.abort_upload(upload))
     }
 
     fn conditional_writes(&self) -> Result<ConditionalWrites> {
