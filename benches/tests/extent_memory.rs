@@ -80,7 +80,7 @@ fn sequential_extents_stay_bounded() {
 #[test]
 fn scattered_extents_stay_bounded() {
     // A multiplicative permutation of 0..EXTENTS inserts in scattered order,
-    // which leaves B-tree nodes half full instead of packed.
+    // which splits B-tree nodes at other points than appending does.
     let per_extent = bytes_per_extent(|index| (index * 7_919 % EXTENTS) * 4096);
     println!("extent index, scattered inserts: {per_extent:.1} bytes per extent");
     assert!(

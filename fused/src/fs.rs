@@ -52,9 +52,9 @@ const WRITABLE_TTL: Duration = Duration::from_secs(1);
 /// Largest write request the kernel may send, in bytes.
 const MAX_WRITE_BYTES: u32 = BLOCK_SIZE_BYTES;
 
-/// Largest readahead the kernel may send as one read request, in bytes. The
-/// kernel also caps readahead at the mount's `read_ahead_kb`, which
-/// [`crate::mount`] raises for read-only sessions when it can.
+/// Readahead requested in INIT, in bytes. The kernel may offer less, and
+/// then the nearest value is used. The mount's `read_ahead_kb` also caps
+/// readahead, and [`crate::mount`] raises it for read-only sessions when it can.
 const MAX_READAHEAD_BYTES: u32 = 1 << 20;
 
 /// Inode numbers are never reused within a session, so one generation fits

@@ -6,7 +6,7 @@
 //! read through the mount with the bytes put. A guard unmounts on every
 //! path. The tests need root: passthrough needs `CAP_SYS_ADMIN`, and a
 //! kernel without passthrough (before Linux 6.9) fails the passthrough test
-//! with the log line that says so. They build nothing: they run the binary
+//! with the log line that reports it. They build nothing: they run the binary
 //! named by `CHALK_BIN`, or `release/chalk` in the target directory.
 
 use std::fs;
@@ -57,7 +57,7 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// A store with one volume that holds `large.bin` and `small.bin` in one version.
+/// A store with one volume that contains `large.bin` and `small.bin` in one version.
 struct Store {
     binary: PathBuf,
     home: TempDir,
