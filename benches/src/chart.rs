@@ -72,7 +72,9 @@ pub(crate) fn ratio_chart(records: &[Record], title: &str) -> String {
         let x = x_of(10f64.powf(exponent));
         let stroke = if exponent == 0.0 { r##"stroke="#000000" stroke-width="1.5""## } else { r##"stroke="#dddddd""## };
         let _ = writeln!(svg, r#"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{axis_bottom}" {stroke}/>"#);
-        let label = significant(10f64.powf(exponent));
+        // Plain decimals: 0.001, 0.01, 0.1, 1, 10.
+        let decimals = (-exponent).max(0.0) as usize;
+        let label = format!("{:.decimals$}", 10f64.powf(exponent));
         let _ = writeln!(svg, r#"<text x="{x:.1}" y="{}" text-anchor="middle">{label}</text>"#, axis_bottom + 14.0);
         exponent += 1.0;
     }

@@ -80,6 +80,9 @@ impl Passthrough {
     /// Replies to an open of `ino` (of `size` bytes) through passthrough and
     /// returns `None`, or hands `reply` back when the caller must serve the
     /// file with normal reads.
+    // NOTE: on a `--follow` mount that moved to a new head, an open of an
+    // inode that is still open from before reuses the old version's backing
+    // file until every handle of that inode is released.
     pub(crate) fn open(
         &self,
         session: &Session,
