@@ -1,12 +1,14 @@
-//! `chalk-benches`: times Chalk volumes against the native file system.
+//! `chalk-benches`: times Chalk volumes against the native file system and
+//! the peer FUSE file systems bindfs and rclone.
 //!
-//! The harness stages one input tree, prepares each selected workload once,
-//! then runs `--reps` repetitions. Within a repetition every system of a
+//! The harness stages one input tree (P1, R0) and one generated dataset (R1
+//! to W2, see `dataset`), prepares each selected workload once, then runs
+//! `--reps` repetitions. Within a repetition every system of a
 //! workload runs back to back, so each per-repetition ratio compares runs made
 //! under the same machine load. It prints a table, writes
-//! `benches/results/latest.json` and regenerates its section of
-//! `docs/benchmarks.md`. With `--output DIR` it writes the JSON to DIR and
-//! leaves the docs alone.
+//! `benches/results/latest.json`, draws `docs/benchmarks.svg` and regenerates
+//! its section of `docs/benchmarks.md`. With `--output DIR` it writes the JSON
+//! and the chart to DIR and leaves the docs alone.
 //!
 //! To add a workload, implement [`Workload`] and list it in [`all_workloads`].
 
@@ -23,7 +25,13 @@ use anyhow::{bail, ensure, Context};
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 
+use crate::dataset::{Dataset, DatasetWorkload, Kind};
+
+mod chart;
+mod dataset;
 mod s3_cold_read;
+mod systems;
+mod targets;
 
 /// Stdlib packages staged by `--size small`.
 const SMALL_PACKAGES: [&str; 4] = ["json", "email", "asyncio", "unittest"];
@@ -57,24 +65,37 @@ const DOCS_INTRO: &str = "\
 # Benchmarks
 
 `chalk-benches` (in `benches/`) times Chalk volumes against the native file
-system of the same machine. It stages one input tree, then runs each
+system of the same machine and against two peer FUSE file systems over the
+same native directory: bindfs, and `rclone mount` with `--vfs-cache-mode off`
+and `full`. Each run writes its config and cache under the run's temporary
+directory, never the user's. It stages its inputs once, then runs each
 workload for a number of repetitions. Within a repetition, every system of a
-workload runs back to back, so that each ratio compares two runs made under
-the same machine load. The ratio to native is the native time divided by the
-system's time, so 1.0 is native speed and higher is faster. The tables give
-the median of the per-repetition ratios. On a busy machine the absolute
-times can vary several times over between runs, so compare ratios rather than
-seconds.
+workload runs back to back, so that each ratio compares runs made under the
+same machine load. The ratio to native is the native time divided by the
+system's time, so 1.0 is native speed and higher is faster; the ratio to the
+best peer is computed the same way against the peer with the lowest median.
+The tables give the median of the per-repetition ratios. On a busy machine
+the absolute times can vary several times over between runs, so compare
+ratios rather than seconds.
 
-Build the `chalk` binary first, then run the harness from the repository root:
+The harness runs as root: the cold workloads drop the page cache
+(`echo 3 > /proc/sys/vm/drop_caches`). It needs bindfs, rclone and fio,
+which `scripts/setup.sh` installs. Outside CI a missing peer is skipped
+with a warning; in CI (`CI` set) it is an error. Build the `chalk` binary
+first, then run the harness from the repository root:
 
 ```sh
 cargo build --release -p chalk-tools
 cargo run -p chalk-benches --release -- --size full --reps 3
+cargo run -p chalk-benches --release -- R1 R3 --size small --reps 1
 ```
 
-Each run writes `benches/results/latest.json` and replaces the text between
-the two marker comments below. Text outside the markers is kept.
+`--size small` runs every workload on a scaled-down dataset in about 30
+seconds, and the test suite runs it once. Each run writes
+`benches/results/latest.json` (one record per workload and system, with
+`median`, `min`, `max`, `ratio_to_native` and `ratio_to_best_peer`), draws
+`docs/benchmarks.svg` and replaces the text between the two marker comments
+below. Text outside the markers is kept.
 ";
 
 /// Signal number of the first SIGINT, SIGTERM or SIGHUP received, or 0.
@@ -88,11 +109,12 @@ static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 #[derive(Parser, Debug)]
 #[command(name = "chalk-benches", about, long_about = None)]
 struct Args {
-    /// Workload ids to run, such as P1 or R0 (default: all).
+    /// Workload ids to run, such as P1, R1 or W2 (default: all but S1).
     workloads: Vec<String>,
 
-    /// Input tree: `full` is the python3 stdlib plus /usr/include (about
-    /// 10,000 files), `small` is four stdlib packages.
+    /// Input size. `full`: the python3 stdlib plus /usr/include (about 10,000
+    /// files) for P1 and R0, and a 2 GiB file plus 20,000 files of 64 KiB for
+    /// R1 to W2. `small`: four stdlib packages, a 32 MiB file and 500 files.
     #[arg(long, value_enum, default_value_t = Size::Full)]
     size: Size,
 
@@ -137,6 +159,14 @@ enum System {
     Native,
     /// A read-only mount of a version through the `chalk` FUSE driver.
     ChalkReadOnly,
+    /// A writable mount of the volume's main lineage.
+    ChalkWritable,
+    /// bindfs over the native directory.
+    Bindfs,
+    /// `rclone mount` of the native directory with `--vfs-cache-mode off`.
+    RcloneOff,
+    /// `rclone mount` of the native directory with `--vfs-cache-mode full`.
+    RcloneFull,
     /// The `chalk volume put` command.
     ChalkPut,
     /// A raw `aws-sdk-s3` client that reads objects with parallel ranged GETs.
@@ -150,6 +180,10 @@ impl System {
         match self {
             System::Native => "native",
             System::ChalkReadOnly => "chalk-ro",
+            System::ChalkWritable => "chalk-rw",
+            System::Bindfs => "bindfs",
+            System::RcloneOff => "rclone-off",
+            System::RcloneFull => "rclone-full",
             System::ChalkPut => "chalk-put",
             System::S3RangedGet => "s3-ranged-get",
             System::ChalkColdS3 => "chalk-s3-cold",
@@ -205,6 +239,14 @@ impl Group {
         }
     }
 
+    /// File name of the group's bar chart.
+    fn chart_name(self) -> &'static str {
+        match self {
+            Group::Local => "benchmarks.svg",
+            Group::S3 => "benchmarks-s3.svg",
+        }
+    }
+
     fn docs_markers(self) -> (&'static str, &'static str) {
         match self {
             Group::Local => (DOCS_BEGIN_MARKER, DOCS_END_MARKER),
@@ -232,6 +274,17 @@ trait Workload {
         Group::Local
     }
 
+    /// Returns whether the workload reads or writes the generated dataset,
+    /// which the harness then creates before any workload is prepared.
+    fn uses_dataset(&self) -> bool {
+        false
+    }
+
+    /// Files and bytes one repetition reads or writes, for the results.
+    fn work_size(&self, bench: &Bench) -> ReadCount {
+        bench.tree.count
+    }
+
     /// Sets up state shared by all repetitions. Not timed.
     fn prepare(&mut self, _bench: &Bench) -> anyhow::Result<()> {
         Ok(())
@@ -251,6 +304,16 @@ fn all_workloads() -> Vec<Box<dyn Workload>> {
     vec![
         Box::new(PutTree::default()),
         Box::new(ReadVersionMount::default()),
+        Box::new(DatasetWorkload::new(Kind::R1)),
+        Box::new(DatasetWorkload::new(Kind::R2)),
+        Box::new(DatasetWorkload::new(Kind::R3)),
+        Box::new(DatasetWorkload::new(Kind::R4)),
+        Box::new(DatasetWorkload::new(Kind::R5)),
+        Box::new(DatasetWorkload::new(Kind::R6)),
+        Box::new(DatasetWorkload::new(Kind::R7)),
+        Box::new(DatasetWorkload::new(Kind::R8)),
+        Box::new(DatasetWorkload::new(Kind::W1)),
+        Box::new(DatasetWorkload::new(Kind::W2)),
         Box::new(s3_cold_read::ColdS3Read::default()),
     ]
 }
@@ -291,14 +354,18 @@ impl Workload for PutTree {
                 fs::remove_dir_all(&home).with_context(|| format!("failed to remove the store {}", home.display()))?;
                 seconds
             }
-            System::ChalkReadOnly | System::S3RangedGet | System::ChalkColdS3 => {
-                bail!("P1 does not measure {}", system.as_str())
-            }
+            _ => bail!("P1 does not measure {}", system.as_str()),
         }
     }
 }
 
 fn time_put(bench: &Bench, home: &Path) -> anyhow::Result<f64> {
+    time_put_dir(bench, home, &bench.tree.path, REMOTE_DIR)
+}
+
+/// Creates a store at `home` with an empty volume, then times `chalk volume
+/// put` of the local directory `local` to `remote` in the volume.
+fn time_put_dir(bench: &Bench, home: &Path, local: &Path, remote: &str) -> anyhow::Result<f64> {
     fs::create_dir(home).with_context(|| format!("failed to create the store directory {}", home.display()))?;
     bench
         .chalk
@@ -310,11 +377,34 @@ fn time_put(bench: &Bench, home: &Path) -> anyhow::Result<f64> {
             OsStr::new("volume"),
             "put".as_ref(),
             VOLUME.as_ref(),
-            bench.tree.path.as_os_str(),
-            REMOTE_DIR.as_ref(),
+            local.as_os_str(),
+            remote.as_ref(),
         ],
     )?;
     Ok(start.elapsed().as_secs_f64())
+}
+
+/// Returns the id of the newest version of the volume in the store at `home`.
+fn latest_version(bench: &Bench, home: &Path) -> anyhow::Result<String> {
+    let versions = bench.chalk.run(
+        home,
+        [
+            OsStr::new("volume"),
+            "versions".as_ref(),
+            VOLUME.as_ref(),
+            "--json".as_ref(),
+        ],
+    )?;
+    let versions: serde_json::Value =
+        serde_json::from_str(&versions).context("`chalk volume versions --json` printed invalid JSON")?;
+    // Versions are listed oldest first.
+    let id = versions
+        .as_array()
+        .and_then(|list| list.last())
+        .and_then(|version| version["id"].as_str())
+        .with_context(|| format!("`chalk volume versions --json` printed no version id: {versions}"))?
+        .to_owned();
+    Ok(id)
 }
 
 /// R0: reading the tree through a read-only mount of the version that the
@@ -349,24 +439,7 @@ impl Workload for ReadVersionMount {
     fn prepare(&mut self, bench: &Bench) -> anyhow::Result<()> {
         let home = bench.work.join("r0-home");
         time_put(bench, &home)?;
-        let versions = bench.chalk.run(
-            &home,
-            [
-                OsStr::new("volume"),
-                "versions".as_ref(),
-                VOLUME.as_ref(),
-                "--json".as_ref(),
-            ],
-        )?;
-        let versions: serde_json::Value =
-            serde_json::from_str(&versions).context("`chalk volume versions --json` printed invalid JSON")?;
-        // Versions are listed oldest first, so the put is the last one.
-        let id = versions
-            .as_array()
-            .and_then(|list| list.last())
-            .and_then(|version| version["id"].as_str())
-            .with_context(|| format!("`chalk volume versions --json` printed no version id: {versions}"))?
-            .to_owned();
+        let id = latest_version(bench, &home)?;
         eprintln!("R0: mounting version {id} of the store {}", home.display());
         self.prepared = Some((home, id));
         Ok(())
@@ -387,9 +460,7 @@ impl Workload for ReadVersionMount {
                     .with_context(|| format!("failed to remove the mount point {}", mount_point.display()))?;
                 seconds
             }
-            System::ChalkPut | System::S3RangedGet | System::ChalkColdS3 => {
-                bail!("R0 does not measure {}", system.as_str())
-            }
+            _ => bail!("R0 does not measure {}", system.as_str()),
         }
     }
 }
@@ -449,6 +520,8 @@ struct Bench {
     /// Canonical work directory, which contains the stores and mount points.
     work: PathBuf,
     tree: Tree,
+    /// The dataset of R1 to W2, created only when one of them runs.
+    dataset: Option<Dataset>,
 }
 
 impl Bench {
@@ -971,12 +1044,23 @@ struct Record {
     median: f64,
     min: f64,
     max: f64,
+    /// Median over the repetitions of the speed ratio between the native
+    /// sample and this system's sample of the same repetition, so 1.0 is
+    /// native speed and higher is faster. `None` for the S3 workloads.
+    ratio_to_native: Option<f64>,
+    /// The fastest peer (bindfs or an rclone mode) by median, for workloads
+    /// that measure peers.
+    best_peer: Option<&'static str>,
+    /// Median over the repetitions of the speed ratio between `best_peer`'s
+    /// sample and this system's sample, so higher than 1.0 beats the peer.
+    ratio_to_best_peer: Option<f64>,
     /// The system measured first in each repetition: `native`, or
     /// `s3-ranged-get` for the S3 workloads.
     baseline: &'static str,
-    /// Median over the repetitions of the speed ratio between the baseline
-    /// sample and this system's sample of the same repetition, so 1.0 for the baseline.
+    /// Like `ratio_to_native`, against `baseline`.
     ratio_to_baseline: f64,
+    /// Files and bytes that one repetition reads or writes (0 bytes for
+    /// workloads that only stat or list).
     files: u64,
     bytes: u64,
     reps: u32,
@@ -985,7 +1069,43 @@ struct Record {
 /// Samples of one workload, one list per system, in repetition order.
 struct Samples {
     workload: Box<dyn Workload>,
+    /// Systems that ran: the workload's systems without peers that are not installed.
+    systems: Vec<System>,
     per_system: Vec<Vec<f64>>,
+}
+
+impl Samples {
+    fn of(&self, system: System) -> Option<&[f64]> {
+        let index = self.systems.iter().position(|&s| s == system)?;
+        Some(&self.per_system[index])
+    }
+
+    /// Median over the repetitions of the speed ratio of `system` to the
+    /// fastest of `others` in the same repetition, or `None` if a system did not run.
+    fn ratio_to_fastest(&self, system: System, others: &[System]) -> Option<f64> {
+        let values = self.of(system)?;
+        let others: Vec<&[f64]> = others.iter().filter_map(|&other| self.of(other)).collect();
+        if others.is_empty() {
+            return None;
+        }
+        let unit = self.workload.unit();
+        let ratios: Vec<f64> = values
+            .iter()
+            .enumerate()
+            .map(|(rep, &value)| {
+                let fastest = others
+                    .iter()
+                    .map(|samples| samples[rep])
+                    .fold(None, |best: Option<f64>, sample| match best {
+                        Some(best) if unit.speed_ratio(best, sample) <= 1.0 => Some(best),
+                        _ => Some(sample),
+                    })
+                    .expect("others is not empty");
+                unit.speed_ratio(fastest, value)
+            })
+            .collect();
+        Some(median(&ratios))
+    }
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -999,17 +1119,19 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-fn summarize(samples: &[Samples], tree: &Tree, reps: u32) -> Vec<Record> {
+fn summarize(samples: &[Samples], bench: &Bench, reps: u32) -> Vec<Record> {
     let mut records = Vec::new();
     for entry in samples {
         let workload = &entry.workload;
-        let baseline = &entry.per_system[0];
-        for (system, values) in workload.systems().iter().zip(&entry.per_system) {
-            let ratios: Vec<f64> = baseline
-                .iter()
-                .zip(values)
-                .map(|(&base, &value)| workload.unit().speed_ratio(base, value))
-                .collect();
+        let baseline_system = entry.systems[0];
+        let peers: Vec<System> = entry.systems.iter().copied().filter(|&s| systems::is_peer(s)).collect();
+        let best_peer = peers.iter().copied().min_by(|&a, &b| {
+            let (a, b) = (median(entry.of(a).unwrap_or_default()), median(entry.of(b).unwrap_or_default()));
+            workload.unit().speed_ratio(b, a).total_cmp(&1.0).reverse()
+        });
+        let work = workload.work_size(bench);
+        for (&system, values) in entry.systems.iter().zip(&entry.per_system) {
+            let ratio_to_baseline = entry.ratio_to_fastest(system, &[baseline_system]).unwrap_or(f64::NAN);
             records.push(Record {
                 workload: workload.id().to_owned(),
                 system: system.as_str(),
@@ -1017,10 +1139,13 @@ fn summarize(samples: &[Samples], tree: &Tree, reps: u32) -> Vec<Record> {
                 median: median(values),
                 min: values.iter().copied().fold(f64::INFINITY, f64::min),
                 max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-                baseline: workload.systems()[0].as_str(),
-                ratio_to_baseline: median(&ratios),
-                files: tree.count.files,
-                bytes: tree.count.bytes,
+                ratio_to_native: (baseline_system == System::Native).then_some(ratio_to_baseline),
+                best_peer: best_peer.map(System::as_str),
+                ratio_to_best_peer: best_peer.and_then(|peer| entry.ratio_to_fastest(system, &[peer])),
+                baseline: baseline_system.as_str(),
+                ratio_to_baseline,
+                files: work.files,
+                bytes: work.bytes,
                 reps,
             });
         }
@@ -1031,10 +1156,18 @@ fn summarize(samples: &[Samples], tree: &Tree, reps: u32) -> Vec<Record> {
 /// Formats the records as a Markdown table, which also reads well on a terminal.
 fn results_table(records: &[Record]) -> String {
     let baseline = records.first().map_or("baseline", |r| r.baseline);
-    let mut table = format!("| workload | system | median | min | max | ratio to {baseline} |\n");
-    table.push_str("| --- | --- | ---: | ---: | ---: | ---: |\n");
+    let with_peers = records.iter().any(|r| r.best_peer.is_some());
+    let mut table = format!("| workload | system | median | min | max | ratio to {baseline} |");
+    if with_peers {
+        table.push_str(" ratio to best peer |");
+    }
+    table.push_str("\n| --- | --- | ---: | ---: | ---: | ---: |");
+    if with_peers {
+        table.push_str(" ---: |");
+    }
+    table.push('\n');
     for r in records {
-        let _ = writeln!(
+        let _ = write!(
             table,
             "| {} | {} | {} {unit} | {} {unit} | {} {unit} | {} |",
             r.workload,
@@ -1045,6 +1178,14 @@ fn results_table(records: &[Record]) -> String {
             significant(r.ratio_to_baseline),
             unit = r.unit
         );
+        if with_peers {
+            let cell = match (r.best_peer, r.ratio_to_best_peer) {
+                (Some(peer), Some(ratio)) => format!("{} ({peer})", significant(ratio)),
+                _ => String::new(),
+            };
+            let _ = write!(table, " {cell} |");
+        }
+        table.push('\n');
     }
     table
 }
@@ -1165,7 +1306,15 @@ fn shell_quote(arg: &str) -> String {
 
 /// Builds the text between the markers of docs/benchmarks.md. `input` is
 /// the staged tree, which only the local group reads.
-fn docs_section(records: &[Record], samples: &[Samples], input: Option<(&Tree, Size)>, reps: u32, info: &RunInfo) -> String {
+/// `chart_name` is the chart's file name next to the docs, if one was written.
+fn docs_section(
+    records: &[Record],
+    samples: &[Samples],
+    input: Option<(&Tree, Size)>,
+    reps: u32,
+    info: &RunInfo,
+    chart_name: Option<&str>,
+) -> String {
     let mut text = String::new();
     match input {
         Some(_) => {
@@ -1235,14 +1384,23 @@ fn docs_section(records: &[Record], samples: &[Samples], input: Option<(&Tree, S
 
     text.push_str(&results_table(records));
     text.push('\n');
+    let targets = targets::targets_table(samples);
+    if !targets.is_empty() {
+        let _ = writeln!(text, "Targets, as ratios from this run:\n");
+        text.push_str(&targets);
+        text.push('\n');
+    }
+    if let Some(chart) = chart_name {
+        let _ = writeln!(text, "![Speed of each system relative to native]({chart})\n");
+    }
     let _ = writeln!(text, "Workloads:\n");
     for entry in samples {
         let _ = writeln!(text, "- {}: {}", entry.workload.id(), entry.workload.description());
     }
-    if input.is_some() {
+    if samples.iter().any(|entry| entry.workload.id() == "P1" || entry.workload.id() == "R0") {
         let _ = writeln!(
             text,
-            "- native (every workload): walk the tree with `readdir` and read every regular file with open, read into a \
+            "- native (P1, R0): walk the tree with `readdir` and read every regular file with open, read into a \
              {} KiB buffer, close, in one thread, with the page cache warmed by one untimed pass.",
             READ_BUFFER_BYTES / 1024
         );
@@ -1351,11 +1509,20 @@ fn run(args: Args) -> anyhow::Result<()> {
         tree.symlinks,
         tree.path.display()
     );
-    let bench = Bench {
+    let mut bench = Bench {
         chalk,
         work: work.clone(),
         tree,
+        dataset: None,
     };
+    let peers = if workloads.iter().any(|workload| workload.systems().iter().copied().any(systems::is_peer)) {
+        systems::available_peers()?
+    } else {
+        Vec::new()
+    };
+    if workloads.iter().any(|workload| workload.uses_dataset()) {
+        bench.dataset = Some(Dataset::create(&bench, args.size)?);
+    }
 
     // Warm the page cache, so native reads measure cached reads.
     let mut buffer = vec![0u8; READ_BUFFER_BYTES];
@@ -1369,13 +1536,19 @@ fn run(args: Args) -> anyhow::Result<()> {
         workload
             .prepare(&bench)
             .with_context(|| format!("preparing workload {} failed", workload.id()))?;
-        let per_system = vec![Vec::new(); workload.systems().len()];
-        samples.push(Samples { workload, per_system });
+        let systems: Vec<System> = workload
+            .systems()
+            .iter()
+            .copied()
+            .filter(|&system| !systems::is_peer(system) || peers.contains(&system))
+            .collect();
+        let per_system = vec![Vec::new(); systems.len()];
+        samples.push(Samples { workload, systems, per_system });
     }
 
     for rep in 1..=args.reps {
         for entry in &mut samples {
-            for (index, &system) in entry.workload.systems().iter().enumerate() {
+            for (index, &system) in entry.systems.clone().iter().enumerate() {
                 check_stop_signal()?;
                 let value = entry.workload.measure(system, &bench).with_context(|| {
                     format!(
@@ -1425,7 +1598,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// Prints the results of one group, writes its JSON file and, unless
 /// `--output` is given, its section of docs/benchmarks.md.
 fn report_group(group: Group, samples: &[Samples], bench: &Bench, args: &Args, work: &Path) -> anyhow::Result<()> {
-    let records = summarize(samples, &bench.tree, args.reps);
+    let records = summarize(samples, bench, args.reps);
     print!("{}", results_table(&records));
     println!();
     for entry in samples {
@@ -1436,11 +1609,27 @@ fn report_group(group: Group, samples: &[Samples], bench: &Bench, args: &Args, w
     let results_dir = args.output.clone().unwrap_or_else(|| manifest_dir.join("results"));
     let json_path = write_json(&records, &results_dir.join(group.json_name()))?;
     println!("\nwrote {}", json_path.display());
+    let targets = targets::targets_table(samples);
+    if !targets.is_empty() {
+        print!("\n{targets}");
+    }
+
+    // The chart goes next to the docs, or into --output with the JSON.
+    let docs_dir = manifest_dir.parent().unwrap_or(manifest_dir).join("docs");
+    let chart_dir = args.output.clone().unwrap_or_else(|| docs_dir.clone());
+    let chart_name = group.chart_name();
+    let chart_path = chart_dir.join(chart_name);
+    let title = format!("chalk-benches --size {}, {} repetitions", args.size.as_str(), args.reps);
+    fs::write(&chart_path, chart::ratio_chart(&records, &title))
+        .with_context(|| format!("failed to write {}", chart_path.display()))?;
+    println!("wrote {}", chart_path.display());
+
     if args.output.is_none() {
-        let docs = manifest_dir.parent().unwrap_or(manifest_dir).join("docs/benchmarks.md");
+        let docs = docs_dir.join("benchmarks.md");
         let info = RunInfo::collect(work);
         let input = (group == Group::Local).then_some((&bench.tree, args.size));
-        update_docs_between(&docs, group.docs_markers(), &docs_section(&records, samples, input, args.reps, &info))?;
+        let section = docs_section(&records, samples, input, args.reps, &info, Some(chart_name));
+        update_docs_between(&docs, group.docs_markers(), &section)?;
         println!("updated {}", docs.display());
     }
     Ok(())
@@ -1475,6 +1664,76 @@ mod tests {
     fn ratio_is_higher_when_faster() {
         assert_eq!(Unit::Seconds.speed_ratio(1.0, 2.0), 0.5);
         assert_eq!(Unit::Seconds.speed_ratio(2.0, 1.0), 2.0);
+    }
+
+    /// Samples of R3 (which has targets against bindfs and rclone) over two repetitions.
+    fn r3_samples(per_system: Vec<Vec<f64>>) -> Samples {
+        Samples {
+            workload: Box::new(DatasetWorkload::new(Kind::R3)),
+            systems: vec![System::Native, System::ChalkReadOnly, System::Bindfs, System::RcloneOff, System::RcloneFull],
+            per_system,
+        }
+    }
+
+    #[test]
+    fn ratio_to_fastest_uses_each_repetition() {
+        let samples = r3_samples(vec![
+            vec![1.0, 1.0],
+            vec![2.0, 4.0],
+            vec![4.0, 4.0],
+            vec![8.0, 2.0],
+            vec![16.0, 16.0],
+        ]);
+
+        // Repetition 1: the fastest rclone takes 8 s, chalk 2 s, so 4x.
+        // Repetition 2: rclone 2 s, chalk 4 s, so 0.5x. The median is 2.25.
+        let ratio = samples.ratio_to_fastest(System::ChalkReadOnly, &[System::RcloneOff, System::RcloneFull]);
+        assert_eq!(ratio, Some(2.25));
+        assert_eq!(samples.ratio_to_fastest(System::ChalkReadOnly, &[System::Native]), Some(0.375));
+        assert_eq!(samples.ratio_to_fastest(System::ChalkWritable, &[System::Native]), None);
+    }
+
+    #[test]
+    fn targets_table_reports_shortfall() {
+        let samples = r3_samples(vec![vec![1.0], vec![1.0], vec![2.0], vec![20.0], vec![30.0]]);
+
+        let table = targets::targets_table(&[samples]);
+
+        assert!(
+            table.contains("| R3 | chalk-ro | at least 3x bindfs | 2.000x | missed: 33% short |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| R3 | chalk-ro | at least 10x the faster rclone mode | 20.00x | met |"),
+            "{table}"
+        );
+        assert!(!table.contains("| R1 |"), "R1 did not run: {table}");
+    }
+
+    #[test]
+    fn chart_has_one_bar_per_ratio() {
+        let record = |system: &'static str, ratio: Option<f64>| Record {
+            workload: "R1".to_owned(),
+            system,
+            unit: "s",
+            median: 1.0,
+            min: 1.0,
+            max: 1.0,
+            ratio_to_native: ratio,
+            best_peer: None,
+            ratio_to_best_peer: None,
+            baseline: "native",
+            ratio_to_baseline: ratio.unwrap_or(1.0),
+            files: 1,
+            bytes: 1,
+            reps: 1,
+        };
+        let records = [record("native", Some(1.0)), record("chalk-ro", Some(0.5)), record("s3-ranged-get", None)];
+
+        let svg = chart::ratio_chart(&records, "a < b");
+
+        assert_eq!(svg.matches("<rect x=").count(), 2, "{svg}");
+        assert!(svg.contains("a &lt; b"), "the title is not escaped: {svg}");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! It runs the harness binary with one repetition and `--output` set to a
 //! temporary directory, so the committed results and docs stay untouched. The
-//! harness mounts a version through FUSE, so this test needs `/dev/fuse`,
-//! `fusermount3` and root (or FUSE permissions for the user). It builds no
+//! harness mounts Chalk, bindfs and rclone through FUSE and drops the page
+//! cache, so this test needs `/dev/fuse`, `fusermount3`, root, and bindfs,
+//! rclone and fio (scripts/setup.sh installs them). It builds no
 //! `chalk` binary: run `cargo build --release -p chalk-tools` first, or set
 //! CHALK_BIN.
 
@@ -11,13 +12,38 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-/// Every workload and system the harness reports.
-const EXPECTED_RECORDS: [(&str, &str); 4] = [
-    ("P1", "native"),
-    ("P1", "chalk-put"),
-    ("R0", "native"),
-    ("R0", "chalk-ro"),
-];
+/// Systems of the read workloads R1 to R7, in the order the harness runs them.
+const READ_SYSTEMS: [&str; 6] = ["native", "chalk-ro", "chalk-rw", "bindfs", "rclone-off", "rclone-full"];
+/// Systems of the write workloads R8 and W2.
+const WRITE_SYSTEMS: [&str; 5] = ["native", "chalk-rw", "bindfs", "rclone-off", "rclone-full"];
+
+/// Peers and the program each needs.
+const PEER_PROGRAMS: [(&str, &str); 3] = [("bindfs", "bindfs"), ("rclone-off", "rclone"), ("rclone-full", "rclone")];
+
+fn program_exists(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// Every workload and system the harness must report. Outside CI a peer
+/// whose program is missing is left out, as the harness skips it; in CI
+/// every peer must run.
+fn expected_records() -> Vec<(&'static str, &'static str)> {
+    let in_ci = std::env::var_os("CI").is_some_and(|value| !value.is_empty());
+    let installed = |system: &str| {
+        PEER_PROGRAMS
+            .iter()
+            .find(|(peer, _)| *peer == system)
+            .is_none_or(|(_, program)| in_ci || program_exists(program))
+    };
+    let mut records = vec![("P1", "native"), ("P1", "chalk-put"), ("R0", "native"), ("R0", "chalk-ro")];
+    for workload in ["R1", "R2", "R3", "R4", "R5", "R6", "R7"] {
+        records.extend(READ_SYSTEMS.iter().filter(|s| installed(s)).map(|&s| (workload, s)));
+    }
+    records.extend(WRITE_SYSTEMS.iter().filter(|s| installed(s)).map(|&s| ("R8", s)));
+    records.extend([("W1", "native"), ("W1", "chalk-rw")]);
+    records.extend(WRITE_SYSTEMS.iter().filter(|s| installed(s)).map(|&s| ("W2", s)));
+    records
+}
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -82,13 +108,10 @@ fn small_run_reports_every_record() {
     let text = fs::read_to_string(&json_path)
         .unwrap_or_else(|e| panic!("reading {}: {e}\n{}", json_path.display(), describe(&output)));
     let records: Vec<serde_json::Value> = serde_json::from_str(&text).expect("latest.json is a JSON list");
-    assert_eq!(
-        records.len(),
-        EXPECTED_RECORDS.len(),
-        "unexpected records in latest.json: {text}"
-    );
+    let expected = expected_records();
+    assert_eq!(records.len(), expected.len(), "unexpected records in latest.json: {text}");
 
-    for (workload, system) in EXPECTED_RECORDS {
+    for (workload, system) in expected {
         let matching: Vec<&serde_json::Value> = records
             .iter()
             .filter(|r| r["workload"] == workload && r["system"] == system)
@@ -116,16 +139,33 @@ fn small_run_reports_every_record() {
             "{workload}/{system} median exceeds the max: {record}"
         );
         assert!(field("files") > 0.0, "{workload}/{system} counts no files: {record}");
-        assert!(field("bytes") > 0.0, "{workload}/{system} counts no bytes: {record}");
+        if !matches!(workload, "R5" | "R7") {
+            assert!(field("bytes") > 0.0, "{workload}/{system} counts no bytes: {record}");
+        }
         if system == "native" {
             assert_eq!(field("ratio_to_baseline"), 1.0, "native ratio of {workload}: {record}");
+            assert_eq!(field("ratio_to_native"), 1.0, "native ratio of {workload}: {record}");
         } else {
             assert!(
-                field("ratio_to_baseline") > 0.0,
+                field("ratio_to_native") > 0.0,
                 "{workload}/{system} ratio is not positive: {record}"
             );
         }
+        let has_peers = !matches!(workload, "P1" | "R0" | "W1") && PEER_PROGRAMS.iter().any(|(_, p)| program_exists(p));
+        if has_peers {
+            assert!(
+                field("ratio_to_best_peer") > 0.0,
+                "{workload}/{system} has no ratio to the best peer: {record}"
+            );
+        }
     }
+
+    let chart_path = output_dir.path().join("benchmarks.svg");
+    let chart = fs::read_to_string(&chart_path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}\n{}", chart_path.display(), describe(&output)));
+    assert!(chart.starts_with("<svg"), "{} is not an SVG document", chart_path.display());
+    assert!(chart.contains("R1 chalk-ro"), "the chart has no bar for R1 chalk-ro");
+    assert!(chart.trim_end().ends_with("</svg>"), "{} is truncated", chart_path.display());
 
     assert!(
         read_optional(&docs) == docs_before,

@@ -35,6 +35,7 @@ use tracing::span::EnteredSpan;
 
 use crate::attr::{file_attr, file_type, time_set, timestamp, BLOCK_SIZE_BYTES};
 use crate::errno::{log_failure, log_rejected};
+use crate::passthrough::{self, Passthrough};
 use crate::views::{self, Views};
 
 /// Entry and attribute timeout for read-only sessions. Nothing can change
@@ -51,6 +52,11 @@ const WRITABLE_TTL: Duration = Duration::from_secs(1);
 /// Largest write request the kernel may send, in bytes.
 const MAX_WRITE_BYTES: u32 = BLOCK_SIZE_BYTES;
 
+/// Readahead requested in INIT, in bytes. The kernel may offer less, and
+/// then the nearest value is used. The mount's `read_ahead_kb` also caps
+/// readahead, and [`crate::mount`] raises it for read-only sessions when it can.
+const MAX_READAHEAD_BYTES: u32 = 1 << 20;
+
 /// Inode numbers are never reused within a session, so one generation fits
 /// every inode.
 const GENERATION: Generation = Generation(0);
@@ -60,6 +66,8 @@ struct OpenFile {
     ino: Ino,
     /// Flags given to `open(2)` or `creat(2)`.
     flags: i32,
+    /// Whether the kernel serves this handle's reads from a backing file.
+    passthrough: bool,
 }
 
 /// One entry of a directory listing as returned by readdir, `.` and `..`
@@ -85,6 +93,8 @@ pub(crate) struct ChalkFs {
     append_lock: Mutex<()>,
     /// The read-only `.chalk` directory of past versions.
     views: Views,
+    /// Passthrough of large files; `None` for writable sessions.
+    passthrough: Option<Passthrough>,
 }
 
 /// Logs and returns the error for a change under `.chalk`, which is read-only.
@@ -101,9 +111,12 @@ fn engine_ino(ino: INodeNo) -> Ino {
 }
 
 impl ChalkFs {
-    pub(crate) fn new(session: Arc<Session>, read_only: bool) -> Self {
+    /// Creates the adaptor. `passthrough_opens` counts the opens served
+    /// through FUSE passthrough.
+    pub(crate) fn new(session: Arc<Session>, read_only: bool, passthrough_opens: Arc<AtomicU64>) -> Self {
         let read_only = read_only || session.is_read_only();
         ChalkFs {
+            passthrough: Passthrough::new(&session, passthrough_opens),
             views: Views::new(&session),
             session,
             read_only,
@@ -126,10 +139,35 @@ impl ChalkFs {
     /// process of the mount shares one page cache and shared `mmap` works.
     fn file_open_flags(&self) -> FopenFlags {
         if self.read_only {
-            FopenFlags::FOPEN_KEEP_CACHE
+            // Flush has nothing to push in a read-only session, so close(2)
+            // skips that round trip.
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
         } else {
             FopenFlags::empty()
         }
+    }
+
+    /// Serves a read-only open of a large file through FUSE passthrough and
+    /// returns `None`, or returns `reply` for a normal open.
+    fn open_passthrough(&self, ino: Ino, flags: OpenFlags, fh: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
+        // An inode with a registered backing file must keep using it, even
+        // after a later registration failed: the kernel fails a normal open
+        // of an inode that has passthrough opens.
+        let Some(passthrough) = self.passthrough.as_ref().filter(|p| p.is_active() || p.is_registered(ino)) else {
+            return Some(reply);
+        };
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return Some(reply);
+        }
+        let size = match self.session.getattr(ino) {
+            Ok(attr) if attr.kind == FileKind::File && attr.size >= passthrough::MIN_FILE_BYTES => attr.size,
+            _ => return Some(reply),
+        };
+        // Linux rejects any open flag but FOPEN_PASSTHROUGH, FOPEN_DIRECT_IO,
+        // FOPEN_PARALLEL_DIRECT_WRITES and FOPEN_NOFLUSH on a passthrough
+        // open (FOPEN_PASSTHROUGH_MASK in fs/fuse/iomode.c), and fails the
+        // open(2) with EIO. The page cache is the backing file's.
+        passthrough.open(&self.session, ino, size, FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, reply)
     }
 
     /// Owner of a new inode, and whether it inherits the setgid bit because
@@ -191,13 +229,28 @@ impl Filesystem for ChalkFs {
         // kernel (no FUSE_POSIX_LOCKS or FUSE_FLOCK_LOCKS). Writeback caching
         // stays off, so every write, O_APPEND included, reaches the engine
         // before write(2) returns. FUSE-over-io_uring and passthrough stay off.
-        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+        // Passthrough is requested only for read-only sessions.
+        let mut wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS;
+        if self.passthrough.is_some() {
+            wanted |= InitFlags::FUSE_PASSTHROUGH;
+        }
         let available = config.capabilities() & wanted;
         if let Err(unsupported) = config.add_capabilities(available) {
             tracing::warn!(?unsupported, "kernel rejected FUSE capabilities that it had offered");
+        }
+        if let Some(passthrough) = &self.passthrough {
+            // A stacking depth of 1 lets backing files live on a plain file
+            // system; the kernel rejects passthrough at depth 0.
+            let granted = available.contains(InitFlags::FUSE_PASSTHROUGH) && config.set_max_stack_depth(1).is_ok();
+            passthrough.set_granted(granted);
+            tracing::debug!(granted, "FUSE passthrough for large files");
+        }
+        if let Err(nearest) = config.set_max_readahead(MAX_READAHEAD_BYTES) {
+            tracing::debug!(nearest, "max_readahead of 1 MiB not accepted; using the nearest value");
+            let _ = config.set_max_readahead(nearest);
         }
         if let Err(nearest) = config.set_max_write(MAX_WRITE_BYTES) {
             tracing::debug!(nearest, "max_write of 1 MiB not accepted; using the nearest value");
@@ -466,7 +519,7 @@ impl Filesystem for ChalkFs {
                 return;
             }
             let fh = self.allocate_handle();
-            self.files.lock().insert(fh, OpenFile { ino: engine_ino(ino), flags: flags.0 });
+            self.files.lock().insert(fh, OpenFile { ino: engine_ino(ino), flags: flags.0, passthrough: false });
             reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
             return;
         }
@@ -475,7 +528,15 @@ impl Filesystem for ChalkFs {
             return;
         }
         let fh = self.allocate_handle();
-        self.files.lock().insert(fh, OpenFile { ino: engine_ino(ino), flags: flags.0 });
+        // The handle is recorded before any reply, because the kernel may
+        // send its release as soon as it has the reply.
+        self.files.lock().insert(fh, OpenFile { ino: engine_ino(ino), flags: flags.0, passthrough: true });
+        let Some(reply) = self.open_passthrough(engine_ino(ino), flags, fh, reply) else {
+            return;
+        };
+        if let Some(file) = self.files.lock().get_mut(&fh) {
+            file.passthrough = false;
+        }
         reply.opened(FileHandle(fh), self.file_open_flags());
     }
 
@@ -564,7 +625,14 @@ impl Filesystem for ChalkFs {
         let file = self.files.lock().remove(&fh.0);
         match file {
             Some(file) if views::is_view(file.ino.0) => self.views.release(file.ino.0),
-            Some(file) => self.session.release(file.ino),
+            Some(file) => {
+                if file.passthrough {
+                    if let Some(passthrough) = &self.passthrough {
+                        passthrough.release(file.ino);
+                    }
+                }
+                self.session.release(file.ino)
+            }
             None => tracing::warn!(op = "release", ino = ino.0, fh = fh.0, "release of an unknown file handle"),
         }
         reply.ok();
@@ -807,7 +875,7 @@ impl Filesystem for ChalkFs {
         match result {
             Ok(attr) => {
                 let fh = self.allocate_handle();
-                self.files.lock().insert(fh, OpenFile { ino: attr.ino, flags });
+                self.files.lock().insert(fh, OpenFile { ino: attr.ino, flags, passthrough: false });
                 self.session.remember(attr.ino, 1);
                 reply.created(&self.ttl, &file_attr(&attr), GENERATION, FileHandle(fh), self.file_open_flags());
             }

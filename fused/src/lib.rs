@@ -6,7 +6,9 @@
 //! adaptor keeps only its open-handle tables.
 //!
 //! Caching: read-only sessions give the kernel long entry and attribute
-//! timeouts and keep the page cache across opens. Writable sessions use
+//! timeouts, keep the page cache across opens, allow 1 MiB readahead and
+//! serve files of 1 MiB or more through FUSE passthrough from a copy in the
+//! local cache where the kernel and privileges allow. Writable sessions use
 //! one-second timeouts and plain page-cache I/O without writeback caching,
 //! so all processes using the mount share one coherent page cache, shared
 //! writable `mmap` works, and `O_APPEND` writes land at the engine's end of
@@ -17,6 +19,7 @@ mod attr;
 mod errno;
 mod fs;
 mod mount;
+mod passthrough;
 mod views;
 
 pub use mount::{mount, Invalidator, MountHandle, MountOptions};

@@ -4,6 +4,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -13,6 +14,10 @@ use fuser::{Config, INodeNo, MountOption, SessionACL, SessionUnmounter};
 use parking_lot::{Condvar, Mutex};
 
 use crate::fs::ChalkFs;
+
+/// Readahead of read-only mounts, in KiB, set through the mount's backing
+/// device in sysfs. The kernel's default for FUSE is 128 KiB.
+const READ_ONLY_READ_AHEAD_KIB: u32 = 1024;
 
 /// How long `unmount` waits for the serving threads after a lazy unmount
 /// that could not abort the FUSE connection.
@@ -90,6 +95,8 @@ pub struct MountHandle {
     unmounter: Option<SessionUnmounter>,
     state: Arc<ServeState>,
     thread: Option<JoinHandle<()>>,
+    /// Opens that the adaptor served through FUSE passthrough.
+    passthrough_opens: Arc<AtomicU64>,
 }
 
 /// Mounts `session` on `dir` and serves it on background threads.
@@ -125,7 +132,8 @@ pub fn mount(session: Arc<Session>, dir: &Path, options: &MountOptions) -> io::R
     config.clone_fd = true;
 
     // Session::new mounts and completes the INIT handshake before it returns.
-    let filesystem = ChalkFs::new(Arc::clone(&session), read_only);
+    let passthrough_opens = Arc::new(AtomicU64::new(0));
+    let filesystem = ChalkFs::new(Arc::clone(&session), read_only, Arc::clone(&passthrough_opens));
     let mut fuse_session =
         fuser::Session::new(filesystem, dir, &config).map_err(|e| context(e, "mounting FUSE at", dir))?;
     let unmounter = fuse_session.unmount_callable();
@@ -151,6 +159,7 @@ pub fn mount(session: Arc<Session>, dir: &Path, options: &MountOptions) -> io::R
         unmounter: Some(unmounter),
         state,
         thread: Some(thread),
+        passthrough_opens,
     };
 
     // The serving threads run now, so the adaptor's getattr serves this stat.
@@ -163,6 +172,9 @@ pub fn mount(session: Arc<Session>, dir: &Path, options: &MountOptions) -> io::R
         )));
     }
     handle.mounted_dev = after.dev();
+    if read_only {
+        raise_read_ahead(after.dev());
+    }
     tracing::info!(
         %volume,
         mount_point = %dir.display(),
@@ -174,7 +186,23 @@ pub fn mount(session: Arc<Session>, dir: &Path, options: &MountOptions) -> io::R
     Ok(handle)
 }
 
+/// Raises the readahead of the mount with device number `dev` to
+/// [`READ_ONLY_READ_AHEAD_KIB`]. Only root may write the sysfs file, so a
+/// failure is logged and the kernel's default stays.
+fn raise_read_ahead(dev: u64) {
+    let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", libc::major(dev), libc::minor(dev));
+    match std::fs::write(&path, READ_ONLY_READ_AHEAD_KIB.to_string()) {
+        Ok(()) => tracing::debug!(path, kib = READ_ONLY_READ_AHEAD_KIB, "raised the mount's readahead"),
+        Err(error) => tracing::debug!(path, %error, "cannot raise the mount's readahead; keeping the kernel's default"),
+    }
+}
+
 impl MountHandle {
+    /// Returns how many opens the mount served through FUSE passthrough.
+    pub fn passthrough_opens(&self) -> u64 {
+        self.passthrough_opens.load(Ordering::Relaxed)
+    }
+
     /// Directory the volume is mounted on.
     pub fn mount_point(&self) -> &Path {
         &self.mount_point

@@ -1,0 +1,205 @@
+//! FUSE passthrough for large files of read-only sessions.
+//!
+//! The first open of such a file copies its contents into a backing file in
+//! the local cache (`$CHALK_HOME/cache/passthrough/<version>/<ino>`), then
+//! registers that file with the kernel, which serves reads from it directly:
+//! the mount process receives no read requests. Registering needs Linux 6.9 or
+//! later and `CAP_SYS_ADMIN`. Where either is missing, or the copy fails,
+//! the open falls back to normal reads through the session.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use chalk_engine::{Ino, Session};
+use fuser::{BackingId, ReplyOpen};
+use parking_lot::Mutex;
+
+/// Smallest file served through passthrough. Smaller files are read through
+/// the session, so that opening many small files copies none of them.
+pub(crate) const MIN_FILE_BYTES: u64 = 1 << 20;
+
+/// Bytes read from the session per step of a copy.
+const COPY_CHUNK_BYTES: u32 = 1 << 20;
+
+/// Environment variable that turns passthrough off when set to `off`.
+pub(crate) const SWITCH_ENV: &str = "CHALK_PASSTHROUGH";
+
+/// A backing file registered with the kernel, shared by every open handle
+/// of its inode: the kernel needs the same backing id for all of them.
+struct Registered {
+    id: BackingId,
+    /// Open handles that use `id`; the registration is dropped at zero.
+    opens: usize,
+}
+
+/// Passthrough state of one mount.
+pub(crate) struct Passthrough {
+    /// Directory of the backing files.
+    dir: PathBuf,
+    /// True once the kernel granted passthrough in `init`, and until a
+    /// registration fails (no `CAP_SYS_ADMIN`, say).
+    active: AtomicBool,
+    registered: Mutex<HashMap<u64, Registered>>,
+    /// Opens served through passthrough since the mount began.
+    opens: Arc<AtomicU64>,
+}
+
+impl Passthrough {
+    /// Returns the passthrough state for `session`: usable only by read-only
+    /// sessions, and off when [`SWITCH_ENV`] is `off`.
+    pub(crate) fn new(session: &Session, opens: Arc<AtomicU64>) -> Option<Passthrough> {
+        if !session.is_read_only() {
+            return None;
+        }
+        if std::env::var(SWITCH_ENV).is_ok_and(|value| value == "off") {
+            tracing::info!("passthrough turned off by {SWITCH_ENV}=off");
+            return None;
+        }
+        let dir = session.store().local_root().join("cache").join("passthrough");
+        Some(Passthrough { dir, active: AtomicBool::new(false), registered: Mutex::new(HashMap::new()), opens })
+    }
+
+    /// Records whether the kernel granted the capability in `init`.
+    pub(crate) fn set_granted(&self, granted: bool) {
+        self.active.store(granted, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Returns whether `ino` has a registered backing file.
+    pub(crate) fn is_registered(&self, ino: Ino) -> bool {
+        self.registered.lock().contains_key(&ino.0)
+    }
+
+    /// Replies to an open of `ino` (of `size` bytes) through passthrough and
+    /// returns `None`, or hands `reply` back when the caller must serve the
+    /// file with normal reads.
+    // NOTE: on a `--follow` mount that moved to a new head, an open of an
+    // inode that is still open from before reuses the old version's backing
+    // file until every handle of that inode is released.
+    pub(crate) fn open(
+        &self,
+        session: &Session,
+        ino: Ino,
+        size: u64,
+        fh: fuser::FileHandle,
+        flags: fuser::FopenFlags,
+        reply: ReplyOpen,
+    ) -> Option<ReplyOpen> {
+        {
+            let mut registered = self.registered.lock();
+            if let Some(entry) = registered.get_mut(&ino.0) {
+                entry.opens += 1;
+                reply.opened_passthrough(fh, flags, &entry.id);
+                self.opens.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        }
+
+        if !self.is_active() {
+            return Some(reply);
+        }
+        // The copy runs without the lock, so opens of other files go on.
+        let file = match self.backing_file(session, ino, size) {
+            Ok(file) => file,
+            Err(error) => {
+                tracing::warn!(ino = ino.0, %error, "copying a file into the passthrough cache failed; serving it with normal reads");
+                return Some(reply);
+            }
+        };
+        let mut registered = self.registered.lock();
+        if let Some(entry) = registered.get_mut(&ino.0) {
+            // Another open registered the file while this one copied it.
+            entry.opens += 1;
+            reply.opened_passthrough(fh, flags, &entry.id);
+            self.opens.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        match reply.open_backing(&file) {
+            Ok(id) => {
+                reply.opened_passthrough(fh, flags, &id);
+                registered.insert(ino.0, Registered { id, opens: 1 });
+                self.opens.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Err(error) => {
+                // EPERM without CAP_SYS_ADMIN; every later open would fail alike.
+                self.active.store(false, Ordering::Relaxed);
+                tracing::warn!(ino = ino.0, %error, "registering a passthrough backing file failed, so this mount serves files not yet registered with normal reads");
+                Some(reply)
+            }
+        }
+    }
+
+    /// Drops one open handle of `ino` that was served through passthrough.
+    pub(crate) fn release(&self, ino: Ino) {
+        let mut registered = self.registered.lock();
+        if let Some(entry) = registered.get_mut(&ino.0) {
+            entry.opens -= 1;
+            if entry.opens == 0 {
+                registered.remove(&ino.0);
+            }
+        }
+    }
+
+    /// Returns the backing file of `ino` in the session's version, copying
+    /// the file from the session unless a complete copy exists. A version
+    /// never changes, so a copy of its full size is complete: copies are
+    /// written under a temporary name, synced, then renamed.
+    // NOTE: backing files are never evicted, so the cache grows by the size
+    // of every large file that read-only mounts open.
+    fn backing_file(&self, session: &Session, ino: Ino, size: u64) -> std::io::Result<File> {
+        let dir = self.dir.join(session.base_version().id.to_string());
+        let path = dir.join(ino.0.to_string());
+        if let Ok(file) = File::open(&path) {
+            if file.metadata()?.len() == size {
+                return Ok(file);
+            }
+        }
+
+        fs::create_dir_all(&dir)?;
+        let temporary = dir.join(format!("{}.{}.{:x}.tmp", ino.0, std::process::id(), unique_suffix()));
+        let result = copy_from_session(session, ino, size, &temporary);
+        if result.is_err() {
+            let _ = fs::remove_file(&temporary);
+        }
+        result?;
+        fs::rename(&temporary, &path)?;
+        tracing::debug!(ino = ino.0, size, path = %path.display(), "copied a file into the passthrough cache");
+        File::open(&path)
+    }
+}
+
+fn copy_from_session(session: &Session, ino: Ino, size: u64, path: &std::path::Path) -> std::io::Result<()> {
+    let mut file = File::create(path)?;
+    let mut offset = 0;
+    while offset < size {
+        let data = session
+            .read(ino, offset, COPY_CHUNK_BYTES)
+            .map_err(|error| std::io::Error::other(format!("reading inode {} at {offset}: {error}", ino.0)))?;
+        if data.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "inode {} ended at {offset} bytes, expected {size}",
+                ino.0
+            )));
+        }
+        file.write_all(&data)?;
+        offset += data.len() as u64;
+    }
+    file.sync_data()
+}
+
+/// Returns a number that differs between calls, for temporary names.
+fn unique_suffix() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.subsec_nanos() as u64);
+    (nanos << 16) ^ NEXT.fetch_add(1, Ordering::Relaxed)
+}
