@@ -250,6 +250,13 @@ impl Store {
         &self.objects
     }
 
+    /// Counts a file written under `$CHALK_HOME/cache` outside the engine
+    /// (a passthrough copy) against the disk cache limit, which may evict
+    /// least recently used cache files.
+    pub fn note_cache_file(&self, path: &Path) {
+        self.segments.note_file_added(path);
+    }
+
     /// The object store without the local metadata copies of
     /// [`CachedStore`], for checks that must see what the store holds.
     pub fn remote_objects(&self) -> &Arc<dyn ObjectStore> {

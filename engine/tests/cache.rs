@@ -240,6 +240,28 @@ fn disk_cache_stays_within_limit() {
 }
 
 #[test]
+fn passthrough_copies_count_against_disk_limit() {
+    let published = publish(&[("f", pattern(MIB, 1))]);
+    let home = tempfile::tempdir_in("/var/tmp").unwrap();
+    let mut config = small_cache(home.path());
+    config.disk_limit_bytes = 6 * MIB;
+    let (store, _recording) = reader(&published, home.path(), config);
+    let version_dir = home.path().join("cache").join(cache::PASSTHROUGH_DIR).join("01version");
+    std::fs::create_dir_all(&version_dir).unwrap();
+    let copies: Vec<_> = (0..4).map(|i| version_dir.join(i.to_string())).collect();
+    for (i, copy) in copies.iter().enumerate() {
+        std::fs::write(copy, pattern(2 * MIB, i as u64)).unwrap();
+        // Modification times order eviction; keep them apart.
+        let age = std::time::Duration::from_secs(100 - i as u64 * 10);
+        std::fs::File::options().write(true).open(copy).unwrap().set_modified(std::time::SystemTime::now() - age).unwrap();
+        store.note_cache_file(copy);
+    }
+    // 8 MiB of copies against a 6 MiB limit: the oldest go until usage is at most 90%.
+    assert!(!copies[0].exists(), "the least recently used copy was kept");
+    assert!(copies[3].exists(), "the newest copy was evicted");
+}
+
+#[test]
 fn corrupt_disk_block_is_fetched_again() {
     let data = pattern(3 * MIB, 2);
     let published = publish(&[("f", data.clone())]);

@@ -22,10 +22,14 @@ use parking_lot::Mutex;
 /// the session, so that opening many small files copies none of them.
 pub(crate) const MIN_FILE_BYTES: u64 = 1 << 20;
 
+/// A reused copy older than this gets a new modification time, which orders eviction.
+const REUSE_TOUCH_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Bytes read from the session per step of a copy.
 const COPY_CHUNK_BYTES: u32 = 1 << 20;
 
-/// Environment variable that turns passthrough off when set to `off`.
+/// Environment variable that turns passthrough off (`off`) or on (`on`).
+/// Unset, it is on for local object stores and off for remote ones.
 pub(crate) const SWITCH_ENV: &str = "CHALK_PASSTHROUGH";
 
 /// A backing file registered with the kernel, shared by every open handle
@@ -50,16 +54,26 @@ pub(crate) struct Passthrough {
 
 impl Passthrough {
     /// Returns the passthrough state for `session`: usable only by read-only
-    /// sessions, and off when [`SWITCH_ENV`] is `off`.
+    /// sessions, and set by [`SWITCH_ENV`].
+    ///
+    /// With a remote store (S3) passthrough is off unless asked for: the
+    /// first open would download the whole file before it returns, where
+    /// normal reads start at once and fetch ahead of the reader.
     pub(crate) fn new(session: &Session, opens: Arc<AtomicU64>) -> Option<Passthrough> {
         if !session.is_read_only() {
             return None;
         }
-        if std::env::var(SWITCH_ENV).is_ok_and(|value| value == "off") {
+        let setting = std::env::var(SWITCH_ENV).unwrap_or_default();
+        if setting == "off" {
             tracing::info!("passthrough turned off by {SWITCH_ENV}=off");
             return None;
         }
-        let dir = session.store().local_root().join("cache").join("passthrough");
+        let local_store = session.store().config().object_store_url.starts_with("file://");
+        if !local_store && setting != "on" {
+            tracing::info!("passthrough is off for a remote object store; set {SWITCH_ENV}=on to copy large files on open");
+            return None;
+        }
+        let dir = session.store().local_root().join("cache").join(chalk_engine::cache::PASSTHROUGH_DIR);
         Some(Passthrough { dir, active: AtomicBool::new(false), registered: Mutex::new(HashMap::new()), opens })
     }
 
@@ -152,13 +166,19 @@ impl Passthrough {
     /// the file from the session unless a complete copy exists. A version
     /// never changes, so a copy of its full size is complete: copies are
     /// written under a temporary name, synced, then renamed.
-    // NOTE: backing files are never evicted, so the cache grows by the size
-    // of every large file that read-only mounts open.
+    /// Copies count against the disk cache limit and are evicted with its
+    /// blocks, least recently used first; open handles keep an evicted copy.
     fn backing_file(&self, session: &Session, ino: Ino, size: u64) -> std::io::Result<File> {
         let dir = self.dir.join(session.base_version().id.to_string());
         let path = dir.join(ino.0.to_string());
         if let Ok(file) = File::open(&path) {
-            if file.metadata()?.len() == size {
+            let metadata = file.metadata()?;
+            if metadata.len() == size {
+                // The disk tier evicts least recently modified files first.
+                let now = std::time::SystemTime::now();
+                if metadata.modified().is_ok_and(|m| now.duration_since(m).unwrap_or_default() > REUSE_TOUCH_AFTER) {
+                    let _ = file.set_modified(now);
+                }
                 return Ok(file);
             }
         }
@@ -171,6 +191,7 @@ impl Passthrough {
         }
         result?;
         fs::rename(&temporary, &path)?;
+        session.store().note_cache_file(&path);
         tracing::debug!(ino = ino.0, size, path = %path.display(), "copied a file into the passthrough cache");
         File::open(&path)
     }

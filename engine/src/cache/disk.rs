@@ -66,6 +66,9 @@ pub const SLOT_HEADER_BYTES: u64 = 4096;
 /// Distance between the slots of consecutive blocks in a `.blk` file.
 pub const SLOT_BYTES: u64 = SLOT_HEADER_BYTES + BLOCK_BYTES;
 
+/// Directory under the cache that holds the passthrough copies of read-only mounts.
+pub const PASSTHROUGH_DIR: &str = "passthrough";
+
 /// A hit refreshes the modification time of a file older than this.
 const TOUCH_AFTER: Duration = Duration::from_secs(60);
 /// Temporary files older than this are left by a crashed process and deleted by scans.
@@ -382,6 +385,17 @@ impl DiskTier {
                 entries.push(file);
             } else {
                 remove_if_stale(&file);
+            }
+        }
+        // Passthrough copies of the FUSE adaptor: passthrough/<version>/<inode>.
+        let passthrough_dir = self.objects_dir.with_file_name(PASSTHROUGH_DIR);
+        for version_dir in fs::read_dir(&passthrough_dir).into_iter().flatten().flatten() {
+            for file in list_files(&version_dir.path()) {
+                if file.path.extension().is_some_and(|e| e == "tmp") {
+                    remove_if_stale(&file);
+                } else {
+                    entries.push(file);
+                }
             }
         }
         for file in list_files(&self.objects_dir) {

@@ -40,7 +40,7 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
 pub use config::{parse_size, CacheConfig};
-pub use disk::{DiskUsage, SLOT_BYTES, SLOT_HEADER_BYTES};
+pub use disk::{DiskUsage, PASSTHROUGH_DIR, SLOT_BYTES, SLOT_HEADER_BYTES};
 pub use stats::{CacheCounters, CacheStats, DiskTierStats, HostCacheStats, MemoryTierStats, StoreStats};
 
 use crate::error::{EngineError, Result};
@@ -310,6 +310,13 @@ impl SegmentCache {
 
     pub fn forget(&self, id: SegmentId) {
         self.core.whole.lock().remove(&id);
+    }
+
+    /// Counts a file just written under the cache directory by another part
+    /// of the system (a passthrough copy) against the disk tier's limit.
+    pub fn note_file_added(&self, path: &Path) {
+        let len = std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
+        self.core.note_disk_added(len, path);
     }
 
     /// Checks the disk tier's cached blocks of a segment. With `refetch`
