@@ -113,7 +113,14 @@ impl ResponseBuf {
         }
         // SAFETY: an anonymous private mapping with no address hint; the result is checked.
         let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), cap, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                cap,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
         };
         if ptr == libc::MAP_FAILED {
             let err = std::io::Error::last_os_error();
