@@ -28,7 +28,8 @@ use crate::format::checkpoint::{frame, unframe, ObjectType, RootCheckpoint};
 use crate::ids::{LineageName, SegmentId, VersionId, VolumeName};
 use crate::io::IoMode;
 use crate::object_store::{self, list_all, ObjectStore};
-use crate::cache::{CacheConfig, SegmentCache};
+use crate::cache::{CacheConfig, CacheCounters, SegmentCache};
+use crate::metrics::{MeteredStore, Metrics};
 use crate::segment;
 use crate::tree::Timestamp;
 
@@ -179,6 +180,9 @@ pub struct Store {
     pub(crate) segments: SegmentCache,
     /// Version records by key; they are immutable once created.
     versions: Mutex<HashMap<String, VersionInfo>>,
+    metrics: Arc<Metrics>,
+    /// Reads the cache counters for `metrics`, which holds only a weak reference.
+    _cache_counters: Arc<dyn Fn() -> CacheCounters + Send + Sync>,
 }
 
 impl Store {
@@ -214,8 +218,19 @@ impl Store {
 
     /// Opens the store on an object store the caller built, with the given cache sizes.
     pub fn open_with_cache(config: StoreConfig, objects: Arc<dyn ObjectStore>, cache: CacheConfig) -> Result<Arc<Store>> {
+        let metrics = Arc::new(Metrics::new());
+        let objects: Arc<dyn ObjectStore> = Arc::new(MeteredStore::new(objects, Arc::clone(&metrics)));
         let segments = SegmentCache::new(&config.local_root.join("cache"), objects.clone(), cache)?;
-        let store = Arc::new(Store { config, objects, segments, versions: Mutex::new(HashMap::new()) });
+        let cache_counters = segments.counters_reader();
+        metrics.register_cache(Arc::downgrade(&cache_counters));
+        let store = Arc::new(Store {
+            config,
+            objects,
+            segments,
+            versions: Mutex::new(HashMap::new()),
+            metrics,
+            _cache_counters: cache_counters,
+        });
         crate::session::discard_abandoned_sessions(&store);
         Ok(store)
     }
@@ -230,6 +245,12 @@ impl Store {
 
     pub fn objects(&self) -> &Arc<dyn ObjectStore> {
         &self.objects
+    }
+
+    /// The metrics registry of this store, which sessions, mounts and the
+    /// dashboard record into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub(crate) fn sessions_dir(&self) -> PathBuf {

@@ -16,6 +16,7 @@ pub use file::FileStore;
 pub use s3::{S3Endpoint, S3Location, S3Settings, S3Store, PROBE_RECORD_KEY};
 
 use crate::error::{EngineError, Result};
+use crate::metrics::Metrics;
 
 /// One object found by a listing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,6 +83,10 @@ pub trait ObjectStore: Send + Sync {
     fn conditional_writes(&self) -> Result<ConditionalWrites> {
         Ok(ConditionalWrites::Honoured)
     }
+
+    /// Gives the store the registry to count its retries in. Stores that
+    /// do not retry ignore it; wrappers pass it to the store they wrap.
+    fn attach_metrics(&self, _metrics: &Arc<Metrics>) {}
 }
 
 /// Lists every key under `prefix`, following pagination.

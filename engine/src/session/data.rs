@@ -104,6 +104,7 @@ impl Session {
         inode.attr.mtime = now;
         inode.attr.ctime = now;
         state.dirty.insert(ino);
+        self.metrics.record_write(data.len() as u64);
         Ok(data.len() as u32)
     }
 
@@ -114,6 +115,7 @@ impl Session {
             self.plan_read(&mut state, ino, offset, len)?
         };
         self.read_sealed(&mut out, sealed)?;
+        self.metrics.record_read(out.len() as u64);
         Ok(out)
     }
 
