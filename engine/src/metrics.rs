@@ -199,8 +199,8 @@ impl Metrics {
     }
 
     /// Registers the read cache's counters, read at each scrape. The
-    /// registry holds `counters` weakly, so once the store that owns the
-    /// cache is dropped, a scrape encodes no cache metrics.
+    /// registry keeps only a weak reference to `counters`, so once the store
+    /// that owns the cache is dropped, a scrape encodes no cache metrics.
     pub(crate) fn register_cache(&self, counters: Weak<dyn Fn() -> CacheCounters + Send + Sync>) {
         self.registry.lock().register_collector(Box::new(CacheCollector { counters }));
     }

@@ -161,7 +161,7 @@ impl Session {
                 None => {}
                 Some(extent) if Some(extent.segment) == open => {
                     let log = state.log.as_mut().expect("open segment implies a log");
-                    let segment = log.current.as_ref().expect("open segment exists");
+                    let segment = log.current.as_mut().expect("open segment exists");
                     segment.read_at(&mut log.writer, extent.data_offset, &mut out[at..at + piece.len as usize])?;
                 }
                 Some(extent) => sealed.push((at, piece.len as usize, extent)),

@@ -170,7 +170,7 @@ impl Store {
                     .map_err(|e| EngineError::io("creating session directory", &staging, e))?;
                 let lock = lock_session_dir(&staging)?;
                 std::fs::rename(&staging, &dir).map_err(|e| EngineError::io("renaming session directory", &staging, e))?;
-                let writer = DiskWriter::new(self.config().io_mode)
+                let writer = DiskWriter::new(self.config().io_mode.clone())
                     .map_err(|e| EngineError::io("setting up io_uring for", &dir, e))?;
                 (Some(dir), Some(lock), Some(Log { writer, current: None, sealed: Vec::new() }))
             }
