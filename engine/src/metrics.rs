@@ -409,6 +409,22 @@ mod tests {
     }
 
     #[test]
+    fn object_store_calls_and_errors_counted() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let inner: Arc<dyn ObjectStore> = Arc::new(crate::object_store::FileStore::open(dir.path()).unwrap());
+        let store = MeteredStore::new(inner, Arc::clone(&metrics));
+        store.put("a/b", b"xyz").unwrap();
+        assert_eq!(store.get("a/b").unwrap().as_deref(), Some(&b"xyz"[..]));
+        assert!(store.put("../escape", b"x").is_err());
+        let text = metrics.encode();
+        assert!(text.contains("chalk_object_store_requests_total{operation=\"put\"} 2"), "{text}");
+        assert!(text.contains("chalk_object_store_requests_total{operation=\"get\"} 1"), "{text}");
+        assert!(text.contains("chalk_object_store_errors_total{operation=\"put\"} 1"), "{text}");
+        assert!(!text.contains("chalk_object_store_errors_total{operation=\"get\"}"), "{text}");
+    }
+
+    #[test]
     fn cache_collector_stops_with_cache() {
         let metrics = Metrics::new();
         let source: Arc<dyn Fn() -> CacheCounters + Send + Sync> =
