@@ -8,7 +8,8 @@
 #   posix   scripts/posix-suites.sh with 50 fsx runs of 20,000 operations
 #           (SOAK_FSX_RUNS), 1,000,000 operations in all
 #   kills   the kill-and-recover test with 3,000 kills (SOAK_KILLS)
-#   faults  the fault-injection tests with 200 seeds (SOAK_FAULT_SEEDS)
+#   faults  the fault-injection tests with 200 seeds (SOAK_FAULT_SEEDS), and
+#           the local write faults with 100 seeds (SOAK_LOCAL_FAULT_SEEDS)
 #   fuzz    every fuzz target for 1,800 s (SOAK_FUZZ_SECONDS)
 #
 # Each part prints its own figures; the last line is "soak: N passed,
@@ -26,6 +27,7 @@ unset CHALK_HOME CHALK_STORE
 SOAK_FSX_RUNS=${SOAK_FSX_RUNS:-50}
 SOAK_KILLS=${SOAK_KILLS:-3000}
 SOAK_FAULT_SEEDS=${SOAK_FAULT_SEEDS:-200}
+SOAK_LOCAL_FAULT_SEEDS=${SOAK_LOCAL_FAULT_SEEDS:-100}
 SOAK_FUZZ_SECONDS=${SOAK_FUZZ_SECONDS:-1800}
 
 LOG_DIR=$(mktemp -d /var/tmp/chalk-soak.XXXXXX)
@@ -64,6 +66,8 @@ run() {
         faults)
             run_part faults env CHALK_FAULT_SEEDS="$SOAK_FAULT_SEEDS" \
                 cargo test --release --locked -p chalk-engine --test faults -- --nocapture
+            run_part local-faults env CHALK_LOCAL_FAULT_SEEDS="$SOAK_LOCAL_FAULT_SEEDS" \
+                cargo test --release --locked -p chalk-engine --test local_faults -- --nocapture
             ;;
         fuzz)
             run_part fuzz bash fuzz/run.sh "$SOAK_FUZZ_SECONDS"
@@ -87,7 +91,7 @@ main() {
 
     # The figures docs/reliability.md records.
     echo "soak: figures"
-    grep -hE '^(pjdfstest|fsx|fio)[^:]*: [0-9]+ passed|^kill-recover:|^network faults:|^corrupt payloads:|^[a-z_]+: [0-9?]+ runs in' \
+    grep -hE '^(pjdfstest|fsx|fio)[^:]*: [0-9]+ passed|^kill-recover:|^network faults:|^corrupt payloads:|^local faults,|^[a-z_]+: [0-9?]+ runs in' \
         "$LOG_DIR"/*.log 2>/dev/null | sed 's/^/soak:   /' || true
     echo "soak: logs in $LOG_DIR"
     echo "soak: $PASSED passed, $FAILED failed"

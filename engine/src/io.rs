@@ -10,6 +10,10 @@
 //! Safety: a buffer handed to the ring is owned by the in-flight table of
 //! [`DiskWriter`] until its completion is reaped, so the kernel never reads
 //! memory that was freed or reused.
+//!
+//! Errors: a write that fails keeps its buffer in the writer, so that
+//! [`DiskWriter::retry_failed`] can write the same bytes again once the
+//! cause (a full disk, a transient device error) is gone.
 
 use std::alloc::{self, Layout};
 use std::collections::HashMap;
@@ -20,12 +24,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use io_uring::{opcode, types, IoUring};
 
+mod faults;
+
+#[doc(hidden)]
+pub use faults::{LocalFault, LocalFaultCounts, LocalFaults};
+
 /// Alignment of every write and of every buffer given to the kernel, as
 /// `O_DIRECT` needs on the file systems we run on.
 pub const BLOCK_SIZE: usize = 4096;
 
 /// How the segment log reaches the disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IoMode {
     /// io_uring when available, `pwrite` otherwise.
     Auto,
@@ -33,6 +42,10 @@ pub enum IoMode {
     Uring,
     /// `pwrite` and `pread` only.
     Pwrite,
+    /// `pwrite` with writes and fsyncs that fail, tear, stall or land out
+    /// of order as the seeded [`LocalFaults`] decide. For tests only.
+    #[doc(hidden)]
+    Faulty(LocalFaults),
 }
 
 impl IoMode {
@@ -178,6 +191,11 @@ const MAX_IN_FLIGHT: usize = 16;
 enum Backend {
     Uring(IoUring),
     Pwrite,
+    Faulty {
+        faults: LocalFaults,
+        /// Writes held back by [`LocalFault::Reorder`], applied at the next wait.
+        held_back: Vec<(AlignedBuf, u64, RawFd)>,
+    },
 }
 
 /// Writes aligned buffers to one file at a time, through io_uring or `pwrite`.
@@ -187,21 +205,25 @@ pub struct DiskWriter {
     /// and the descriptor of the file they are written to.
     in_flight: HashMap<u64, (AlignedBuf, u64, RawFd)>,
     next_user_data: u64,
+    /// Writes that failed, with their file offset and descriptor, kept for
+    /// [`DiskWriter::retry_failed`].
+    failed: Vec<(AlignedBuf, u64, RawFd)>,
 }
 
 impl DiskWriter {
     /// Opens a writer in `mode`, falling back from io_uring as the module doc describes.
     pub fn new(mode: IoMode) -> std::io::Result<Self> {
-        let ring = match mode {
-            IoMode::Pwrite => None,
+        let ring = match &mode {
+            IoMode::Pwrite | IoMode::Faulty(_) => None,
             IoMode::Uring => Some(IoUring::new(RING_ENTRIES)?),
             IoMode::Auto => Self::choose_ring(IoUring::new(RING_ENTRIES))?,
         };
-        let backend = match ring {
-            Some(ring) => Backend::Uring(ring),
-            None => Backend::Pwrite,
+        let backend = match (ring, mode) {
+            (Some(ring), _) => Backend::Uring(ring),
+            (None, IoMode::Faulty(faults)) => Backend::Faulty { faults, held_back: Vec::new() },
+            (None, _) => Backend::Pwrite,
         };
-        Ok(DiskWriter { backend, in_flight: HashMap::new(), next_user_data: 1 })
+        Ok(DiskWriter { backend, in_flight: HashMap::new(), next_user_data: 1, failed: Vec::new() })
     }
 
     /// Decides what a ring set-up result means in `Auto` mode: a ring, a
@@ -239,7 +261,22 @@ impl DiskWriter {
         assert_eq!(offset % BLOCK_SIZE as u64, 0, "unaligned write offset {offset}");
         match &mut self.backend {
             Backend::Pwrite => {
-                file.write_all_at(buf.padded(), offset)?;
+                if let Err(err) = file.write_all_at(buf.padded(), offset) {
+                    self.failed.push((buf, offset, file.as_raw_fd()));
+                    return Err(err);
+                }
+                Ok(())
+            }
+            Backend::Faulty { faults, held_back } => {
+                let fault = faults.decide_write();
+                if fault == Some(LocalFault::Reorder) {
+                    held_back.push((buf, offset, file.as_raw_fd()));
+                    return Ok(());
+                }
+                if let Err(err) = write_with_fault(faults, fault, file, buf.padded(), offset) {
+                    self.failed.push((buf, offset, file.as_raw_fd()));
+                    return Err(err);
+                }
                 Ok(())
             }
             Backend::Uring(_) => {
@@ -270,8 +307,24 @@ impl DiskWriter {
         }
     }
 
-    /// Waits for at least `want` completions and checks each one.
+    /// Waits for at least `want` completions and checks each one. With the
+    /// faulty backend, applies the held-back writes instead, last held first.
     fn reap(&mut self, want: usize) -> std::io::Result<()> {
+        if let Backend::Faulty { faults, held_back } = &mut self.backend {
+            let mut first_error = None;
+            while let Some((buf, offset, fd)) = held_back.pop() {
+                // SAFETY: `fd` belongs to a file that stays open until the writer has no
+                // held writes for it (callers drain the writer before closing); ManuallyDrop
+                // keeps it open here.
+                let file = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+                let fault = faults.decide_write().filter(|&fault| fault != LocalFault::Reorder);
+                if let Err(err) = write_with_fault(faults, fault, &file, buf.padded(), offset) {
+                    first_error.get_or_insert(err);
+                    self.failed.push((buf, offset, fd));
+                }
+            }
+            return first_error.map_or(Ok(()), Err);
+        }
         let Backend::Uring(ring) = &mut self.backend else { return Ok(()) };
         ring.submit_and_wait(want)?;
         let mut first_error = None;
@@ -281,6 +334,7 @@ impl DiskWriter {
             let expected = buf.padded().len();
             if result < 0 {
                 first_error.get_or_insert(std::io::Error::from_raw_os_error(-result));
+                self.failed.push((buf, offset, fd));
             } else if (result as usize) < expected {
                 // A short write (the disk filled up, say) is finished with
                 // pwrite, which reports the real cause, such as ENOSPC.
@@ -290,6 +344,7 @@ impl DiskWriter {
                 let file = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
                 if let Err(err) = file.write_all_at(&buf.padded()[done..], offset + done as u64) {
                     first_error.get_or_insert(err);
+                    self.failed.push((buf, offset, fd));
                 }
             }
         }
@@ -302,6 +357,11 @@ impl DiskWriter {
     /// Waits until every submitted write has completed.
     pub fn wait_all(&mut self) -> std::io::Result<()> {
         let mut result = Ok(());
+        if let Backend::Faulty { held_back, .. } = &self.backend {
+            if !held_back.is_empty() {
+                result = self.reap(held_back.len());
+            }
+        }
         while !self.in_flight.is_empty() {
             if let Err(err) = self.reap(1) {
                 result = result.and(Err(err));
@@ -310,11 +370,56 @@ impl DiskWriter {
         result
     }
 
+    /// Returns true when a write to `file` failed and was not yet written again.
+    pub fn has_failed_writes(&self, file: &File) -> bool {
+        self.failed.iter().any(|(_, _, fd)| *fd == file.as_raw_fd())
+    }
+
+    /// Writes every failed write to `file` again, after every submitted
+    /// write has completed. A write that fails again is kept for the next
+    /// retry, and the first such error is returned.
+    ///
+    /// NOTE: failed writes are matched to `file` by descriptor number, so a
+    /// caller must retry or [`discard_failed`](Self::discard_failed) them
+    /// before it closes the file and the number can be reused.
+    pub fn retry_failed(&mut self, file: &File) -> std::io::Result<()> {
+        // Writes that fail while waiting join `failed` and are retried below.
+        let _ = self.wait_all();
+        let fd = file.as_raw_fd();
+        let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.failed).into_iter().partition(|(_, _, f)| *f == fd);
+        self.failed = others;
+        let mut first_error = None;
+        for (buf, offset, fd) in mine {
+            let written = match &self.backend {
+                Backend::Faulty { faults, .. } => {
+                    let fault = faults.decide_write().filter(|&fault| fault != LocalFault::Reorder);
+                    write_with_fault(faults, fault, file, buf.padded(), offset)
+                }
+                _ => file.write_all_at(buf.padded(), offset),
+            };
+            if let Err(err) = written {
+                first_error.get_or_insert(err);
+                self.failed.push((buf, offset, fd));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Forgets the failed writes to `file`, whose bytes are no longer needed.
+    pub fn discard_failed(&mut self, file: &File) {
+        let fd = file.as_raw_fd();
+        self.failed.retain(|(_, _, f)| *f != fd);
+    }
+
     /// Writes the padded bytes of `buf` at `offset` and waits for the write.
     pub fn write_now(&mut self, file: &File, buf: &AlignedBuf, offset: u64) -> std::io::Result<()> {
         self.wait_all()?;
         match &mut self.backend {
             Backend::Pwrite => file.write_all_at(buf.padded(), offset),
+            Backend::Faulty { faults, .. } => {
+                let fault = faults.decide_write().filter(|&fault| fault != LocalFault::Reorder);
+                write_with_fault(faults, fault, file, buf.padded(), offset)
+            }
             Backend::Uring(ring) => {
                 let padded = buf.padded();
                 let entry = opcode::Write::new(types::Fd(file.as_raw_fd()), padded.as_ptr(), padded.len() as u32)
@@ -337,6 +442,15 @@ impl DiskWriter {
         self.wait_all()?;
         match &mut self.backend {
             Backend::Pwrite => file.sync_data(),
+            Backend::Faulty { faults, .. } => match faults.decide_fsync() {
+                Some(LocalFault::Fail) => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+                Some(LocalFault::NoSpace) => Err(std::io::Error::from_raw_os_error(libc::ENOSPC)),
+                Some(LocalFault::Delay) => {
+                    std::thread::sleep(faults.delay());
+                    file.sync_data()
+                }
+                Some(LocalFault::Tear | LocalFault::Reorder) | None => file.sync_data(),
+            },
             Backend::Uring(ring) => {
                 let entry = opcode::Fsync::new(types::Fd(file.as_raw_fd()))
                     .flags(types::FsyncFlags::DATASYNC)
@@ -364,6 +478,25 @@ impl DiskWriter {
                 }
                 return Ok(result as usize);
             }
+        }
+    }
+}
+
+/// Writes `bytes` at `offset` as `fault` decides: in full, after a delay,
+/// a whole-sector prefix then an error, or nothing and an error.
+fn write_with_fault(faults: &LocalFaults, fault: Option<LocalFault>, file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    match fault {
+        None | Some(LocalFault::Reorder) => file.write_all_at(bytes, offset),
+        Some(LocalFault::Delay) => {
+            std::thread::sleep(faults.delay());
+            file.write_all_at(bytes, offset)
+        }
+        Some(LocalFault::Fail) => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+        Some(kind @ (LocalFault::Tear | LocalFault::NoSpace)) => {
+            let prefix = faults.prefix_len(bytes.len());
+            file.write_all_at(&bytes[..prefix], offset)?;
+            let errno = if kind == LocalFault::Tear { libc::EIO } else { libc::ENOSPC };
+            Err(std::io::Error::from_raw_os_error(errno))
         }
     }
 }

@@ -17,16 +17,17 @@
 //!   written only after every earlier write completed.
 //! - A reader never trusts a length before its header CRC matched, and never
 //!   returns bytes of a sealed segment before the record CRC matched.
-//! - After a failed write or fsync the file no longer holds every record
-//!   appended, so the open segment rejects every later append, read, flush
-//!   and seal: its lost records can never be published.
+//! - After a failed write or fsync the file may not hold every record
+//!   appended, so the open segment rejects every read, flush and seal until
+//!   a repair succeeds (see [`OpenSegment::repair`]). A repair that finds a
+//!   record lost leaves the segment unusable for good, so its records are
+//!   never published.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
 
 use memmap2::Mmap;
 use parking_lot::RwLock;
@@ -84,8 +85,22 @@ pub struct OpenSegment {
     chunk: AlignedBuf,
     chunk_offset: u64,
     records: u64,
-    /// The first write or fsync error; once set, the segment is unusable.
-    lost_write: OnceLock<String>,
+    /// The first write or fsync error since the last repair.
+    failure: Option<Failure>,
+    /// End of the seal record once `seal` appended it, so that a seal
+    /// retried after a failed fsync does not append a second one.
+    seal_end: Option<u64>,
+}
+
+/// The cause of an open segment's pending repair.
+#[derive(Clone, Debug)]
+struct Failure {
+    cause: String,
+    /// An fsync failed, so bytes the kernel had accepted may not be on the
+    /// device: the repair writes them again.
+    fsync_failed: bool,
+    /// A repair found records missing from the file; no repair can help.
+    records_lost: bool,
 }
 
 impl OpenSegment {
@@ -102,7 +117,8 @@ impl OpenSegment {
             chunk: AlignedBuf::with_capacity(CHUNK_BYTES),
             chunk_offset: 0,
             records: 0,
-            lost_write: OnceLock::new(),
+            failure: None,
+            seal_end: None,
         };
         let payload = header.encode();
         segment.push_record(None, RecordType::SegmentHeader, &[&payload])?;
@@ -122,7 +138,11 @@ impl OpenSegment {
         record_type: RecordType,
         parts: &[&[u8]],
     ) -> Result<Appended> {
-        self.check_usable()?;
+        if let Some(failure) = &self.failure {
+            if failure.records_lost {
+                return Err(self.unusable_error(failure));
+            }
+        }
         let header = encode_header(record_type, parts);
         let len = HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>();
         self.make_room(writer, len)?;
@@ -158,7 +178,7 @@ impl OpenSegment {
 
     /// Writes every record so far to the file (not yet synced).
     pub fn flush(&mut self, writer: &mut DiskWriter) -> Result<()> {
-        self.check_usable()?;
+        self.repair(writer)?;
         writer.wait_all().map_err(|e| self.record_failure("writing segment", e))?;
         if self.chunk.is_empty() {
             return Ok(());
@@ -175,45 +195,105 @@ impl OpenSegment {
     /// Flushes and makes the records durable on the local disk.
     pub fn fsync(&mut self, writer: &mut DiskWriter) -> Result<()> {
         self.flush(writer)?;
-        writer.sync_data(&self.file).map_err(|e| self.record_failure("syncing segment", e))
+        writer.sync_data(&self.file).map_err(|e| {
+            let err = self.record_failure("syncing segment", e);
+            if let Some(failure) = self.failure.as_mut() {
+                failure.fsync_failed = true;
+            }
+            err
+        })
     }
 
     /// Appends the seal record and makes the segment durable. Returns its
     /// path and length in bytes. On failure the segment stays open and
     /// unusable, so the caller keeps it and cannot publish without it.
     pub fn seal(&mut self, writer: &mut DiskWriter) -> Result<(PathBuf, u64)> {
-        let seal = Seal { records_before: self.records };
-        self.push_record(Some(writer), RecordType::Seal, &[&seal.encode()])?;
-        let len = self.end();
+        let len = match self.seal_end {
+            Some(len) => len,
+            None => {
+                let seal = Seal { records_before: self.records };
+                self.push_record(Some(writer), RecordType::Seal, &[&seal.encode()])?;
+                self.seal_end = Some(self.end());
+                self.end()
+            }
+        };
         self.fsync(writer)?;
         Ok((self.path.clone(), len))
     }
 
-    /// Fails when an earlier write or fsync of this segment failed.
-    fn check_usable(&self) -> Result<()> {
-        match self.lost_write.get() {
-            None => Ok(()),
-            Some(cause) => Err(EngineError::Io {
-                context: "using segment",
-                path: self.path.clone(),
-                source: std::io::Error::other(format!(
-                    "an earlier write failed ({cause}), so the session's unsynced changes cannot be published; \
-                     end the session (unmount), free the cause and write them again"
-                )),
-            }),
+    fn unusable_error(&self, failure: &Failure) -> EngineError {
+        EngineError::Io {
+            context: "using segment",
+            path: self.path.clone(),
+            source: std::io::Error::other(format!(
+                "records were lost after a failed write ({}), so the session's unsynced changes cannot be published; \
+                 end the session (unmount), free the cause and write them again",
+                failure.cause
+            )),
         }
     }
 
-    /// Remembers the first write or fsync failure and wraps it.
-    fn record_failure(&self, context: &'static str, err: std::io::Error) -> EngineError {
-        let _ = self.lost_write.set(err.to_string());
-        tracing::error!(segment = %self.id, path = %self.path.display(), error = %err, "segment write failed; the session can no longer publish");
+    /// Remembers the first write or fsync failure since the last repair and wraps it.
+    fn record_failure(&mut self, context: &'static str, err: std::io::Error) -> EngineError {
+        if self.failure.is_none() {
+            self.failure = Some(Failure { cause: err.to_string(), fsync_failed: false, records_lost: false });
+        }
+        tracing::error!(segment = %self.id, path = %self.path.display(), error = %err, "segment write failed; the next flush or sync repairs the segment");
         EngineError::io(context, &self.path, err)
     }
 
+    /// Brings the file back to holding every record appended, after a
+    /// failed write or fsync:
+    /// 1. the writer writes its failed buffers again (a full disk fails here
+    ///    with `ENOSPC` until space is freed, and the segment stays failed);
+    /// 2. the bytes on disk, followed by the unwritten chunk, are read back
+    ///    and must scan as valid records up to [`end`](Self::end);
+    /// 3. after a failed fsync, the bytes on disk are written again, so the
+    ///    next fsync covers them whatever the kernel did with its dirty pages.
+    ///
+    /// Returns an error naming the cause while the segment stays failed.
+    fn repair(&mut self, writer: &mut DiskWriter) -> Result<()> {
+        let Some(failure) = self.failure.clone() else { return Ok(()) };
+        if failure.records_lost {
+            return Err(self.unusable_error(&failure));
+        }
+
+        // Step 1.
+        if let Err(err) = writer.retry_failed(&self.file) {
+            return Err(EngineError::io("writing segment again after a failed write", &self.path, err));
+        }
+
+        // Step 2.
+        let on_disk = self.chunk_offset as usize;
+        let mut bytes = vec![0u8; on_disk];
+        self.read_file
+            .read_exact_at(&mut bytes, 0)
+            .map_err(|e| EngineError::io("reading segment back after a failed write", &self.path, e))?;
+        bytes.extend_from_slice(self.chunk.as_slice());
+        let report = scan(&bytes);
+        if report.valid_end != self.end() {
+            let detail = report.invalid.map_or_else(String::new, |(offset, reason)| format!(" at offset {offset}: {reason}"));
+            let lost = Failure { cause: format!("{}; the file is valid to offset {} of {}{detail}", failure.cause, report.valid_end, self.end()), records_lost: true, ..failure };
+            tracing::error!(segment = %self.id, path = %self.path.display(), cause = %lost.cause, "segment lost records; the session can no longer publish");
+            let err = self.unusable_error(&lost);
+            self.failure = Some(lost);
+            return Err(err);
+        }
+
+        // Step 3.
+        if failure.fsync_failed && on_disk > 0 {
+            let mut disk = AlignedBuf::with_capacity(on_disk);
+            disk.extend_from_slice(&bytes[..on_disk]);
+            writer.write_now(&self.file, &disk, 0).map_err(|e| EngineError::io("writing segment again after a failed fsync", &self.path, e))?;
+        }
+        tracing::info!(segment = %self.id, path = %self.path.display(), cause = %failure.cause, "segment repaired after a failed write");
+        self.failure = None;
+        Ok(())
+    }
+
     /// Reads `buf.len()` bytes at `offset`; the bytes must already have been appended.
-    pub fn read_at(&self, writer: &mut DiskWriter, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.check_usable()?;
+    pub fn read_at(&mut self, writer: &mut DiskWriter, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.repair(writer)?;
         let end = offset + buf.len() as u64;
         assert!(end <= self.end(), "read past the end of open segment {}", self.id);
         let on_disk = end.min(self.chunk_offset).saturating_sub(offset) as usize;
@@ -390,7 +470,7 @@ mod tests {
     fn sealed_segment_scans_clean_in_both_io_modes() {
         for mode in [IoMode::Auto, IoMode::Pwrite] {
             let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
-            let (path, appended) = write_segment(mode, dir.path(), 300, 9000);
+            let (path, appended) = write_segment(mode.clone(), dir.path(), 300, 9000);
             let report = scan(&std::fs::read(&path).unwrap());
             assert!(report.invalid.is_none(), "{mode:?}: {:?}", report.invalid);
             assert!(report.sealed, "{mode:?}: segment not sealed");

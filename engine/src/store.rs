@@ -28,7 +28,8 @@ use crate::format::checkpoint::{frame, unframe, ObjectType, RootCheckpoint};
 use crate::ids::{LineageName, SegmentId, VersionId, VolumeName};
 use crate::io::IoMode;
 use crate::object_store::{self, list_all, CachedStore, ObjectStore};
-use crate::cache::{CacheConfig, SegmentCache};
+use crate::cache::{CacheConfig, CacheCounters, SegmentCache};
+use crate::metrics::{MeteredStore, Metrics};
 use crate::segment;
 use crate::tree::Timestamp;
 
@@ -185,6 +186,9 @@ pub struct Store {
     pub(crate) segments: SegmentCache,
     /// Version records by key; they are immutable once created.
     versions: Mutex<HashMap<String, VersionInfo>>,
+    metrics: Arc<Metrics>,
+    /// Reads the cache counters for `metrics`, which holds only a weak reference.
+    _cache_counters: Arc<dyn Fn() -> CacheCounters + Send + Sync>,
 }
 
 impl Store {
@@ -211,12 +215,9 @@ impl Store {
         let cache = CacheConfig::from_env(&config.local_root.join("cache"))?;
         // A remote store gets local copies of the metadata that opening a
         // session reads, so that sessions still open while it is unreachable.
-        let objects: Arc<dyn ObjectStore> = if config.object_store_url.starts_with("s3://") && cache.disk_limit_bytes > 0 {
-            Arc::new(CachedStore::new(remote.clone(), &config.local_root.join("cache").join(METADATA_CACHE_DIR))?)
-        } else {
-            remote.clone()
-        };
-        Self::assemble(config, objects, remote, cache)
+        let copies = (config.object_store_url.starts_with("s3://") && cache.disk_limit_bytes > 0)
+            .then(|| config.local_root.join("cache").join(METADATA_CACHE_DIR));
+        Self::assemble(config, remote, copies, cache)
     }
 
     /// Opens the store on an object store the caller built (tests use this to
@@ -228,12 +229,30 @@ impl Store {
 
     /// Opens the store on an object store the caller built, with the given cache sizes.
     pub fn open_with_cache(config: StoreConfig, objects: Arc<dyn ObjectStore>, cache: CacheConfig) -> Result<Arc<Store>> {
-        Self::assemble(config, objects.clone(), objects, cache)
+        Self::assemble(config, objects, None, cache)
     }
 
-    fn assemble(config: StoreConfig, objects: Arc<dyn ObjectStore>, remote: Arc<dyn ObjectStore>, cache: CacheConfig) -> Result<Arc<Store>> {
+    /// Builds the store over `remote`: counted by the store's metrics, and
+    /// with metadata copies under `copies` when set (see [`CachedStore`]).
+    fn assemble(config: StoreConfig, remote: Arc<dyn ObjectStore>, copies: Option<PathBuf>, cache: CacheConfig) -> Result<Arc<Store>> {
+        let metrics = Arc::new(Metrics::new());
+        let remote: Arc<dyn ObjectStore> = Arc::new(MeteredStore::new(remote, Arc::clone(&metrics)));
+        let objects: Arc<dyn ObjectStore> = match copies {
+            Some(dir) => Arc::new(CachedStore::new(remote.clone(), &dir)?),
+            None => remote.clone(),
+        };
         let segments = SegmentCache::new(&config.local_root.join("cache"), remote.clone(), cache)?;
-        let store = Arc::new(Store { config, objects, remote, segments, versions: Mutex::new(HashMap::new()) });
+        let cache_counters = segments.counters_reader();
+        metrics.register_cache(Arc::downgrade(&cache_counters));
+        let store = Arc::new(Store {
+            config,
+            objects,
+            remote,
+            segments,
+            versions: Mutex::new(HashMap::new()),
+            metrics,
+            _cache_counters: cache_counters,
+        });
         crate::session::discard_abandoned_sessions(&store);
         Ok(store)
     }
@@ -261,6 +280,12 @@ impl Store {
     /// [`CachedStore`], for checks that must see what the store holds.
     pub fn remote_objects(&self) -> &Arc<dyn ObjectStore> {
         &self.remote
+    }
+
+    /// The metrics registry of this store, which sessions, mounts and the
+    /// dashboard record into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub(crate) fn sessions_dir(&self) -> PathBuf {

@@ -19,8 +19,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use chalk_engine::metrics::FUSE_OPERATIONS;
 use chalk_engine::{
     Attr, DirEntry, EngineError, FileKind, Ino, Owner, RenameMode, Session, SetAttr, XattrMode,
 };
@@ -31,6 +32,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
+use prometheus_client::metrics::histogram::Histogram;
 use tracing::span::EnteredSpan;
 
 use crate::attr::{file_attr, file_type, time_set, timestamp, BLOCK_SIZE_BYTES};
@@ -95,6 +97,8 @@ pub(crate) struct ChalkFs {
     views: Views,
     /// Passthrough of large files; `None` for writable sessions.
     passthrough: Option<Passthrough>,
+    /// Latency histograms by operation name, resolved when the mount starts.
+    op_latency: HashMap<&'static str, Histogram>,
 }
 
 /// Logs and returns the error for a change under `.chalk`, which is read-only.
@@ -102,8 +106,20 @@ fn read_only_view(op: &'static str, ino: u64) -> Errno {
     log_rejected(op, ino, Errno::EROFS, "the .chalk directory of past versions is read-only")
 }
 
-fn op_span(op: &'static str, req: &Request, ino: u64) -> EnteredSpan {
-    tracing::debug_span!("fuse", op, req = req.unique().0, ino, pid = req.pid()).entered()
+/// The tracing span of one FUSE operation. Dropping it, after the reply,
+/// records the operation's latency.
+struct OpGuard<'a> {
+    _span: EnteredSpan,
+    started: Instant,
+    latency: Option<&'a Histogram>,
+}
+
+impl Drop for OpGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(histogram) = self.latency {
+            histogram.observe(self.started.elapsed().as_secs_f64());
+        }
+    }
 }
 
 fn engine_ino(ino: INodeNo) -> Ino {
@@ -115,6 +131,9 @@ impl ChalkFs {
     /// through FUSE passthrough.
     pub(crate) fn new(session: Arc<Session>, read_only: bool, passthrough_opens: Arc<AtomicU64>) -> Self {
         let read_only = read_only || session.is_read_only();
+        let metrics = session.store().metrics();
+        let (volume, lineage) = (session.volume().as_str(), session.metrics_lineage());
+        let op_latency = FUSE_OPERATIONS.iter().map(|&op| (op, metrics.fuse_operation(volume, lineage, op))).collect();
         ChalkFs {
             passthrough: Passthrough::new(&session, passthrough_opens),
             views: Views::new(&session),
@@ -125,6 +144,15 @@ impl ChalkFs {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             append_lock: Mutex::new(()),
+            op_latency,
+        }
+    }
+
+    fn op_span(&self, op: &'static str, req: &Request, ino: u64) -> OpGuard<'_> {
+        OpGuard {
+            _span: tracing::debug_span!("fuse", op, req = req.unique().0, ino, pid = req.pid()).entered(),
+            started: Instant::now(),
+            latency: self.op_latency.get(op),
         }
     }
 
@@ -261,7 +289,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let _span = op_span("lookup", req, parent.0);
+        let _span = self.op_span("lookup", req, parent.0);
         if parent.0 == Ino::ROOT.0 && name.as_bytes() == views::RESERVED_NAME {
             match self.session.getattr(Ino::ROOT) {
                 Ok(root) => reply.entry(&VIEW_DIR_TTL, &file_attr(&self.views.chalk_dir(&root)), GENERATION),
@@ -300,7 +328,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _span = op_span("getattr", req, ino.0);
+        let _span = self.op_span("getattr", req, ino.0);
         if views::is_view(ino.0) {
             let result = self.session.getattr(Ino::ROOT).and_then(|root| self.views.getattr(ino.0, &root));
             match result {
@@ -333,7 +361,7 @@ impl Filesystem for ChalkFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let _span = op_span("setattr", req, ino.0);
+        let _span = self.op_span("setattr", req, ino.0);
         if views::is_view(ino.0) {
             reply.error(read_only_view("setattr", ino.0));
             return;
@@ -356,7 +384,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
-        let _span = op_span("readlink", req, ino.0);
+        let _span = self.op_span("readlink", req, ino.0);
         let result = match views::is_view(ino.0) {
             true => self.views.readlink(ino.0),
             false => self.session.readlink(engine_ino(ino)),
@@ -377,7 +405,7 @@ impl Filesystem for ChalkFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _span = op_span("mknod", req, parent.0);
+        let _span = self.op_span("mknod", req, parent.0);
         if views::is_view(parent.0) {
             reply.error(read_only_view("mknod", parent.0));
             return;
@@ -405,7 +433,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        let _span = op_span("mkdir", req, parent.0);
+        let _span = self.op_span("mkdir", req, parent.0);
         if views::is_view(parent.0) {
             reply.error(read_only_view("mkdir", parent.0));
             return;
@@ -424,7 +452,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _span = op_span("unlink", req, parent.0);
+        let _span = self.op_span("unlink", req, parent.0);
         if views::is_view(parent.0) {
             reply.error(read_only_view("unlink", parent.0));
             return;
@@ -436,7 +464,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _span = op_span("rmdir", req, parent.0);
+        let _span = self.op_span("rmdir", req, parent.0);
         if views::is_view(parent.0) {
             reply.error(read_only_view("rmdir", parent.0));
             return;
@@ -448,7 +476,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let _span = op_span("symlink", req, parent.0);
+        let _span = self.op_span("symlink", req, parent.0);
         if views::is_view(parent.0) {
             reply.error(read_only_view("symlink", parent.0));
             return;
@@ -472,7 +500,7 @@ impl Filesystem for ChalkFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _span = op_span("rename", req, parent.0);
+        let _span = self.op_span("rename", req, parent.0);
         if views::is_view(parent.0) || views::is_view(newparent.0) {
             reply.error(read_only_view("rename", parent.0));
             return;
@@ -496,7 +524,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        let _span = op_span("link", req, ino.0);
+        let _span = self.op_span("link", req, ino.0);
         if views::is_view(ino.0) || views::is_view(newparent.0) {
             reply.error(read_only_view("link", ino.0));
             return;
@@ -508,7 +536,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _span = op_span("open", req, ino.0);
+        let _span = self.op_span("open", req, ino.0);
         if views::is_view(ino.0) {
             if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
                 reply.error(read_only_view("open", ino.0));
@@ -551,7 +579,7 @@ impl Filesystem for ChalkFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let _span = op_span("read", req, ino.0);
+        let _span = self.op_span("read", req, ino.0);
         let result = match views::is_view(ino.0) {
             true => self.views.read(ino.0, offset, size),
             false => self.session.read(engine_ino(ino), offset, size),
@@ -574,7 +602,7 @@ impl Filesystem for ChalkFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _span = op_span("write", req, ino.0);
+        let _span = self.op_span("write", req, ino.0);
         if views::is_view(ino.0) {
             reply.error(read_only_view("write", ino.0));
             return;
@@ -621,7 +649,7 @@ impl Filesystem for ChalkFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _span = op_span("release", req, ino.0);
+        let _span = self.op_span("release", req, ino.0);
         let file = self.files.lock().remove(&fh.0);
         match file {
             Some(file) if views::is_view(file.ino.0) => self.views.release(file.ino.0),
@@ -639,7 +667,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn fsync(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let _span = op_span("fsync", req, ino.0);
+        let _span = self.op_span("fsync", req, ino.0);
         match self.session.fsync() {
             Ok(()) => reply.ok(),
             Err(error) => reply.error(log_failure("fsync", ino.0, &error)),
@@ -647,7 +675,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let _span = op_span("opendir", req, ino.0);
+        let _span = self.op_span("opendir", req, ino.0);
         let fh = self.allocate_handle();
         self.dirs.lock().insert(fh, None);
         // The listings of `.chalk` grow as versions are published, so the
@@ -662,7 +690,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let _span = op_span("readdir", req, ino.0);
+        let _span = self.op_span("readdir", req, ino.0);
         let listing = match self.listing(engine_ino(ino), fh.0, offset) {
             Ok(listing) => listing,
             Err(error) => {
@@ -682,7 +710,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let _span = op_span("readdirplus", req, ino.0);
+        let _span = self.op_span("readdirplus", req, ino.0);
         let listing = match self.listing(engine_ino(ino), fh.0, offset) {
             Ok(listing) => listing,
             Err(error) => {
@@ -737,7 +765,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn fsyncdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let _span = op_span("fsyncdir", req, ino.0);
+        let _span = self.op_span("fsyncdir", req, ino.0);
         match self.session.fsync() {
             Ok(()) => reply.ok(),
             Err(error) => reply.error(log_failure("fsyncdir", ino.0, &error)),
@@ -745,7 +773,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        let _span = op_span("statfs", req, ino.0);
+        let _span = self.op_span("statfs", req, ino.0);
         match self.session.statfs() {
             Ok(stats) => reply.statfs(
                 stats.blocks,
@@ -771,7 +799,7 @@ impl Filesystem for ChalkFs {
         position: u32,
         reply: ReplyEmpty,
     ) {
-        let _span = op_span("setxattr", req, ino.0);
+        let _span = self.op_span("setxattr", req, ino.0);
         if views::is_view(ino.0) {
             reply.error(read_only_view("setxattr", ino.0));
             return;
@@ -803,7 +831,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let _span = op_span("getxattr", req, ino.0);
+        let _span = self.op_span("getxattr", req, ino.0);
         let result = match views::is_view(ino.0) {
             true => self.views.getxattr(ino.0, name),
             false => self.session.getxattr(engine_ino(ino), name),
@@ -815,7 +843,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let _span = op_span("listxattr", req, ino.0);
+        let _span = self.op_span("listxattr", req, ino.0);
         let result = match views::is_view(ino.0) {
             true => self.views.listxattr(ino.0),
             false => self.session.listxattr(engine_ino(ino)),
@@ -835,7 +863,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _span = op_span("removexattr", req, ino.0);
+        let _span = self.op_span("removexattr", req, ino.0);
         if views::is_view(ino.0) {
             reply.error(read_only_view("removexattr", ino.0));
             return;
@@ -862,7 +890,7 @@ impl Filesystem for ChalkFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let _span = op_span("create", req, parent.0);
+        let _span = self.op_span("create", req, parent.0);
         if views::is_view(parent.0) {
             reply.error(read_only_view("create", parent.0));
             return;
@@ -893,7 +921,7 @@ impl Filesystem for ChalkFs {
         _mode: i32,
         reply: ReplyEmpty,
     ) {
-        let _span = op_span("fallocate", req, ino.0);
+        let _span = self.op_span("fallocate", req, ino.0);
         if views::is_view(ino.0) {
             reply.error(read_only_view("fallocate", ino.0));
             return;

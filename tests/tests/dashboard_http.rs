@@ -708,7 +708,34 @@ fn metrics_and_method_checks() {
     let response = send(request, b"{}");
     assert_eq!(response.status(), 405);
     let metrics = dashboard.get("/metrics");
-    assert_eq!(metrics.header("content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
+    assert_eq!(metrics.header("content-type"), Some("application/openmetrics-text; version=1.0.0; charset=utf-8"));
     let text = metrics.into_string().unwrap();
-    assert!(text.contains("# TYPE chalk_dashboard_requests_total counter"), "{text}");
+    assert!(text.contains("# TYPE chalk_dashboard_requests counter"), "{text}");
+    assert!(text.ends_with("# EOF\n"), "{text}");
+}
+
+#[test]
+fn metrics_need_bearer_token() {
+    let (home, _, _) = sample_store();
+    let dashboard = Dashboard::start(&home, &[]);
+    let missing = dashboard.get_bare("/metrics", &[]);
+    assert_eq!(missing.status(), 401);
+    let wrong = dashboard.get_bare("/metrics", &[("Authorization", &format!("Bearer {}", "0".repeat(64)))]);
+    assert_eq!(wrong.status(), 403);
+
+    // A read through the API moves the engine's counters in the same registry.
+    let blob = dashboard.bytes("/api/volumes/vol/raw?path=blob.bin");
+    assert!(!blob.is_empty());
+    let response = dashboard.get_bare("/metrics", &[("Authorization", &format!("Bearer {}", dashboard.token))]);
+    assert_eq!(response.status(), 200);
+    let text = response.into_string().unwrap();
+    let rejected = text.lines().find(|line| line.starts_with("chalk_dashboard_rejected_requests_total ")).unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(rejected, "chalk_dashboard_rejected_requests_total 2");
+    let gets = text
+        .lines()
+        .find(|line| line.starts_with("chalk_object_store_requests_total{operation=\"get\"} "))
+        .unwrap_or_else(|| panic!("no object store GET count in {text}"));
+    let count: u64 = gets.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count > 0, "{gets}");
+    assert!(text.contains("chalk_cache_hits_total{tier=\"memory\"}"), "{text}");
 }

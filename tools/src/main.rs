@@ -2,6 +2,7 @@
 
 mod cache_cmd;
 mod dashboard;
+mod metrics_server;
 mod mount_cmd;
 mod ops_cmd;
 mod output;
@@ -225,6 +226,10 @@ enum VolumeCommand {
         /// Return once the mount is ready and keep serving it in the background.
         #[arg(long)]
         daemon: bool,
+        /// Serve Prometheus metrics at http://ADDRESS/metrics; a loopback
+        /// address and port such as 127.0.0.1:9464 (port 0 picks a free port).
+        #[arg(long, value_name = "ADDRESS")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Unmount a mounted volume, discarding writes that were not synced.
     Unmount { dir: PathBuf },
@@ -440,9 +445,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             store.tag(&volume, version.id, &tag)?;
             println!("tagged version {} of {volume} as {tag}", version.id);
         }
-        VolumeCommand::Mount { name, dir, version, lineage, writable, read_only, follow, daemon } => {
+        VolumeCommand::Mount { name, dir, version, lineage, writable, read_only, follow, daemon, metrics } => {
             let store = open_store()?;
-            let request = mount_cmd::MountRequest { version, lineage, read_only: read_only || follow, writable, follow };
+            let request = mount_cmd::MountRequest { version, lineage, read_only: read_only || follow, writable, follow, metrics };
             mount_cmd::run_mount(store, &volume_name(&name)?, &dir, &request, daemon)?;
         }
         VolumeCommand::Unmount { dir } => {

@@ -24,6 +24,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -38,6 +39,8 @@ use chalk_engine::{Access, LineageName, OnConflict, Session, SessionBase, Store,
 use chalk_fused::{Invalidator, MountHandle, MountOptions};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+
+use crate::metrics_server;
 
 /// Environment variable that marks the re-executed daemon process. Its
 /// value is the number of the inherited file descriptor on which the child
@@ -100,6 +103,8 @@ pub struct MountRequest {
     pub writable: bool,
     /// Read-only on a lineage, moving to each new head as it is published.
     pub follow: bool,
+    /// Loopback address to serve `GET /metrics` on.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Mounts `volume` on `dir` and serves it until it is unmounted or the
@@ -121,6 +126,9 @@ pub fn run_mount(
     // reported the mount ready and then ended it.
     if request.follow {
         follow_interval()?;
+    }
+    if let Some(address) = request.metrics {
+        metrics_server::check_loopback(address)?;
     }
     if !daemon {
         install_stop_handlers()?;
@@ -248,19 +256,25 @@ struct ActiveMount {
     registration: Arc<Mutex<Registration>>,
     files: RegistrationFiles,
     listener: UnixListener,
+    /// Where `GET /metrics` is served, with `--metrics`.
+    metrics_address: Option<SocketAddr>,
 }
 
 impl ActiveMount {
     fn summary(&self) -> String {
         let registration = self.registration.lock();
-        format!(
+        let mut summary = format!(
             "mounted volume {} at {} ({}, base version {}, pid {})",
             registration.volume,
             registration.dir.display(),
             if registration.read_only { "read-only" } else { "writable" },
             registration.base_version,
             registration.pid
-        )
+        );
+        if let Some(address) = self.metrics_address {
+            summary.push_str(&format!("; metrics at http://{address}/metrics"));
+        }
+        summary
     }
 }
 
@@ -347,6 +361,12 @@ fn start_mount(
     fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
         .with_context(|| format!("setting mode 0600 on {} failed", socket.display()))?;
 
+    // Bound before mounting, so that a port in use fails the mount.
+    let metrics_address = match request.metrics {
+        Some(address) => Some(metrics_server::start(address, Arc::clone(store.metrics()))?),
+        None => None,
+    };
+
     let options = MountOptions {
         read_only,
         // As root, let workloads running as other users in, subject to the
@@ -382,6 +402,7 @@ fn start_mount(
         registration: Arc::new(Mutex::new(registration)),
         files,
         listener,
+        metrics_address,
     })
 }
 
@@ -389,7 +410,7 @@ fn start_mount(
 /// stop signal arrives, then unmounts and removes the registration. The
 /// caller installs the stop handlers first, with [`install_stop_handlers`].
 fn serve_until_stopped(active: ActiveMount) -> anyhow::Result<()> {
-    let ActiveMount { handle, session, follow, registration, files, listener } = active;
+    let ActiveMount { handle, session, follow, registration, files, listener, metrics_address: _ } = active;
     let invalidator = handle.invalidator();
     {
         let control = Control { session: Arc::clone(&session), registration: Arc::clone(&registration), json: files.json.clone(), invalidator: invalidator.clone() };

@@ -348,6 +348,12 @@ impl SegmentCache {
         self.core.flush_disk_writes();
     }
 
+    /// Returns a function that reads this cache's counters, for the metrics registry.
+    pub(crate) fn counters_reader(&self) -> Arc<dyn Fn() -> CacheCounters + Send + Sync> {
+        let core = Arc::clone(&self.core);
+        Arc::new(move || core.counters.snapshot())
+    }
+
     /// Statistics of the cache in this process.
     pub fn stats(&self) -> CacheStats {
         let (memory_bytes, memory_blocks) = self.core.memory.usage();

@@ -290,6 +290,10 @@ impl ObjectStore for CachedStore {
     fn abort_upload(&self, upload: &IncompleteUpload) -> Result<()> {
         self.inner.abort_upload(upload)
     }
+
+    fn attach_metrics(&self, metrics: &Arc<crate::metrics::Metrics>) {
+        self.inner.attach_metrics(metrics);
+    }
 }
 
 impl SavedPage {

@@ -18,6 +18,7 @@ pub use file::FileStore;
 pub use s3::{S3Endpoint, S3Location, S3Settings, S3Store, PROBE_RECORD_KEY};
 
 use crate::error::{EngineError, Result};
+use crate::metrics::Metrics;
 
 /// One object found by a listing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,6 +49,9 @@ pub enum ConditionalWrites {
 }
 
 /// An S3-shaped key-value store of immutable objects.
+///
+/// A wrapper (metrics, metadata copies, test faults) forwards every method,
+/// those with a default body too, or the store it wraps loses that behaviour.
 pub trait ObjectStore: Send + Sync {
     /// The store's URL, for messages.
     fn url(&self) -> String;
@@ -103,6 +107,10 @@ pub trait ObjectStore: Send + Sync {
     fn abort_upload(&self, _upload: &IncompleteUpload) -> Result<()> {
         Ok(())
     }
+
+    /// Gives the store the registry to count its retries in. Stores that
+    /// do not retry ignore it; wrappers pass it to the store they wrap.
+    fn attach_metrics(&self, _metrics: &Arc<Metrics>) {}
 }
 
 /// A multipart upload that was started and neither completed nor aborted:

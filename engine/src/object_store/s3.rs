@@ -62,6 +62,7 @@ use tokio::sync::Semaphore;
 use super::{validate_key, ConditionalWrites, IncompleteUpload, ListPage, ObjectMeta, ObjectStore};
 use crate::cache::parse_size;
 use crate::error::{EngineError, Result};
+use crate::metrics::Metrics;
 
 /// Key, under the store's prefix, of the recorded result of the conditional-write probe.
 pub const PROBE_RECORD_KEY: &str = "store/conditional-writes";
@@ -396,6 +397,8 @@ struct Inner {
     url: String,
     settings: S3Settings,
     permits: Semaphore,
+    /// Where retries are counted, once the store that opened this one attaches it.
+    metrics: std::sync::OnceLock<Arc<Metrics>>,
 }
 
 /// Object store in an S3 bucket, under an optional key prefix.
@@ -485,6 +488,7 @@ impl S3Store {
             location,
             permits: Semaphore::new(settings.concurrency),
             settings,
+            metrics: std::sync::OnceLock::new(),
         };
         tracing::debug!(url = %inner.url, path_style = custom_endpoint, "opened S3 object store");
         Ok(S3Store { runtime: Some(runtime), inner: Arc::new(inner), conditional_writes: Mutex::new(None) })
@@ -626,6 +630,9 @@ impl Inner {
                     FailureKind::Corrupt => EngineError::CorruptObject { key: key.to_owned(), detail },
                     FailureKind::Transient | FailureKind::Permanent => self.error(detail),
                 });
+            }
+            if let Some(metrics) = self.metrics.get() {
+                metrics.record_object_retry(operation);
             }
             let delay = backoff(&self.settings, number);
             tracing::warn!(
@@ -1262,6 +1269,11 @@ impl ObjectStore for S3Store {
     fn abort_upload(&self, upload: &IncompleteUpload) -> Result<()> {
         validate_key(&upload.key)?;
         self.block_on(self.inner.abort_upload(upload))
+    }
+
+    fn attach_metrics(&self, metrics: &Arc<Metrics>) {
+        // A store attached twice keeps the first registry.
+        let _ = self.inner.metrics.set(Arc::clone(metrics));
     }
 
     fn conditional_writes(&self) -> Result<ConditionalWrites> {

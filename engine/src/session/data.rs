@@ -104,6 +104,7 @@ impl Session {
         inode.attr.mtime = now;
         inode.attr.ctime = now;
         state.dirty.insert(ino);
+        self.metrics.record_write(data.len() as u64);
         Ok(data.len() as u32)
     }
 
@@ -114,6 +115,7 @@ impl Session {
             self.plan_read(&mut state, ino, offset, len)?
         };
         self.read_sealed(&mut out, sealed)?;
+        self.metrics.record_read(out.len() as u64);
         Ok(out)
     }
 
@@ -159,7 +161,7 @@ impl Session {
                 None => {}
                 Some(extent) if Some(extent.segment) == open => {
                     let log = state.log.as_mut().expect("open segment implies a log");
-                    let segment = log.current.as_ref().expect("open segment exists");
+                    let segment = log.current.as_mut().expect("open segment exists");
                     segment.read_at(&mut log.writer, extent.data_offset, &mut out[at..at + piece.len as usize])?;
                 }
                 Some(extent) => sealed.push((at, piece.len as usize, extent)),

@@ -37,6 +37,7 @@ use crate::format::checkpoint::{decode_chunk, decode_page, InodeRecord, RootChec
 use crate::ids::{Ino, LineageName, SessionId, VersionId, VolumeName};
 use crate::io::DiskWriter;
 use crate::lease::Lease;
+use crate::metrics::SessionMetrics;
 use crate::segment::OpenSegment;
 use crate::store::{chunk_key, Store, VersionInfo};
 use crate::tree::{Content, Inode};
@@ -132,6 +133,10 @@ pub struct Session {
     /// uploads; writable sessions always hold one.
     pub(crate) lease: Mutex<Option<Lease>>,
     pub(crate) state: Mutex<State>,
+    pub(crate) metrics: SessionMetrics,
+    /// The `lineage` label of this session's metrics: the lineage it was
+    /// opened on, kept after a sync forks a new one so that its series go on.
+    metrics_lineage: String,
 }
 
 impl Store {
@@ -175,7 +180,7 @@ impl Store {
                     .map_err(|e| EngineError::io("creating session directory", &staging, e))?;
                 let lock = lock_session_dir(&staging)?;
                 std::fs::rename(&staging, &dir).map_err(|e| EngineError::io("renaming session directory", &staging, e))?;
-                let writer = DiskWriter::new(self.config().io_mode)
+                let writer = DiskWriter::new(self.config().io_mode.clone())
                     .map_err(|e| EngineError::io("setting up io_uring for", &dir, e))?;
                 (Some(dir), Some(lock), Some(Log { writer, current: None, sealed: Vec::new() }))
             }
@@ -196,7 +201,22 @@ impl Store {
             unconfirmed: None,
             invalidations: Vec::new(),
         };
-        Ok(Session { store: self.clone(), volume: volume.clone(), id, access, dir, _lock: lock, discarded: Default::default(), lease: Mutex::new(lease), state: Mutex::new(state) })
+        // A session on a pinned version is labelled with that version's lineage.
+        let metrics_lineage = state.lineage.as_ref().map_or_else(|| state.base.lineage.to_string(), |l| l.to_string());
+        let metrics = self.metrics().session(volume.as_str(), &metrics_lineage);
+        Ok(Session {
+            store: self.clone(),
+            volume: volume.clone(),
+            id,
+            access,
+            dir,
+            _lock: lock,
+            discarded: Default::default(),
+            lease: Mutex::new(lease),
+            state: Mutex::new(state),
+            metrics,
+            metrics_lineage,
+        })
     }
 }
 
@@ -269,6 +289,11 @@ impl Session {
 
     pub fn volume(&self) -> &VolumeName {
         &self.volume
+    }
+
+    /// The `lineage` label of this session's metrics, also used by the FUSE adaptor's.
+    pub fn metrics_lineage(&self) -> &str {
+        &self.metrics_lineage
     }
 
     /// The store this session reads from and publishes to.

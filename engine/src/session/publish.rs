@@ -22,6 +22,7 @@ use crate::format::checkpoint::{
     INODES_PER_PAGE,
 };
 use crate::ids::{Ino, LineageName, VersionId, VolumeName};
+use crate::metrics::SyncResult;
 use crate::store::{checkpoint_key, chunk_key, page_key, segment_key, EntryKind, Store, VersionInfo};
 use crate::tree::{Attr, Content, FileKind, Inode, Owner, Timestamp};
 
@@ -108,6 +109,18 @@ impl Session {
 
     /// Like [`Session::sync`], with a choice of what to do on conflicts.
     pub fn sync_with(&self, options: &SyncOptions) -> Result<SyncOutcome> {
+        let started = std::time::Instant::now();
+        let outcome = self.publish(options);
+        let result = match &outcome {
+            Ok(SyncOutcome::Published(_)) => SyncResult::Published,
+            Ok(SyncOutcome::NothingToPublish { .. }) => SyncResult::NothingToPublish,
+            Err(_) => SyncResult::Failed,
+        };
+        self.metrics.record_sync(result, started.elapsed());
+        outcome
+    }
+
+    fn publish(&self, options: &SyncOptions) -> Result<SyncOutcome> {
         let message = options.message.as_deref();
         self.check_writable()?;
         let mut state = self.state.lock();
@@ -161,6 +174,7 @@ impl Session {
                 .map(|(segment, path)| (segment_key(&self.volume, *segment), path.as_path()))
                 .collect();
             parallel_puts(&uploads, |(key, path)| self.store.objects().put_file(key, path))?;
+            self.metrics.record_published(uploads.iter().map(|(_, path)| std::fs::metadata(path).map_or(0, |m| m.len())).sum());
             uploaded.extend(segments.iter().map(|(segment, _)| *segment));
 
             // Step 3: checkpoint.

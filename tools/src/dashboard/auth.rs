@@ -7,7 +7,6 @@
 //! without the token, so the token does not stay in the address bar or the
 //! history. A request without a token gets 401; one with a wrong token, 403.
 
-use std::sync::atomic::Ordering;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -90,7 +89,7 @@ fn wants_html(request: &Request) -> bool {
 }
 
 fn reject(state: &SharedState, request: &Request, status: StatusCode, message: &str) -> Response {
-    state.metrics.rejected_requests.fetch_add(1, Ordering::Relaxed);
+    state.metrics.rejected_requests.inc();
     if wants_html(request) {
         let page = LOGIN_HTML.replace("{{MESSAGE}}", message);
         return (status, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response();
@@ -142,7 +141,7 @@ pub async fn require_token(State(state): State<SharedState>, request: Request, n
                        use the URL it printed last";
         return reject(&state, &request, StatusCode::FORBIDDEN, message);
     }
-    state.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    state.metrics.requests.inc();
 
     let Some(_) = query_token else {
         return next.run(request).await;

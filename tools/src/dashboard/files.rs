@@ -7,7 +7,6 @@
 //! size, and a client that goes away stops the reader at its next send.
 
 use std::io::{self, Read, Write};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -134,7 +133,7 @@ fn spawn_file_reader(state: &SharedState, session: Session, attr: Attr, offset: 
     tokio::task::spawn_blocking(move || {
         match send_file_range(&session, &attr, offset, len, &sender) {
             Ok(()) => {
-                metrics.metrics.downloaded_bytes.fetch_add(len, Ordering::Relaxed);
+                metrics.metrics.downloaded_bytes.inc_by(len);
             }
             Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {}
             Err(err) => {
@@ -380,7 +379,7 @@ fn tar_response(state: &SharedState, opened: Opened) -> Response {
         let writer = ChannelWriter { sender: sender.clone(), buffer: Vec::with_capacity(TAR_FLUSH_BYTES) };
         match write_tar(&opened, &archive_top, writer) {
             Ok(bytes) => {
-                shared.metrics.downloaded_bytes.fetch_add(bytes, Ordering::Relaxed);
+                shared.metrics.downloaded_bytes.inc_by(bytes);
             }
             Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {}
             Err(err) => {

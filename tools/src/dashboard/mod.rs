@@ -27,7 +27,6 @@ mod upload;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -37,6 +36,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use chalk_engine::Store;
+use prometheus_client::metrics::counter::Counter;
 
 /// Body limit of every request other than an upload; the API takes no other bodies.
 pub const OTHER_BODY_MAX_BYTES: usize = 64 * 1024;
@@ -47,14 +47,32 @@ pub struct DashboardOptions {
     pub max_upload_bytes: u64,
 }
 
-/// Counters exposed at `/metrics` in the Prometheus text format.
+/// The dashboard's own counters, registered in the store's metrics registry
+/// beside the engine's and served with them at `/metrics`.
 #[derive(Default)]
 pub struct Metrics {
-    pub requests: AtomicU64,
-    pub rejected_requests: AtomicU64,
-    pub downloaded_bytes: AtomicU64,
-    pub uploaded_bytes: AtomicU64,
-    pub uploads: AtomicU64,
+    pub requests: Counter,
+    pub rejected_requests: Counter,
+    pub downloaded_bytes: Counter,
+    pub uploaded_bytes: Counter,
+    pub uploads: Counter,
+}
+
+impl Metrics {
+    /// Makes the counters and registers them in `registry`.
+    fn registered(registry: &chalk_engine::Metrics) -> Self {
+        let metrics = Metrics::default();
+        registry.register("chalk_dashboard_requests", "Requests that carried a valid token", metrics.requests.clone());
+        registry.register(
+            "chalk_dashboard_rejected_requests",
+            "Requests rejected for a missing or invalid token",
+            metrics.rejected_requests.clone(),
+        );
+        registry.register("chalk_dashboard_downloaded_bytes", "File bytes sent by downloads and raw reads", metrics.downloaded_bytes.clone());
+        registry.register("chalk_dashboard_uploaded_bytes", "File bytes received by uploads", metrics.uploaded_bytes.clone());
+        registry.register("chalk_dashboard_uploads", "Uploads that published a version", metrics.uploads.clone());
+        metrics
+    }
 }
 
 /// State shared by every handler.
@@ -91,11 +109,11 @@ async fn serve(store: Arc<Store>, options: DashboardOptions) -> anyhow::Result<(
         );
     }
     let state = Arc::new(AppState {
-        store,
         token: auth::generate_token(),
         cookie_name: format!("chalk_dashboard_{}", address.port()),
         max_upload_bytes: options.max_upload_bytes,
-        metrics: Metrics::default(),
+        metrics: Metrics::registered(store.metrics()),
+        store,
     });
     let url_host = if address.ip().is_unspecified() { format!("127.0.0.1:{}", address.port()) } else { address.to_string() };
     let token = state.token.clone();
@@ -158,18 +176,9 @@ async fn not_found() -> error::ApiError {
     error::ApiError::not_found("no such page or API endpoint")
 }
 
+/// Serves the store's metrics registry: the engine's metrics of every
+/// session this process opened, and the dashboard's counters.
 async fn metrics(State(state): State<SharedState>) -> Response {
-    let m = &state.metrics;
-    let counters = [
-        ("chalk_dashboard_requests_total", "Requests that carried a valid token.", &m.requests),
-        ("chalk_dashboard_rejected_requests_total", "Requests rejected for a missing or invalid token.", &m.rejected_requests),
-        ("chalk_dashboard_downloaded_bytes_total", "File bytes sent by downloads and raw reads.", &m.downloaded_bytes),
-        ("chalk_dashboard_uploaded_bytes_total", "File bytes received by uploads.", &m.uploaded_bytes),
-        ("chalk_dashboard_uploads_total", "Uploads that published a version.", &m.uploads),
-    ];
-    let mut text = String::new();
-    for (name, help, value) in counters {
-        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", value.load(Ordering::Relaxed)));
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    let text = state.store.metrics().encode();
+    ([(header::CONTENT_TYPE, chalk_engine::metrics::CONTENT_TYPE)], text).into_response()
 }

@@ -13,7 +13,6 @@
 //! session unsynced, which discards everything the upload wrote.
 
 use std::io::{self, Read};
-use std::sync::atomic::Ordering;
 
 use axum::body::Bytes;
 use axum::extract::multipart::MultipartError;
@@ -271,8 +270,8 @@ pub async fn upload(
         return Err(ApiError::internal("the upload worker stopped before the commit"));
     }
     let published = outcome?;
-    state.metrics.uploads.fetch_add(1, Ordering::Relaxed);
-    state.metrics.uploaded_bytes.fetch_add(bytes, Ordering::Relaxed);
+    state.metrics.uploads.inc();
+    state.metrics.uploaded_bytes.inc_by(bytes);
     Ok(Json(json!({ "volume": volume.to_string(), "lineage": lineage.to_string(), "files": files, "bytes": bytes, "version": published.version })))
 }
 
