@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use chalk_engine::cache::CacheConfig;
 use chalk_engine::gc::GcOptions;
+use chalk_engine::metrics::Metrics;
 use chalk_engine::object_store::{
     CachedStore, ConditionalWrites, ObjectStore, S3Endpoint, S3Settings, S3Store, PROBE_RECORD_KEY,
 };
@@ -438,6 +439,9 @@ fn damaged_download_is_retried_and_never_returned() {
 
     let proxy = FaultProxy::start(&garage);
     let through = open_s3(&garage, &url, Some(&proxy.url()), test_settings());
+    let metrics = Arc::new(Metrics::new());
+    through.attach_metrics(&metrics);
+    let mut retries_before = 0.0;
     for key in ["multi", "single"] {
         let expected: &[u8] = if key == "multi" { &data } else { &data[..100_000] };
         // The first two downloads arrive damaged; the third is intact.
@@ -445,6 +449,9 @@ fn damaged_download_is_retried_and_never_returned() {
         let got = through.get(key).unwrap().expect("object exists");
         assert!(got == expected, "{key}: a damaged download was returned");
         assert_eq!(proxy.damaged(), 2, "{key}: the proxy damaged {} bodies", proxy.damaged());
+        // Each damaged body cost one retry, and the metrics count it.
+        let retries = metric_value(&metrics.encode(), "chalk_object_store_retries_total{operation=\"get\"}");
+        assert_eq!(retries - retries_before, 2.0, "{key}: retries counted");
 
         proxy.set(FaultPlan { damage_bodies: 2, ..FaultPlan::default() });
         let target = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
@@ -460,7 +467,15 @@ fn damaged_download_is_retried_and_never_returned() {
             }
             other => panic!("{key}: expected a corrupt object error, got {:?}", other.map(|o| o.map(|b| b.len()))),
         }
+        retries_before = metric_value(&metrics.encode(), "chalk_object_store_retries_total{operation=\"get\"}");
     }
+}
+
+/// The value of the sample `series` (name and labels) in Prometheus text, or 0 when absent.
+fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).map(|rest| rest.trim().parse::<f64>().expect("numeric sample")))
+        .unwrap_or(0.0)
 }
 
 // ---------------------------------------------------------------------------
