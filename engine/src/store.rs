@@ -173,7 +173,7 @@ pub(crate) fn version_key(volume: &VolumeName, lineage: &LineageName, seq: u64) 
     format!("volumes/{volume}/lineages/{lineage}/{seq:020}")
 }
 
-/// Directory under the cache that holds [`CachedStore`]'s metadata copies.
+/// Directory under the cache that contains [`CachedStore`]'s metadata copies.
 pub const METADATA_CACHE_DIR: &str = "objects";
 
 /// Store handle shared by every session of a process.
@@ -497,7 +497,7 @@ impl Store {
         })
     }
 
-    /// Checks that the store itself, not a local copy, still holds the
+    /// Checks that the store itself, not a local copy, still contains the
     /// checkpoint of `version`: a gc run may have removed it.
     pub(crate) fn check_checkpoint_in_store(&self, volume: &VolumeName, version: VersionId) -> Result<()> {
         let key = checkpoint_key(volume, version);

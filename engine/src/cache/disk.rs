@@ -66,7 +66,7 @@ pub const SLOT_HEADER_BYTES: u64 = 4096;
 /// Distance between the slots of consecutive blocks in a `.blk` file.
 pub const SLOT_BYTES: u64 = SLOT_HEADER_BYTES + BLOCK_BYTES;
 
-/// Directory under the cache that holds the passthrough copies of read-only mounts.
+/// Directory under the cache that contains the passthrough copies of read-only mounts.
 pub const PASSTHROUGH_DIR: &str = "passthrough";
 
 /// A hit refreshes the modification time of a file older than this.
@@ -447,8 +447,8 @@ fn touch_if_old(file: &File) {
 
 /// Writes a block's slot: the payload, then the header. Uses `O_DIRECT`
 /// where the file system allows it, which keeps the cached copy out of the
-/// page cache: a cold read of a large file would otherwise spend about as
-/// much CPU on the page cache of the disk tier as on serving the read. A
+/// page cache. Without it, a cold read of a large file spent about as much
+/// CPU on the disk tier's page cache as on serving the read. A
 /// payload that is not aligned to [`BLOCK_SIZE`] in memory is copied into a
 /// scratch buffer first; one that is (S3 responses are) is written as it is.
 fn write_slot(path: &Path, key: &BlockKey, data: &[u8]) -> std::io::Result<()> {
