@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use chalk_engine::object_store::list_all;
 use chalk_engine::{
-    Access, EngineError, LineageName, Owner, Session, SessionBase, Store, StoreConfig, SyncOutcome, VersionInfo,
-    VolumeName,
+    Access, EngineError, LineageName, OnConflict, Owner, Session, SessionBase, Store, StoreConfig, SyncOptions, SyncOutcome,
+    VersionInfo, VolumeName,
 };
 
 fn setup(root: &Path) -> (Arc<Store>, VolumeName) {
@@ -337,4 +337,36 @@ fn follow_head_keeps_open_removed_files() {
     let invalidations = follower.take_invalidations();
     assert!(invalidations.contains(&chalk_engine::Invalidation::Inode(gone)), "{invalidations:?}");
     assert!(follower.take_invalidations().is_empty());
+}
+
+/// Two sessions create one path; the second sync rebases onto the first.
+/// The version must hold the path once, with no unreachable file left.
+fn sync_same_new_path(same_bytes: bool) -> (tempfile::TempDir, Arc<Store>, VolumeName, VersionInfo, VersionInfo) {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let main = || SessionBase::Lineage(LineageName::main());
+    let first = store.open_session(&volume, main(), Access::Writable).unwrap();
+    put(&first, "x.txt", b"x\n");
+    let base = published(first.sync(None).unwrap());
+    let a = store.open_session(&volume, main(), Access::Writable).unwrap();
+    let b = store.open_session(&volume, main(), Access::Writable).unwrap();
+    put(&a, "y.txt", b"same\n");
+    put(&b, "y.txt", if same_bytes { b"same\n" } else { b"ours\n" });
+    published(a.sync(None).unwrap());
+    let options = SyncOptions { message: None, on_conflict: OnConflict::Ours };
+    let head = published(b.sync_with(&options).unwrap());
+    (dir, store, volume, base, head)
+}
+
+#[test]
+fn same_new_file_on_both_sides_is_stored_once() {
+    for same_bytes in [true, false] {
+        let (_dir, store, volume, base, head) = sync_same_new_path(same_bytes);
+        assert_eq!(head.files, 2, "same bytes: {same_bytes}: the version counts an unreachable copy");
+        let added: Vec<_> = store.diff(&volume, base.id, head.id).unwrap().into_iter().map(|c| c.path).collect();
+        assert_eq!(added, vec!["y.txt".to_string()], "same bytes: {same_bytes}");
+        let check = store.open_session(&volume, SessionBase::Version(head.id), Access::ReadOnly).unwrap();
+        let expected: &[u8] = if same_bytes { b"same\n" } else { b"ours\n" };
+        assert_eq!(read(&check, "y.txt"), expected);
+    }
 }

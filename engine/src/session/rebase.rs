@@ -10,6 +10,8 @@
 //! - Without conflicts, the session's changes are applied on top of the
 //!   head: its changed files replace the head's, and directory entries are
 //!   merged as deltas from the base, so entries the other side added stay.
+//! - A name both sides created names the session's inode afterwards, and
+//!   the head's inode loses that link (and goes when it has no other).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::ffi::OsStrExt;
@@ -261,6 +263,8 @@ impl Session {
         let mut head_state = head_tree.state.lock();
         let dirty: Vec<Ino> = state.dirty.iter().copied().collect();
         let mut merged = Vec::new();
+        // Head inodes whose name the session's entry took: (directory, name, inode).
+        let mut displaced = Vec::new();
         for ino in dirty {
             let Some(ours) = state.inodes.get(&ino).cloned() else { continue };
             let base_record = state.base_record(&self.store, ino)?;
@@ -269,7 +273,9 @@ impl Session {
                 (Content::Directory(entries), Some(base_record), true) => {
                     let base_entries = base_tree.state.lock().inode(&self.store, &self.volume, ino)?.clone();
                     let theirs = head_state.inode(&self.store, &self.volume, ino)?.clone();
-                    merge_directory(&ours, entries, &base_record, &base_entries, theirs)
+                    let (inode, replaced) = merge_directory(&ours, entries, &base_record, &base_entries, theirs);
+                    displaced.extend(replaced.into_iter().map(|(name, target)| (ino, name, target)));
+                    inode
                 }
                 (_, Some(base_record), true) => {
                     let theirs = head_state.inode(&self.store, &self.volume, ino)?.clone();
@@ -279,12 +285,31 @@ impl Session {
             };
             merged.push((ino, inode));
         }
+        // A name both sides created (the same file, or any file with
+        // --on-conflict ours) now names the session's inode. The head's
+        // inode loses that link, and is removed when it has no other, so no
+        // unreachable file stays in the version.
+        // NOTE: a displaced directory keeps its children, which become
+        // unreachable; two directories made apart at one path are a conflict,
+        // so only --on-conflict ours gets here.
+        let mut unlinked = Vec::new();
+        for (dir, name, (target, kind)) in displaced {
+            if kind == FileKind::Directory || merged.iter().any(|(ino, _)| *ino == target) {
+                continue;
+            }
+            let mut inode = head_state.inode(&self.store, &self.volume, target)?.clone();
+            inode.links.retain(|(parent, link)| !(*parent == dir && *link == name));
+            inode.attr.nlink = inode.links.len() as u32;
+            merged.push((target, inode));
+            unlinked.push(target);
+        }
         drop(head_state);
 
         let root = self.store.load_checkpoint(&self.volume, head.id)?;
         let open = state.open_handles.clone();
         state.inodes.retain(|ino, _| open.contains_key(ino));
         state.inodes.extend(merged);
+        state.dirty.extend(unlinked);
         state.pages.clear();
         state.root = root;
         state.base = head;
@@ -337,22 +362,29 @@ fn merge_inode(ours: Inode, base: &crate::format::checkpoint::InodeRecord, their
 
 /// Applies this session's entry changes (base to ours) to the head's
 /// entries, and the session's own attribute changes to the head's attributes.
+/// Also returns the head's entries that the session's replaced: names the
+/// head had added or changed since the base, with the inode they named.
 fn merge_directory(
     ours: &Inode,
     our_entries: &BTreeMap<Vec<u8>, (Ino, FileKind)>,
     base_record: &crate::format::checkpoint::InodeRecord,
     base: &Inode,
     mut theirs: Inode,
-) -> Inode {
+) -> (Inode, Vec<(Vec<u8>, (Ino, FileKind))>) {
     let empty = BTreeMap::new();
     let base_entries = match &base.content {
         Content::Directory(entries) => entries,
         _ => &empty,
     };
+    let mut displaced = Vec::new();
     if let Content::Directory(entries) = &mut theirs.content {
         for (name, target) in our_entries {
             if base_entries.get(name) != Some(target) {
-                entries.insert(name.clone(), *target);
+                if let Some(previous) = entries.insert(name.clone(), *target) {
+                    if previous != *target && base_entries.get(name) != Some(&previous) {
+                        displaced.push((name.clone(), previous));
+                    }
+                }
             }
         }
         for (name, target) in base_entries {
@@ -381,5 +413,5 @@ fn merge_directory(
     }
     theirs.attr.mtime = theirs.attr.mtime.max(o.mtime);
     theirs.attr.ctime = theirs.attr.ctime.max(o.ctime);
-    theirs
+    (theirs, displaced)
 }
