@@ -359,7 +359,7 @@ fn sync_same_new_path(same_bytes: bool) -> (tempfile::TempDir, Arc<Store>, Volum
 }
 
 #[test]
-fn same_new_file_on_both_sides_is_stored_once() {
+fn same_new_file_stored_once() {
     for same_bytes in [true, false] {
         let (_dir, store, volume, base, head) = sync_same_new_path(same_bytes);
         assert_eq!(head.files, 2, "same bytes: {same_bytes}: the version counts an unreachable copy");

@@ -471,7 +471,7 @@ fn damaged_download_is_retried_and_never_returned() {
     }
 }
 
-/// The value of the sample `series` (name and labels) in Prometheus text, or 0 when absent.
+/// Returns the value of the sample `series` (name and labels) in Prometheus text, or 0 when absent.
 fn metric_value(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(series).map(|rest| rest.trim().parse::<f64>().expect("numeric sample")))
@@ -741,7 +741,7 @@ fn unreachable_store_keeps_cached_reads_and_fails_sync() {
 }
 
 #[test]
-fn sessions_open_from_metadata_copies_while_the_store_is_down() {
+fn offline_store_opens_from_copies() {
     let Some(garage) = garage() else { return };
     let url = fresh_url(&garage, "offline-open");
     let proxy = FaultProxy::start(&garage);
@@ -763,7 +763,7 @@ fn sessions_open_from_metadata_copies_while_the_store_is_down() {
     let offline = store_on(offline_home.path(), &url, copies);
     assert!(read(&offline.open_session(&volume, main_lineage(), Access::ReadOnly).unwrap(), "data") == data);
     // Finding a version by id lists every lineage, which this host does once
-    // here: offline, only listings seen before can be answered.
+    // here, because offline only listings made before are available.
     offline.open_session(&volume, SessionBase::Version(first.id), Access::ReadOnly).unwrap();
     proxy.set(FaultPlan { refuse_all: true, ..FaultPlan::default() });
 
@@ -830,7 +830,7 @@ fn gc_aborts_abandoned_multipart_uploads() {
     assert!(store.objects().incomplete_uploads("volumes/v/").unwrap().is_empty(), "the upload is still listed");
 }
 
-/// An SDK client of `server` and the bucket and full key of `key` in the store at `url`.
+/// Builds an SDK client of `server`, and returns it with the bucket and full key of `key` in the store at `url`.
 fn raw_client(server: &Server, url: &str, key: &str) -> (aws_sdk_s3::Client, String, String) {
     let endpoint = &server.endpoint;
     let credentials = aws_sdk_s3::config::Credentials::new(&endpoint.access_key_id, &endpoint.secret_access_key, None, None, "chalk-test");

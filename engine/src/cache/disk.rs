@@ -450,7 +450,7 @@ fn touch_if_old(file: &File) {
 /// page cache. Without it, a cold read of a large file spent about as much
 /// CPU on the disk tier's page cache as on serving the read. A
 /// payload that is not aligned to [`BLOCK_SIZE`] in memory is copied into a
-/// scratch buffer first; one that is (S3 responses are) is written as it is.
+/// scratch buffer first. An aligned one, such as an S3 response, is written directly.
 fn write_slot(path: &Path, key: &BlockKey, data: &[u8]) -> std::io::Result<()> {
     let slot = key.index * SLOT_BYTES;
     let direct = File::options().create(true).write(true).truncate(false).custom_flags(libc::O_DIRECT).open(path);

@@ -382,7 +382,7 @@ mod tests {
     }
 
     #[test]
-    fn copy_of_another_key_or_damaged_bytes_is_rejected() {
+    fn wrong_or_damaged_copy_rejected() {
         let encoded = encode("volumes/v/volume", b"payload");
         assert_eq!(decode("volumes/v/volume", &encoded).unwrap(), b"payload");
         assert!(decode("volumes/w/volume", &encoded).unwrap_err().contains("holds the copy"));

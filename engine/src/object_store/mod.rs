@@ -119,7 +119,7 @@ pub trait ObjectStore: Send + Sync {
 pub struct IncompleteUpload {
     pub key: String,
     pub upload_id: String,
-    /// When the upload started, by the store's clock; `None` when the store did not say.
+    /// Start time of the upload by the store's clock, or `None` when the listing omitted it.
     pub initiated: Option<SystemTime>,
 }
 

@@ -290,8 +290,8 @@ impl Session {
         // inode loses that link, and is removed when it has no other, so no
         // unreachable file stays in the version.
         // NOTE: a displaced directory keeps its children, which become
-        // unreachable; two directories made apart at one path are a conflict,
-        // so only --on-conflict ours gets here.
+        // unreachable. Two directories made apart at one path are a
+        // conflict, so only --on-conflict ours reaches this case.
         let mut unlinked = Vec::new();
         for (dir, name, (target, kind)) in displaced {
             if kind == FileKind::Directory || merged.iter().any(|(ino, _)| *ino == target) {
