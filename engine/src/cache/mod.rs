@@ -31,7 +31,6 @@ mod memory;
 mod readahead;
 mod stats;
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -736,16 +735,9 @@ impl Span<'_> {
         if self.blocks.iter().all(|b| b.verified.lock().contains(&start)) {
             return Ok(());
         }
-        let record: Cow<[u8]> = if self.blocks.len() == 1 {
-            Cow::Borrowed(self.slice(&self.blocks[0], self.first, start, end))
-        } else {
-            let mut bytes = Vec::with_capacity((end - start) as usize);
-            for (i, block) in self.blocks.iter().enumerate() {
-                bytes.extend_from_slice(self.slice(block, self.first + i as u64, start, end));
-            }
-            Cow::Owned(bytes)
-        };
-        record::verify_record(&record)?;
+        let parts: Vec<&[u8]> =
+            self.blocks.iter().enumerate().map(|(i, block)| self.slice(block, self.first + i as u64, start, end)).collect();
+        record::verify_record_parts(&parts)?;
         for block in self.blocks {
             block.verified.lock().insert(start);
         }

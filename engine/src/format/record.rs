@@ -120,35 +120,14 @@ pub fn parse_record(buf: &[u8], offset: usize) -> Parsed {
     if buf.len() < offset + HEADER_LEN {
         return Parsed::End;
     }
-    let header = &buf[offset..offset + HEADER_LEN];
+    let header: &[u8; HEADER_LEN] = buf[offset..offset + HEADER_LEN].try_into().expect("header length");
     if header.iter().all(|&b| b == 0) {
         return Parsed::End;
     }
-    let field_u32 = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
-    let magic = field_u32(0);
-    if magic != MAGIC {
-        return Parsed::Invalid(format!("bad magic {magic:#010x}"));
-    }
-    let header_crc = field_u32(16);
-    let computed = crc32fast::hash(&header[0..16]);
-    if header_crc != computed {
-        return Parsed::Invalid(format!("header CRC mismatch (stored {header_crc:#010x}, computed {computed:#010x})"));
-    }
-    if field_u32(20) != 0 {
-        return Parsed::Invalid("reserved header bytes are not zero".to_owned());
-    }
-    let version = u16::from_le_bytes([header[4], header[5]]);
-    if version != FORMAT_VERSION {
-        return Parsed::Invalid(format!("unsupported format version {version}"));
-    }
-    let type_code = u16::from_le_bytes([header[6], header[7]]);
-    let Some(record_type) = RecordType::from_u16(type_code) else {
-        return Parsed::Invalid(format!("unknown record type {type_code}"));
+    let (record_type, payload_len) = match check_header(header) {
+        Ok(found) => found,
+        Err(detail) => return Parsed::Invalid(detail),
     };
-    let payload_len = field_u32(8) as usize;
-    if payload_len > MAX_PAYLOAD_LEN {
-        return Parsed::Invalid(format!("payload length {payload_len} exceeds the maximum"));
-    }
     let payload_offset = offset + HEADER_LEN;
     if buf.len() < payload_offset + payload_len {
         return Parsed::Invalid(format!("payload of {payload_len} bytes runs past the end of the segment"));
@@ -157,22 +136,89 @@ pub fn parse_record(buf: &[u8], offset: usize) -> Parsed {
     hasher.update(&header[0..12]);
     hasher.update(&buf[payload_offset..payload_offset + payload_len]);
     let computed = hasher.finalize();
-    let stored = field_u32(12);
+    let stored = header_u32(header, 12);
     if stored != computed {
         return Parsed::Invalid(format!("record CRC mismatch (stored {stored:#010x}, computed {computed:#010x})"));
     }
     Parsed::Record(RawRecord { record_type, offset, payload_offset, payload_len })
 }
 
+fn header_u32(header: &[u8; HEADER_LEN], at: usize) -> u32 {
+    u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// Checks every header field that the header CRC covers and returns the
+/// record type and payload length. The payload is not looked at.
+fn check_header(header: &[u8; HEADER_LEN]) -> Result<(RecordType, usize), String> {
+    let magic = header_u32(header, 0);
+    if magic != MAGIC {
+        return Err(format!("bad magic {magic:#010x}"));
+    }
+    let header_crc = header_u32(header, 16);
+    let computed = crc32fast::hash(&header[0..16]);
+    if header_crc != computed {
+        return Err(format!("header CRC mismatch (stored {header_crc:#010x}, computed {computed:#010x})"));
+    }
+    if header_u32(header, 20) != 0 {
+        return Err("reserved header bytes are not zero".to_owned());
+    }
+    let version = u16::from_le_bytes([header[4], header[5]]);
+    if version != FORMAT_VERSION {
+        return Err(format!("unsupported format version {version}"));
+    }
+    let type_code = u16::from_le_bytes([header[6], header[7]]);
+    let Some(record_type) = RecordType::from_u16(type_code) else {
+        return Err(format!("unknown record type {type_code}"));
+    };
+    let payload_len = header_u32(header, 8) as usize;
+    if payload_len > MAX_PAYLOAD_LEN {
+        return Err(format!("payload length {payload_len} exceeds the maximum"));
+    }
+    Ok((record_type, payload_len))
+}
+
 /// Verifies the record CRC of one record whose bytes are `record`, as found
 /// through an extent. Returns a description of the mismatch.
 pub fn verify_record(record: &[u8]) -> Result<(), String> {
-    match parse_record(record, 0) {
-        Parsed::Record(raw) if raw.end() == record.len() => Ok(()),
-        Parsed::Record(raw) => Err(format!("record length {} does not match the extent's {}", raw.end(), record.len())),
-        Parsed::End => Err("zero bytes where a record was expected".to_owned()),
-        Parsed::Invalid(detail) => Err(detail),
+    verify_record_parts(&[record])
+}
+
+/// Like [`verify_record`], for a record whose bytes are the concatenation
+/// of `parts`, as when it spans several cached blocks. Hashes the parts in
+/// place rather than joining them.
+pub fn verify_record_parts(parts: &[&[u8]]) -> Result<(), String> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut header = [0u8; HEADER_LEN];
+    let mut filled = 0;
+    for part in parts {
+        if filled == HEADER_LEN {
+            break;
+        }
+        let take = part.len().min(HEADER_LEN - filled);
+        header[filled..filled + take].copy_from_slice(&part[..take]);
+        filled += take;
     }
+    if filled < HEADER_LEN || header.iter().all(|&b| b == 0) {
+        return Err("zero bytes where a record was expected".to_owned());
+    }
+    let (_, payload_len) = check_header(&header)?;
+    if HEADER_LEN + payload_len != total {
+        return Err(format!("record length {} does not match the extent's {total}", HEADER_LEN + payload_len));
+    }
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&header[0..12]);
+    let mut skip = HEADER_LEN;
+    for part in parts {
+        let from = skip.min(part.len());
+        skip -= from;
+        hasher.update(&part[from..]);
+    }
+    let computed = hasher.finalize();
+    let stored = header_u32(&header, 12);
+    if stored != computed {
+        return Err(format!("record CRC mismatch (stored {stored:#010x}, computed {computed:#010x})"));
+    }
+    Ok(())
 }
 
 /// Payload of the first record of a segment.
@@ -357,6 +403,32 @@ mod tests {
         let mut out = Vec::new();
         encode_record(&mut out, RecordType::Data, &[&encode_data_prefix(Ino(7), 4096), payload]);
         out
+    }
+
+    #[test]
+    fn split_record_verifies_at_any_cut() {
+        let payload: Vec<u8> = (0..300u32).map(|i| (i % 251) as u8).collect();
+        let record = data_record(&payload);
+        for cut in [0, 1, 5, HEADER_LEN - 1, HEADER_LEN, HEADER_LEN + 1, 200, record.len() - 1, record.len()] {
+            let (a, b) = record.split_at(cut);
+            assert_eq!(verify_record_parts(&[a, b]), Ok(()), "cut at {cut}");
+            let (b1, b2) = b.split_at(b.len() / 2);
+            assert_eq!(verify_record_parts(&[a, b1, b2]), Ok(()), "cuts at {cut} and after");
+        }
+
+        let mut flipped = record.clone();
+        flipped[HEADER_LEN + 150] ^= 0x10;
+        let (a, b) = flipped.split_at(HEADER_LEN + 100);
+        let error = verify_record_parts(&[a, b]).unwrap_err();
+        assert!(error.contains("record CRC mismatch"), "{error}");
+
+        let (a, _) = record.split_at(record.len() - 1);
+        let error = verify_record_parts(&[&a[..10], &a[10..]]).unwrap_err();
+        assert!(error.contains("does not match the extent"), "{error}");
+
+        let zeros = [0u8; 64];
+        let error = verify_record_parts(&[&zeros[..10], &zeros[10..]]).unwrap_err();
+        assert!(error.contains("zero bytes"), "{error}");
     }
 
     #[test]
