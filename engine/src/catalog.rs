@@ -5,6 +5,10 @@
 //! Nothing here writes. Reading problems (an entry that does not decode, a
 //! page that is missing) are collected, not raised, so that `fsck` can
 //! report all of them. `gc` deletes nothing when there is one.
+//!
+//! Every listing and control record is read from the store itself, never
+//! from the metadata copies of [`crate::object_store::CachedStore`]: a
+//! decision to delete must not rest on a copy that may be out of date.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -12,7 +16,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::extent::Extent;
 use crate::format::checkpoint::{decode_chunk, decode_page, frame, unframe, InodeRecord, ObjectType, RootCheckpoint, StoredContent};
 use crate::ids::{Ino, LineageName, SegmentId, VersionId, VolumeName};
@@ -76,6 +80,18 @@ impl PrunedRecord {
 pub struct ReadProblem {
     pub key: String,
     pub detail: String,
+    /// The store did not answer, so nothing is known about the object.
+    pub unreachable: bool,
+}
+
+impl ReadProblem {
+    fn bad(key: &str, detail: String) -> Self {
+        ReadProblem { key: key.to_owned(), detail, unreachable: false }
+    }
+
+    fn failed(key: &str, error: &EngineError) -> Self {
+        ReadProblem { key: key.to_owned(), detail: error.to_string(), unreachable: matches!(error, EngineError::ObjectStore { .. }) }
+    }
 }
 
 /// Everything under one volume's prefix, with its control records decoded.
@@ -98,7 +114,7 @@ impl Catalog {
     /// gc records. Fails only when the listing fails.
     pub fn read(store: &Store, volume: &VolumeName) -> Result<Catalog> {
         let prefix = volume_prefix(volume);
-        let listing = list_all(store.objects().as_ref(), &prefix)?;
+        let listing = list_all(store.remote_objects().as_ref(), &prefix)?;
         let objects: BTreeMap<String, ObjectMeta> = listing.into_iter().map(|o| (o.key.clone(), o)).collect();
         let mut catalog = Catalog {
             volume: volume.clone(),
@@ -119,22 +135,22 @@ impl Catalog {
                 match store.tag_target(volume, tag) {
                     Ok(Some(version)) => catalog.tags.push((tag.to_owned(), version)),
                     Ok(None) => {}
-                    Err(err) => catalog.problem(&meta.key, err.to_string()),
+                    Err(err) => catalog.problems.push(ReadProblem::failed(&meta.key, &err)),
                 }
             } else if rest.starts_with("leases/") {
                 match read_lease(store, &meta) {
                     Ok(Some(lease)) => catalog.leases.push(lease),
                     Ok(None) => {}
-                    Err(err) => catalog.problem(&meta.key, err.to_string()),
+                    Err(err) => catalog.problems.push(ReadProblem::failed(&meta.key, &err)),
                 }
             } else if rest.starts_with("gc/pruned/") {
-                match store.objects().get(&meta.key) {
+                match store.remote_objects().get(&meta.key) {
                     Ok(Some(bytes)) => match PrunedRecord::decode(&bytes) {
                         Ok(record) => catalog.pruned.extend(record.entries),
                         Err(detail) => catalog.problem(&meta.key, detail),
                     },
                     Ok(None) => {}
-                    Err(err) => catalog.problem(&meta.key, err.to_string()),
+                    Err(err) => catalog.problems.push(ReadProblem::failed(&meta.key, &err)),
                 }
             }
         }
@@ -142,7 +158,7 @@ impl Catalog {
     }
 
     fn problem(&mut self, key: &str, detail: String) {
-        self.problems.push(ReadProblem { key: key.to_owned(), detail });
+        self.problems.push(ReadProblem::bad(key, detail));
     }
 
     fn read_entry(&mut self, store: &Store, meta: &ObjectMeta) {
@@ -153,7 +169,7 @@ impl Catalog {
         let (Ok(lineage), Ok(seq)) = (LineageName::new(lineage), seq.parse::<u64>()) else {
             return self.problem(&meta.key, "not a lineage entry key".into());
         };
-        let decoded = match store.objects().get(&meta.key) {
+        let decoded = match store.remote_objects().get(&meta.key) {
             Ok(Some(bytes)) => decode_entry(&meta.key, &bytes),
             // Deleted between the listing and the read.
             Ok(None) => return,
@@ -163,7 +179,7 @@ impl Catalog {
             Ok((version, kind)) => {
                 self.entries.push(EntryInfo { key: meta.key.clone(), lineage, seq, version, kind, modified: meta.modified })
             }
-            Err(err) => self.problem(&meta.key, err.to_string()),
+            Err(err) => self.problems.push(ReadProblem::failed(&meta.key, &err)),
         }
     }
 
@@ -198,18 +214,21 @@ pub(crate) fn read_entries(store: &Store, volume: &VolumeName) -> Result<Vec<Ent
         pruned: Vec::new(),
         problems: Vec::new(),
     };
-    for meta in list_all(store.objects().as_ref(), &format!("volumes/{volume}/lineages/"))? {
+    for meta in list_all(store.remote_objects().as_ref(), &format!("volumes/{volume}/lineages/"))? {
         catalog.read_entry(store, &meta);
     }
     if let Some(problem) = catalog.problems.into_iter().next() {
-        return Err(crate::error::EngineError::CorruptObject { key: problem.key, detail: problem.detail });
+        return Err(match problem.unreachable {
+            true => EngineError::ObjectStore { url: store.remote_objects().url(), detail: problem.detail },
+            false => EngineError::CorruptObject { key: problem.key, detail: problem.detail },
+        });
     }
     Ok(catalog.entries)
 }
 
 /// Reads the lease at `meta`; `None` when it was deleted since the listing.
 pub(crate) fn read_lease(store: &Store, meta: &ObjectMeta) -> Result<Option<LeaseInfo>> {
-    let Some(bytes) = store.objects().get(&meta.key)? else { return Ok(None) };
+    let Some(bytes) = store.remote_objects().get(&meta.key)? else { return Ok(None) };
     let record = LeaseRecord::decode(&meta.key, &bytes)?;
     Ok(Some(LeaseInfo { key: meta.key.clone(), record, modified: meta.modified }))
 }
@@ -217,7 +236,7 @@ pub(crate) fn read_lease(store: &Store, meta: &ObjectMeta) -> Result<Option<Leas
 /// Lists and reads the leases of a volume.
 pub(crate) fn read_leases(store: &Store, volume: &VolumeName) -> Result<Vec<LeaseInfo>> {
     let mut out = Vec::new();
-    for meta in list_all(store.objects().as_ref(), &lease_prefix(volume))? {
+    for meta in list_all(store.remote_objects().as_ref(), &lease_prefix(volume))? {
         out.extend(read_lease(store, &meta)?);
     }
     Ok(out)
@@ -284,6 +303,10 @@ pub struct Walker<'a> {
 }
 
 impl<'a> Walker<'a> {
+    pub fn store(&self) -> &'a Store {
+        self.store
+    }
+
     pub fn new(store: &'a Store, volume: &VolumeName, chunks: ChunkCheck) -> Self {
         Walker { store, volume: volume.clone(), chunks, pages: HashMap::new(), chunk_results: HashMap::new() }
     }
@@ -293,8 +316,8 @@ impl<'a> Walker<'a> {
     pub fn walk(&mut self, version: VersionId) -> VersionRefs {
         let mut refs = VersionRefs { root_key: checkpoint_key(&self.volume, version), ..VersionRefs::default() };
         let root = match self.store.read_object(&refs.root_key) {
-            Ok(bytes) => RootCheckpoint::decode(&bytes).map_err(|detail| ReadProblem { key: refs.root_key.clone(), detail }),
-            Err(err) => Err(ReadProblem { key: refs.root_key.clone(), detail: err.to_string() }),
+            Ok(bytes) => RootCheckpoint::decode(&bytes).map_err(|detail| ReadProblem::bad(&refs.root_key, detail)),
+            Err(err) => Err(ReadProblem::failed(&refs.root_key, &err)),
         };
         let root = match root {
             Ok(root) => root,
@@ -309,7 +332,7 @@ impl<'a> Walker<'a> {
             let records = match page {
                 Ok(records) => records,
                 Err(detail) => {
-                    refs.problems.push(ReadProblem { key: key.clone(), detail });
+                    refs.problems.push(ReadProblem::bad(&key, detail));
                     continue;
                 }
             };
@@ -327,7 +350,7 @@ impl<'a> Walker<'a> {
                         for chunk in chunks {
                             let key = chunk_key(&self.volume, &chunk.key);
                             if let Some(detail) = self.check_chunk(&key) {
-                                refs.problems.push(ReadProblem { key: key.clone(), detail });
+                                refs.problems.push(ReadProblem::bad(&key, detail));
                             }
                             refs.chunk_keys.insert(key);
                         }
@@ -342,7 +365,7 @@ impl<'a> Walker<'a> {
     /// True unless a read shows the object is missing; a failed read counts
     /// as present, so the caller reads it and reports the failure.
     pub fn object_exists(&self, key: &str) -> bool {
-        !matches!(self.store.objects().get(key), Ok(None))
+        !matches!(self.store.remote_objects().get(key), Ok(None))
     }
 
     fn page(&mut self, key: &str) -> std::result::Result<Arc<BTreeMap<Ino, InodeRecord>>, String> {

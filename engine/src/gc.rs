@@ -32,7 +32,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::catalog::{pruned_prefix, read_entries, read_leases, Catalog, ChunkCheck, LeaseInfo, PrunedEntry, PrunedRecord, Walker};
+use crate::catalog::{
+    pruned_prefix, read_entries, read_leases, Catalog, ChunkCheck, LeaseInfo, PrunedEntry, PrunedRecord, ReadProblem, Walker,
+};
 use crate::error::{EngineError, Result};
 use crate::format::checkpoint::{frame, ObjectType};
 use crate::ids::{SegmentId, VersionId, VolumeName};
@@ -100,14 +102,20 @@ impl Store {
         let cutoff = now.checked_sub(options.grace).unwrap_or(SystemTime::UNIX_EPOCH);
 
         // Step 1.
-        let catalog = Catalog::read(self, volume)?;
+        let catalog = Catalog::read(self, volume).map_err(|error| match error {
+            EngineError::ObjectStore { url, detail } => EngineError::ObjectStore {
+                url,
+                detail: format!("{detail}; gc of volume {volume} stopped before deleting anything: run it again once the store answers"),
+            },
+            other => other,
+        })?;
         if catalog.objects.is_empty() {
             return Err(EngineError::NotFound {
                 what: "volume",
                 name: format!("{volume} (the object store has no objects under volumes/{volume}/; list volumes with `chalk volume list`)"),
             });
         }
-        stop_on_problems(volume, &catalog.problems.iter().map(|p| (p.key.clone(), p.detail.clone())).collect::<Vec<_>>())?;
+        stop_on_problems(self, volume, &catalog.problems)?;
 
         // Step 2.
         let kept = retain(&catalog, options, now, cutoff);
@@ -276,7 +284,16 @@ impl Store {
                     ),
                 });
             }
-            self.objects().delete(&candidate.key)?;
+            if let Err(error) = self.objects().delete(&candidate.key) {
+                return Err(EngineError::ObjectStore {
+                    url: self.objects().url(),
+                    detail: format!(
+                        "gc of volume {volume} stopped after deleting {} objects: deleting {} failed ({error}); run it again",
+                        report.deleted.len(),
+                        candidate.key
+                    ),
+                });
+            }
             report.deleted_bytes += candidate.size;
             report.deleted.push(candidate.clone());
         }
@@ -285,13 +302,24 @@ impl Store {
     }
 }
 
-fn stop_on_problems(volume: &VolumeName, problems: &[(String, String)]) -> Result<()> {
+fn stop_on_problems(store: &Store, volume: &VolumeName, problems: &[ReadProblem]) -> Result<()> {
     if problems.is_empty() {
         return Ok(());
     }
-    let list: Vec<String> = problems.iter().take(5).map(|(key, detail)| format!("{key}: {detail}")).collect();
+    // An object the store did not return may be fine: say so, rather than
+    // call it damaged.
+    if let Some(unreached) = problems.iter().find(|p| p.unreachable) {
+        return Err(EngineError::ObjectStore {
+            url: store.objects().url(),
+            detail: format!(
+                "gc of volume {volume} stopped before deleting anything: reading {} failed ({}); run gc again once the store answers",
+                unreached.key, unreached.detail
+            ),
+        });
+    }
+    let list: Vec<String> = problems.iter().take(5).map(|p| format!("{}: {}", p.key, p.detail)).collect();
     Err(EngineError::CorruptObject {
-        key: problems[0].0.clone(),
+        key: problems[0].key.clone(),
         detail: format!(
             "gc of volume {volume} stopped before deleting anything: {} unreadable objects ({}); run `chalk fsck {volume}`",
             problems.len(),
@@ -363,7 +391,7 @@ struct Marked {
 impl Marked {
     fn mark_version(&mut self, walker: &mut Walker, catalog: &Catalog, version: VersionId) -> Result<()> {
         let refs = walker.walk(version);
-        stop_on_problems(&catalog.volume, &refs.problems.iter().map(|p| (p.key.clone(), p.detail.clone())).collect::<Vec<_>>())?;
+        stop_on_problems(walker.store(), &catalog.volume, &refs.problems)?;
         self.keys.insert(refs.root_key.clone());
         self.keys.extend(refs.page_keys.iter().cloned());
         self.keys.extend(refs.chunk_keys.iter().cloned());

@@ -278,6 +278,14 @@ fn cli_round_trip_through_garage() {
     assert!(got.status.success(), "{}", describe(&got));
     assert!(String::from_utf8_lossy(&got.stderr).contains("metadata cached on this host"), "{}", describe(&got));
     assert_eq!(std::fs::read(again.path().join("big.bin")).unwrap(), big);
+
+    // gc reads the store itself, not this host's copies. With the store
+    // down it stops, and reports the store as unreachable, not as damaged.
+    run_ok(chalk(&garage, &url, other_home.path()).args(["gc", "v", "--dry-run"]));
+    let gc = offline(&["gc", "v"]).output().unwrap();
+    assert!(!gc.status.success(), "gc without a store must fail: {}", describe(&gc));
+    let stderr = String::from_utf8_lossy(&gc.stderr);
+    assert!(stderr.contains("once the store answers") && !stderr.contains("damaged"), "{}", describe(&gc));
 }
 
 #[test]
@@ -731,12 +739,76 @@ fn unreachable_store_keeps_cached_reads_and_fails_sync() {
         assert!(took < Duration::from_secs(60), "the failed sync took {took:?} ({plan:?})");
         assert!(matches!(err, EngineError::ObjectStore { .. }), "unexpected error {err} ({plan:?})");
         assert!(err.to_string().contains("attempt"), "the error does not say it retried: {err}");
+        assert!(err.to_string().contains("keeps its writes"), "the error does not say the writes are kept: {err}");
 
         // Once the store is back, the same session publishes its writes.
         proxy.set(FaultPlan::default());
         let version = published(writer.sync(None).unwrap());
         let check = store.open_session(&volume, SessionBase::Version(version.id), Access::ReadOnly).unwrap();
         assert_eq!(read(&check, "later"), format!("{plan:?}").as_bytes());
+    }
+}
+
+/// Unmounts a mount point when dropped, on failure paths too.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let unmounted = Command::new("fusermount3").arg("-u").arg(&self.0).stderr(Stdio::null()).status();
+        if !unmounted.is_ok_and(|s| s.success()) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+#[test]
+fn mounted_sync_through_an_outage() {
+    let Some(garage) = garage() else { return };
+    let url = fresh_url(&garage, "mounted-outage");
+    let proxy = FaultProxy::start(&garage);
+    let (home, check_home) = (temp_home(), temp_home());
+    let mnt = tempfile::tempdir_in("/var/tmp").unwrap();
+    let through_proxy = |args: &[&str]| {
+        let mut command = chalk(&garage, &url, home.path());
+        command
+            .env("AWS_ENDPOINT_URL", proxy.url())
+            .env("CHALK_S3_MAX_ATTEMPTS", "2")
+            .env("CHALK_S3_CONNECT_TIMEOUT_MS", "500")
+            .args(args);
+        command
+    };
+    run_ok(&mut through_proxy(&["volume", "create", "v"]));
+    let mount_point = mnt.path().to_str().unwrap();
+    let _unmount = Unmount(mnt.path().to_path_buf());
+    run_ok(&mut through_proxy(&["volume", "mount", "v", mount_point, "--daemon"]));
+
+    // Garage ignores conditional writes, so each sync of the mount prints a warning.
+    std::fs::write(mnt.path().join("first"), b"before the outage").unwrap();
+    let synced = through_proxy(&["volume", "sync", mount_point]).output().unwrap();
+    assert!(synced.status.success(), "{}", describe(&synced));
+    assert!(
+        String::from_utf8_lossy(&synced.stderr).contains("single-writer mode"),
+        "the sync must warn that the store runs in single-writer mode: {}",
+        describe(&synced)
+    );
+
+    // With the store down, the sync fails and reports that the writes are
+    // kept, and the mount still serves them.
+    proxy.set(FaultPlan { refuse_all: true, ..FaultPlan::default() });
+    std::fs::write(mnt.path().join("second"), b"during the outage").unwrap();
+    let failed = through_proxy(&["volume", "sync", mount_point]).output().unwrap();
+    assert!(!failed.status.success(), "a sync without a store must fail: {}", describe(&failed));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("keeps its writes") && stderr.contains("sync again"), "{}", describe(&failed));
+    assert_eq!(std::fs::read(mnt.path().join("second")).unwrap(), b"during the outage");
+
+    // Once the store answers, the same mount publishes both files.
+    proxy.set(FaultPlan::default());
+    run_ok(&mut through_proxy(&["volume", "sync", mount_point]));
+    let out = tempfile::tempdir_in("/var/tmp").unwrap();
+    for (name, bytes) in [("first", &b"before the outage"[..]), ("second", b"during the outage")] {
+        run_ok(chalk(&garage, &url, check_home.path()).args(["volume", "get", "v", name]).arg(out.path().join(name)));
+        assert_eq!(std::fs::read(out.path().join(name)).unwrap(), bytes, "{name} as a new host reads it");
     }
 }
 

@@ -16,7 +16,8 @@
 //!
 //! Control protocol: one JSON object per line in each direction.
 //! `{"op":"sync","message":null}` publishes the mount's writes and returns
-//! `{"ok":true,"published":"<version>"}`, or
+//! `{"ok":true,"published":"<version>","single_writer":false}` (`true` when
+//! the store ignores conditional writes), or
 //! `{"ok":true,"nothing_to_publish":true,"base":"<version>"}`, or
 //! `{"ok":false,"error":"<message>"}`. `{"op":"status"}` returns the
 //! registration. Only the user who owns the mount, or root, may connect.
@@ -570,7 +571,13 @@ fn handle_control_request(request: ControlRequest, control: &Control) -> serde_j
                 if let Err(error) = write_registration(json, &registration) {
                     tracing::warn!(error = %format!("{error:#}"), "cannot update the mount registration after sync");
                 }
-                serde_json::json!({"ok": true, "published": id})
+                // The store's answer to the conditional-write probe is known
+                // by now: the publish needed it.
+                let single_writer = matches!(
+                    session.store().objects().conditional_writes(),
+                    Ok(chalk_engine::object_store::ConditionalWrites::Ignored)
+                );
+                serde_json::json!({"ok": true, "published": id, "single_writer": single_writer})
             }
             Ok(SyncOutcome::NothingToPublish { base }) => {
                 serde_json::json!({"ok": true, "nothing_to_publish": true, "base": base.id.to_string()})
@@ -927,6 +934,11 @@ pub fn parse_on_conflict(value: Option<&str>) -> anyhow::Result<OnConflict> {
     }
 }
 
+/// Printed after each sync of a mount on a store that ignores conditional
+/// writes, where the conditional head write cannot stop a second host.
+const SINGLE_WRITER_WARNING: &str = "the object store ignores conditional writes (If-None-Match), so Chalk runs in \
+     single-writer mode there: publishing to one lineage from more than one host at a time can lose a version";
+
 fn sync_mount(registration: &Registration, message: Option<&str>, on_conflict: Option<&str>) -> anyhow::Result<String> {
     let request = serde_json::json!({"op": "sync", "message": message, "on_conflict": on_conflict});
     let reply = control_request(registration, &request)?;
@@ -935,6 +947,9 @@ fn sync_mount(registration: &Registration, message: Option<&str>, on_conflict: O
         bail!("{error}");
     }
     if let Some(version) = reply["published"].as_str() {
+        if reply["single_writer"].as_bool() == Some(true) {
+            eprintln!("warning: {SINGLE_WRITER_WARNING}");
+        }
         return Ok(version.to_owned());
     }
     if reply["nothing_to_publish"].as_bool() == Some(true) {

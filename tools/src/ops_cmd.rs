@@ -170,7 +170,7 @@ pub fn run_gc(store: &std::sync::Arc<Store>, args: GcArgs) -> anyhow::Result<()>
     if options.keep_last == Some(0) {
         bail!("--keep-last 0 keeps nothing beyond heads, tags and leases; give at least 1");
     }
-    let report = store.gc(&volume, &options).with_context(|| format!("gc of volume {volume} failed; nothing more was deleted"))?;
+    let report = store.gc(&volume, &options).with_context(|| format!("gc of volume {volume} failed"))?;
     if args.json {
         print_gc_json(&report)?;
     } else {

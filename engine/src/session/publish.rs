@@ -117,7 +117,15 @@ impl Session {
             Err(_) => SyncResult::Failed,
         };
         self.metrics.record_sync(result, started.elapsed());
-        outcome
+        outcome.map_err(|error| match error {
+            // The store error names the failed request. The user also needs
+            // to know that no write is lost, and what to do next.
+            EngineError::ObjectStore { url, detail } => EngineError::ObjectStore {
+                url,
+                detail: format!("{detail}; nothing was published and this session keeps its writes: sync again once the store answers"),
+            },
+            other => other,
+        })
     }
 
     fn publish(&self, options: &SyncOptions) -> Result<SyncOutcome> {
