@@ -415,6 +415,25 @@ impl SealedSegment {
 
     /// Copies `buf.len()` bytes at `offset`, after checking the CRC of the
     /// record `[record_offset, record_offset + record_len)` that holds them.
+    /// Asks the kernel to read the segment bytes `[offset, offset + len)`
+    /// into the page cache in the background (`MADV_WILLNEED`), clipped to
+    /// the segment. Returns how many bytes were advised; 0 when the range
+    /// lies past the end or the kernel rejected the advice.
+    pub fn will_need(&self, offset: u64, len: u64) -> u64 {
+        let end = offset.saturating_add(len).min(self.len());
+        if offset >= end {
+            return 0;
+        }
+        let advised = (end - offset) as usize;
+        match self.map.advise_range(memmap2::Advice::WillNeed, offset as usize, advised) {
+            Ok(()) => advised as u64,
+            Err(error) => {
+                tracing::debug!(segment = %self.id, offset, len = advised, %error, "MADV_WILLNEED failed");
+                0
+            }
+        }
+    }
+
     pub fn read_verified(&self, record_offset: u64, record_len: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         let record_end = record_offset + record_len as u64;
         let end = offset + buf.len() as u64;

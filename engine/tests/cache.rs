@@ -107,7 +107,7 @@ impl ObjectStore for Recording {
 /// An object store with one volume `v` published by a writer on its own local root.
 struct Published {
     objects: TempDir,
-    _writer_home: TempDir,
+    writer_home: TempDir,
     volume: VolumeName,
 }
 
@@ -149,7 +149,7 @@ fn publish_with(files: &[(&str, Vec<u8>)], syncs: Syncs) -> Published {
     if syncs == Syncs::One {
         assert!(matches!(session.sync(None).unwrap(), SyncOutcome::Published(_)));
     }
-    Published { objects, _writer_home: writer_home, volume }
+    Published { objects, writer_home, volume }
 }
 
 fn small_cache(home: &Path) -> CacheConfig {
@@ -431,6 +431,102 @@ fn unreachable_store_serves_cached_blocks() {
     let result = session.read(other_ino, MIB - 4096, 4096);
     assert!(result.is_err(), "a read of uncached bytes succeeded without the store");
     assert!(started.elapsed() < Duration::from_secs(10), "the failed read took {:?}", started.elapsed());
+}
+
+/// Files `d/f000`, `d/f001`, ... of 64 KiB, each with its own bytes.
+fn small_files(count: usize) -> Vec<(String, Vec<u8>)> {
+    (0..count).map(|i| (format!("d/f{i:03}"), pattern(64 * 1024, 100 + i as u64))).collect()
+}
+
+fn publish_small_files(files: &[(String, Vec<u8>)]) -> Published {
+    let borrowed: Vec<(&str, Vec<u8>)> = files.iter().map(|(path, data)| (path.as_str(), data.clone())).collect();
+    publish(&borrowed)
+}
+
+/// Reads the files at `order` like `cat` does and checks every byte.
+fn read_in_order(session: &Session, files: &[(String, Vec<u8>)], order: impl IntoIterator<Item = usize>) {
+    for i in order {
+        let (path, data) = &files[i];
+        assert!(read_all(session, path, 128 * 1024) == *data, "{path} read back different bytes");
+    }
+}
+
+#[test]
+fn small_files_in_order_are_prefetched() {
+    let files = small_files(200);
+    let published = publish_small_files(&files);
+    let home = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, recording) = reader(&published, home.path(), small_cache(home.path()));
+    *recording.delay.lock() = Duration::from_millis(5);
+    let session = read_session(&store, &published.volume);
+
+    read_in_order(&session, &files, 0..files.len());
+    let counters = store.cache_stats().counters;
+    // 200 files of 64 KiB take 13 blocks of 1 MiB. Without the segment
+    // readahead the reader fetches every one of them itself.
+    assert!(counters.segment_prefetches >= 3, "{counters:?}");
+    assert!(counters.prefetched_blocks >= 10, "{counters:?}");
+    let total: u64 = files.iter().map(|(_, data)| data.len() as u64).sum();
+    assert!(counters.segment_prefetch_bytes <= total + 8 * MIB, "{counters:?}");
+    // Every block of the segment was requested once. The readahead does not
+    // know where the segment ends, so its last batches request up to its
+    // 8 MiB window past the end, for which the store returns no bytes.
+    let ranges = recording.ranges.lock().clone();
+    let requested: u64 = ranges.iter().map(|(_, len)| len).sum();
+    assert!(requested <= total + 10 * MIB, "requested {requested} bytes for {total}: {ranges:?}");
+    let mut starts: Vec<u64> = ranges
+        .iter()
+        .flat_map(|&(offset, len)| (offset..offset + len).step_by(BLOCK_BYTES as usize))
+        .filter(|&start| start < total)
+        .collect();
+    let count = starts.len();
+    starts.sort_unstable();
+    starts.dedup();
+    assert_eq!(starts.len(), count, "a block was requested twice: {ranges:?}");
+}
+
+#[test]
+fn small_files_out_of_order_are_not_prefetched() {
+    let files = small_files(200);
+    let published = publish_small_files(&files);
+    let home = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, _) = reader(&published, home.path(), small_cache(home.path()));
+    let session = read_session(&store, &published.volume);
+
+    // Steps of 7 files: every read jumps past the next records.
+    read_in_order(&session, &files, (0..files.len()).map(|i| i * 7 % files.len()));
+    let counters = store.cache_stats().counters;
+    assert_eq!(counters.segment_prefetches, 0, "{counters:?}");
+    assert_eq!(counters.segment_prefetch_bytes, 0, "{counters:?}");
+    assert_eq!(counters.prefetched_blocks, 0, "{counters:?}");
+}
+
+#[test]
+fn small_files_of_local_segment_are_prefetched() {
+    let files = small_files(100);
+    let published = publish_small_files(&files);
+    // The writer's own root contains the whole segment, which reads map.
+    let config = StoreConfig {
+        local_root: published.writer_home.path().to_owned(),
+        object_store_url: format!("file://{}", published.objects.path().display()),
+        io_mode: IoMode::Auto,
+    };
+    let store = Store::open(config).unwrap();
+    let session = read_session(&store, &published.volume);
+
+    read_in_order(&session, &files, 0..files.len());
+    let counters = store.cache_stats().counters;
+    assert!(counters.segment_prefetches >= 3, "{counters:?}");
+    let total: u64 = files.iter().map(|(_, data)| data.len() as u64).sum();
+    // The advice is clipped to the segment, whose records hold the files.
+    assert!(counters.segment_prefetch_bytes > MIB, "{counters:?}");
+    assert!(counters.segment_prefetch_bytes <= total + MIB, "{counters:?}");
+    assert_eq!(counters.store_gets, 0, "{counters:?}");
+
+    // A writable session does not prefetch, because its records may be anywhere.
+    let writable = store.open_session(&published.volume, SessionBase::Lineage(LineageName::main()), Access::Writable).unwrap();
+    read_in_order(&writable, &files, 0..files.len());
+    assert_eq!(store.cache_stats().counters.segment_prefetches, counters.segment_prefetches);
 }
 
 #[test]

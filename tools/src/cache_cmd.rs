@@ -106,6 +106,11 @@ fn print_stats(stats: &HostCacheStats, cache_root: &std::path::Path, json: bool)
         "readahead: {} blocks prefetched; {} reads waited for a GET in flight; {} corrupt blocks dropped",
         counters.prefetched_blocks, counters.coalesced_waits, counters.corrupt_blocks
     );
+    println!(
+        "segment readahead across small files: {} prefetches of {} in total",
+        counters.segment_prefetches,
+        human_bytes(counters.segment_prefetch_bytes)
+    );
     Ok(())
 }
 

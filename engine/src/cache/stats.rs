@@ -43,6 +43,12 @@ pub struct CacheCounters {
     pub prefetched_blocks: u64,
     /// Reads that waited for a GET already in flight instead of sending their own.
     pub coalesced_waits: u64,
+    /// Prefetches of the segment bytes past a small file whose read followed
+    /// the segment's record order (see `segment_readahead`).
+    pub segment_prefetches: u64,
+    /// Bytes those prefetches asked for: blocks claimed for the readahead
+    /// threads, or memory-map pages advised to the kernel.
+    pub segment_prefetch_bytes: u64,
     /// Blocks dropped because their bytes failed a CRC check (disk file or record).
     pub corrupt_blocks: u64,
     pub memory_evictions: u64,
@@ -60,6 +66,8 @@ impl CacheCounters {
         self.store_bytes += other.store_bytes;
         self.prefetched_blocks += other.prefetched_blocks;
         self.coalesced_waits += other.coalesced_waits;
+        self.segment_prefetches += other.segment_prefetches;
+        self.segment_prefetch_bytes += other.segment_prefetch_bytes;
         self.corrupt_blocks += other.corrupt_blocks;
         self.memory_evictions += other.memory_evictions;
         self.disk_evictions += other.disk_evictions;
@@ -77,6 +85,8 @@ pub(crate) struct Counters {
     pub store_bytes: AtomicU64,
     pub prefetched_blocks: AtomicU64,
     pub coalesced_waits: AtomicU64,
+    pub segment_prefetches: AtomicU64,
+    pub segment_prefetch_bytes: AtomicU64,
     pub corrupt_blocks: AtomicU64,
     pub memory_evictions: AtomicU64,
     pub disk_evictions: AtomicU64,
@@ -98,6 +108,8 @@ impl Counters {
             store_bytes: load(&self.store_bytes),
             prefetched_blocks: load(&self.prefetched_blocks),
             coalesced_waits: load(&self.coalesced_waits),
+            segment_prefetches: load(&self.segment_prefetches),
+            segment_prefetch_bytes: load(&self.segment_prefetch_bytes),
             corrupt_blocks: load(&self.corrupt_blocks),
             memory_evictions: load(&self.memory_evictions),
             disk_evictions: load(&self.disk_evictions),

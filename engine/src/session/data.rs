@@ -1,6 +1,7 @@
 //! File data: appending writes to the session's segment log and resolving
 //! reads through the extent index.
 
+use crate::cache::SEGMENT_READAHEAD_FILE_MAX_BYTES;
 use crate::error::{EngineError, Result};
 use crate::extent::Extent;
 use crate::format::record::{encode_data_prefix, MetaOp, RecordType, SegmentHeader, DATA_PREFIX_LEN, HEADER_LEN};
@@ -110,10 +111,21 @@ impl Session {
 
     /// Reads up to `len` bytes at `offset`; the result is short only at the end of the file.
     pub fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Vec<u8>> {
-        let (mut out, sealed) = {
+        let (mut out, sealed, size) = {
             let mut state = self.state.lock();
-            self.plan_read(&mut state, ino, offset, len)?
+            let size = state.inode(&self.store, &self.volume, ino)?.attr.size;
+            let (out, sealed) = self.plan_read(&mut state, ino, offset, len)?;
+            (out, sealed, size)
         };
+        // Reading a directory's small files one after the other walks their
+        // segment forward, so the next files' bytes are fetched ahead. Only
+        // read-only sessions do this, because rewrites scatter the records
+        // of a writable session's files.
+        if self.is_read_only() && size < SEGMENT_READAHEAD_FILE_MAX_BYTES {
+            if let Some((_, _, extent)) = sealed.last() {
+                self.store.segments.segment_readahead(&self.volume, self.id, extent);
+            }
+        }
         self.read_sealed(&mut out, sealed)?;
         self.metrics.record_read(out.len() as u64);
         Ok(out)
