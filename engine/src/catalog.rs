@@ -343,7 +343,7 @@ impl<'a> Walker<'a> {
                 match &record.content {
                     StoredContent::File(extents) => {
                         for (file_offset, extent) in extents.iter() {
-                            refs.extents.push(ExtentRef { ino: *ino, file_offset, extent: *extent });
+                            refs.extents.push(ExtentRef { ino: *ino, file_offset, extent });
                         }
                     }
                     StoredContent::Directory(chunks) => {

@@ -115,7 +115,7 @@ impl Session {
         let mut state = self.state.lock();
         let state = &mut *state;
         let moving: Vec<(u64, Extent)> = match &state.inode(&self.store, &self.volume, ino)?.content {
-            Content::File(extents) => extents.iter().filter(|(_, x)| segments.contains(&x.segment)).map(|(o, x)| (o, *x)).collect(),
+            Content::File(extents) => extents.iter().filter(|(_, x)| segments.contains(&x.segment)).collect(),
             _ => return Ok(0),
         };
         let mut copied = 0;

@@ -119,7 +119,7 @@ impl Session {
         let mut state = self.state.lock();
         let inode = state.inode(&self.store, &self.volume, attr.ino)?;
         match &inode.content {
-            Content::File(extents) => Ok((attr, extents.iter().map(|(offset, extent)| (offset, *extent)).collect())),
+            Content::File(extents) => Ok((attr, extents.iter().collect())),
             _ => Err(EngineError::InvalidArgument(format!("{path} is not a regular file; only files have extents"))),
         }
     }
