@@ -2,9 +2,12 @@
 //! writes, and the readers that validate them.
 //!
 //! Write order inside a session:
-//! 1. Records are encoded into an aligned in-memory chunk.
-//! 2. Whole 4 KiB blocks of a full chunk are submitted to the disk writer;
-//!    the partial last block stays in memory and is rewritten later.
+//! 1. Records are encoded into an aligned in-memory chunk. A record that
+//!    does not fit the rest of the chunk continues in the next one, so every
+//!    byte is copied once and every chunk is written whole.
+//! 2. A full chunk is submitted to the disk writer, which reuses the buffers
+//!    of completed writes for the next chunks. `flush` leaves the partial
+//!    last block in memory, to be rewritten later.
 //! 3. `flush` writes the partial block zero-padded and waits, so every
 //!    record so far is on disk; `fsync` adds `fdatasync`.
 //! 4. `seal` appends a seal record, flushes and syncs. A sealed segment never
@@ -39,7 +42,9 @@ use crate::format::record::{
 use crate::ids::SegmentId;
 use crate::io::{AlignedBuf, DiskWriter, BLOCK_SIZE};
 
-/// Size of the in-memory chunk that collects records before they are submitted.
+/// Size of the in-memory chunk that collects records before they are
+/// submitted, and so of each write of the segment log. It is a multiple of
+/// [`BLOCK_SIZE`].
 const CHUNK_BYTES: usize = 1 << 20;
 
 /// File name of a segment inside a session or cache directory.
@@ -130,11 +135,16 @@ impl OpenSegment {
         self.chunk_offset + self.chunk.len() as u64
     }
 
-    /// Appends one record; with a writer, full blocks are submitted as the
-    /// chunk fills.
+    /// Appends one record. With a writer, each chunk is submitted once it is
+    /// full.
+    ///
+    /// A failed write of a full chunk does not stop the append: the record
+    /// is still appended whole, so the log stays a sequence of whole
+    /// records, and the writer keeps the failed chunk for the repair. The
+    /// first such error is returned and the segment needs a repair.
     pub fn push_record(
         &mut self,
-        writer: Option<&mut DiskWriter>,
+        mut writer: Option<&mut DiskWriter>,
         record_type: RecordType,
         parts: &[&[u8]],
     ) -> Result<Appended> {
@@ -145,35 +155,56 @@ impl OpenSegment {
         }
         let header = encode_header(record_type, parts);
         let len = HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>();
-        self.make_room(writer, len)?;
         let record_offset = self.end();
-        self.chunk.extend_from_slice(&header);
-        for part in parts {
-            self.chunk.extend_from_slice(part);
+        let mut first_error = None;
+        for part in std::iter::once(&header[..]).chain(parts.iter().copied()) {
+            if let Err(err) = self.append_bytes(writer.as_deref_mut(), part) {
+                first_error.get_or_insert(err);
+            }
         }
         self.records += 1;
-        Ok(Appended { segment: self.id, record_offset, record_len: len as u32 })
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(Appended { segment: self.id, record_offset, record_len: len as u32 }),
+        }
     }
 
-    fn make_room(&mut self, writer: Option<&mut DiskWriter>, len: usize) -> Result<()> {
-        if self.chunk.len() + len <= self.chunk.capacity() {
-            return Ok(());
+    /// Copies `bytes` to the end of the log, submitting each chunk that fills
+    /// up. Every byte is appended even when a submit fails, and the first
+    /// error is returned.
+    fn append_bytes(&mut self, mut writer: Option<&mut DiskWriter>, mut bytes: &[u8]) -> Result<()> {
+        let mut first_error = None;
+        while !bytes.is_empty() {
+            if self.chunk.len() == self.chunk.capacity() {
+                if let Err(err) = self.submit_chunk(writer.as_deref_mut()) {
+                    first_error.get_or_insert(err);
+                }
+            }
+            let n = bytes.len().min(self.chunk.capacity() - self.chunk.len());
+            self.chunk.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
         }
-        let full = self.chunk.len() / BLOCK_SIZE * BLOCK_SIZE;
-        let mut next = AlignedBuf::with_capacity(CHUNK_BYTES.max(len + BLOCK_SIZE));
-        next.extend_from_slice(&self.chunk.as_slice()[full..]);
-        let mut done = std::mem::replace(&mut self.chunk, next);
-        if full > 0 {
-            done.keep_head(full);
-            let offset = self.chunk_offset;
-            self.chunk_offset += full as u64;
-            let written = match writer {
-                Some(writer) => writer.submit(&self.file, done, offset),
-                None => self.file.write_all_at(done.padded(), offset),
-            };
-            written.map_err(|e| self.record_failure("writing segment", e))?;
-        }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Submits the full chunk and starts the next one.
+    fn submit_chunk(&mut self, writer: Option<&mut DiskWriter>) -> Result<()> {
+        let full = self.chunk.len();
+        debug_assert_eq!(full % BLOCK_SIZE, 0, "a full chunk is whole blocks");
+        let offset = self.chunk_offset;
+        self.chunk_offset += full as u64;
+        let written = match writer {
+            Some(writer) => {
+                let next = writer.buffer(CHUNK_BYTES);
+                let done = std::mem::replace(&mut self.chunk, next);
+                writer.submit(&self.file, done, offset)
+            }
+            None => {
+                let mut done = std::mem::replace(&mut self.chunk, AlignedBuf::with_capacity(CHUNK_BYTES));
+                self.file.write_all_at(done.padded(), offset)
+            }
+        };
+        written.map_err(|e| self.record_failure("writing segment", e))
     }
 
     /// Writes every record so far to the file (not yet synced).
@@ -184,7 +215,7 @@ impl OpenSegment {
             return Ok(());
         }
         writer
-            .write_now(&self.file, &self.chunk, self.chunk_offset)
+            .write_now(&self.file, &mut self.chunk, self.chunk_offset)
             .map_err(|e| self.record_failure("writing segment", e))?;
         let full = self.chunk.len() / BLOCK_SIZE * BLOCK_SIZE;
         self.chunk.keep_tail(full);
@@ -284,7 +315,7 @@ impl OpenSegment {
         if failure.fsync_failed && on_disk > 0 {
             let mut disk = AlignedBuf::with_capacity(on_disk);
             disk.extend_from_slice(&bytes[..on_disk]);
-            writer.write_now(&self.file, &disk, 0).map_err(|e| EngineError::io("writing segment again after a failed fsync", &self.path, e))?;
+            writer.write_now(&self.file, &mut disk, 0).map_err(|e| EngineError::io("writing segment again after a failed fsync", &self.path, e))?;
         }
         tracing::info!(segment = %self.id, path = %self.path.display(), cause = %failure.cause, "segment repaired after a failed write");
         self.failure = None;
@@ -481,6 +512,38 @@ mod tests {
             let mut buf = vec![0u8; 9000];
             sealed.read_verified(last.record_offset, last.record_len, data_offset, &mut buf).unwrap();
             assert!(buf.iter().all(|&b| b == (299 % 251) as u8));
+        }
+    }
+
+    #[test]
+    fn records_larger_than_a_chunk_span_chunks() {
+        for mode in [IoMode::Auto, IoMode::Pwrite] {
+            let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+            let mut writer = DiskWriter::new(mode.clone()).unwrap();
+            let mut segment = OpenSegment::create(dir.path(), &header()).unwrap();
+            let mut appended = Vec::new();
+            // Sizes around the chunk size, so records start and end at
+            // several positions inside chunks.
+            for (i, len) in [CHUNK_BYTES, CHUNK_BYTES - HEADER_LEN, 3 * CHUNK_BYTES + 17, 100, CHUNK_BYTES].into_iter().enumerate() {
+                let data: Vec<u8> = (0..len).map(|j| ((i * 31 + j) % 251) as u8).collect();
+                appended.push((segment.push_record(Some(&mut writer), RecordType::Data, &[&data]).unwrap(), data));
+            }
+            for (record, data) in &appended {
+                let mut buf = vec![0u8; data.len()];
+                segment.read_at(&mut writer, record.record_offset + HEADER_LEN as u64, &mut buf).unwrap();
+                assert!(buf == *data, "{mode:?}: open segment read back other bytes at {}", record.record_offset);
+            }
+            let (path, _) = segment.seal(&mut writer).unwrap();
+            let report = scan(&std::fs::read(&path).unwrap());
+            assert!(report.invalid.is_none(), "{mode:?}: {:?}", report.invalid);
+            assert!(report.sealed, "{mode:?}: segment not sealed");
+            assert_eq!(report.records.len(), appended.len() + 2);
+            let sealed = SealedSegment::open(SegmentId::generate(), &path).unwrap();
+            for (record, data) in &appended {
+                let mut buf = vec![0u8; data.len()];
+                sealed.read_verified(record.record_offset, record.record_len, record.record_offset + HEADER_LEN as u64, &mut buf).unwrap();
+                assert!(buf == *data, "{mode:?}: sealed segment read back other bytes at {}", record.record_offset);
+            }
         }
     }
 
