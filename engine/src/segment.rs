@@ -28,7 +28,7 @@
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -398,6 +398,11 @@ pub fn scan(bytes: &[u8]) -> ScanReport {
 
 /// Opens a segment left by a session that did not seal it, validates every
 /// record and truncates a torn tail at the last valid record.
+///
+/// A file with other hard links (a segment that the `file://` object store
+/// linked as an object) is not truncated in place, which would change the
+/// object too: the valid records are copied to a new file that replaces
+/// `path`.
 pub fn recover(path: &Path) -> Result<ScanReport> {
     let bytes = std::fs::read(path).map_err(|e| EngineError::io("reading segment", path, e))?;
     let report = scan(&bytes);
@@ -405,11 +410,33 @@ pub fn recover(path: &Path) -> Result<ScanReport> {
         if let Some((offset, detail)) = &report.invalid {
             tracing::warn!(path = %path.display(), offset, detail = %detail, "truncating torn segment tail");
         }
-        let file = OpenOptions::new().write(true).open(path).map_err(|e| EngineError::io("opening segment", path, e))?;
-        file.set_len(report.valid_end).map_err(|e| EngineError::io("truncating segment", path, e))?;
-        file.sync_all().map_err(|e| EngineError::io("syncing segment", path, e))?;
+        let links = std::fs::metadata(path).map_err(|e| EngineError::io("reading segment metadata", path, e))?.nlink();
+        if links > 1 {
+            replace_with_prefix(path, &bytes[..report.valid_end as usize])?;
+        } else {
+            let file = OpenOptions::new().write(true).open(path).map_err(|e| EngineError::io("opening segment", path, e))?;
+            file.set_len(report.valid_end).map_err(|e| EngineError::io("truncating segment", path, e))?;
+            file.sync_all().map_err(|e| EngineError::io("syncing segment", path, e))?;
+        }
     }
     Ok(report)
+}
+
+/// Writes `prefix` to a new file and renames it over `path`, leaving the
+/// other links of the old file as they were.
+fn replace_with_prefix(path: &Path, prefix: &[u8]) -> Result<()> {
+    let temp = path.with_extension(format!("seg.recover-{}", ulid::Ulid::new().to_string().to_lowercase()));
+    let written = File::create(&temp)
+        .and_then(|mut file| {
+            std::io::Write::write_all(&mut file, prefix)?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&temp, path));
+    if let Err(err) = written {
+        let _ = std::fs::remove_file(&temp);
+        return Err(EngineError::io("replacing segment with its valid records", path, err));
+    }
+    Ok(())
 }
 
 /// A sealed, immutable segment on the local disk, read through a memory map.
@@ -545,6 +572,26 @@ mod tests {
                 assert!(buf == *data, "{mode:?}: sealed segment read back other bytes at {}", record.record_offset);
             }
         }
+    }
+
+    #[test]
+    fn recover_keeps_other_links_intact() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let (path, appended) = write_segment(IoMode::Pwrite, dir.path(), 10, 500);
+        // Tear the 8th record and add garbage after it, then link the file
+        // as the file:// object store does.
+        let torn_at = appended[7].record_offset + appended[7].record_len as u64 / 2;
+        let mut torn = std::fs::read(&path).unwrap()[..torn_at as usize].to_vec();
+        torn.extend_from_slice(&[0xee; 300]);
+        std::fs::write(&path, &torn).unwrap();
+        let link = dir.path().join("linked-object");
+        std::fs::hard_link(&path, &link).unwrap();
+
+        let report = recover(&path).unwrap();
+        assert_eq!(report.records.len(), 8);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), report.valid_end);
+        assert_eq!(std::fs::read(&link).unwrap(), torn, "recover changed another link of the segment");
+        assert_eq!(std::fs::metadata(&path).unwrap().nlink(), 1);
     }
 
     #[test]
