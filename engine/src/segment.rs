@@ -10,8 +10,9 @@
 //!    last block in memory, to be rewritten later.
 //! 3. `flush` writes the partial block zero-padded and waits, so every
 //!    record so far is on disk; `fsync` adds `fdatasync`.
-//! 4. `seal` appends a seal record, flushes and syncs. A sealed segment never
-//!    changes again.
+//! 4. `seal` appends a seal record, flushes, truncates the file's
+//!    preallocated space past the last block and syncs. A sealed segment
+//!    never changes again.
 //!
 //! Invariants:
 //! - Records are contiguous from offset 0; the first is a segment header.
@@ -28,6 +29,7 @@
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +48,14 @@ use crate::io::{AlignedBuf, DiskWriter, BLOCK_SIZE};
 /// submitted, and so of each write of the segment log. It is a multiple of
 /// [`BLOCK_SIZE`].
 const CHUNK_BYTES: usize = 1 << 20;
+
+/// Size that the first full chunk preallocates: a session's 64 MiB segment
+/// plus one record of at most 4 MiB, so the writes of a whole segment land
+/// inside the file's size. On ext4 a direct write that extends the file is
+/// not queued asynchronously: fio 3.33 with `--fallocate=none` wrote 1 GiB
+/// at about half the speed of its default preallocation (2-core VM, ext4 on
+/// virtio). Each later preallocation doubles the size.
+const PREALLOCATE_BYTES: u64 = 68 << 20;
 
 /// File name of a segment inside a session or cache directory.
 pub fn file_name(id: SegmentId) -> String {
@@ -95,6 +105,11 @@ pub struct OpenSegment {
     /// End of the seal record once `seal` appended it, so that a seal
     /// retried after a failed fsync does not append a second one.
     seal_end: Option<u64>,
+    /// File size set by `fallocate`, past the end of the log; 0 before the
+    /// first preallocation. `seal` truncates the file back to the log.
+    allocated: u64,
+    /// False once `fallocate` failed, for instance on a file system without it.
+    preallocate: bool,
 }
 
 /// The cause of an open segment's pending repair.
@@ -124,6 +139,8 @@ impl OpenSegment {
             records: 0,
             failure: None,
             seal_end: None,
+            allocated: 0,
+            preallocate: true,
         };
         let payload = header.encode();
         segment.push_record(None, RecordType::SegmentHeader, &[&payload])?;
@@ -193,6 +210,9 @@ impl OpenSegment {
         debug_assert_eq!(full % BLOCK_SIZE, 0, "a full chunk is whole blocks");
         let offset = self.chunk_offset;
         self.chunk_offset += full as u64;
+        if self.chunk_offset > self.allocated {
+            self.preallocate(self.chunk_offset);
+        }
         let written = match writer {
             Some(writer) => {
                 let next = writer.buffer(CHUNK_BYTES);
@@ -205,6 +225,35 @@ impl OpenSegment {
             }
         };
         written.map_err(|e| self.record_failure("writing segment", e))
+    }
+
+    /// Extends the file with `fallocate` to at least `needed` bytes, so that
+    /// later writes do not extend it. A failure only ends preallocation.
+    fn preallocate(&mut self, needed: u64) {
+        if !self.preallocate {
+            return;
+        }
+        let target = needed.max(PREALLOCATE_BYTES).max(self.allocated.saturating_mul(2));
+        let start = self.allocated;
+        // SAFETY: fallocate on a valid descriptor owned by `self.file`; mode 0 only allocates and extends.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, start as libc::off_t, (target - start) as libc::off_t) };
+        if rc == 0 {
+            self.allocated = target;
+        } else {
+            let err = std::io::Error::last_os_error();
+            tracing::debug!(segment = %self.id, path = %self.path.display(), error = %err, "fallocate failed, so the segment grows write by write");
+            self.preallocate = false;
+        }
+    }
+
+    /// Truncates a preallocated file to the log's last block.
+    fn trim_preallocation(&mut self) -> Result<()> {
+        let end = self.end().next_multiple_of(BLOCK_SIZE as u64);
+        if self.allocated > end {
+            self.file.set_len(end).map_err(|e| EngineError::io("truncating preallocated segment", &self.path, e))?;
+            self.allocated = end;
+        }
+        Ok(())
     }
 
     /// Writes every record so far to the file (not yet synced).
@@ -248,6 +297,8 @@ impl OpenSegment {
                 self.end()
             }
         };
+        self.flush(writer)?;
+        self.trim_preallocation()?;
         self.fsync(writer)?;
         Ok((self.path.clone(), len))
     }
@@ -560,7 +611,11 @@ mod tests {
                 segment.read_at(&mut writer, record.record_offset + HEADER_LEN as u64, &mut buf).unwrap();
                 assert!(buf == *data, "{mode:?}: open segment read back other bytes at {}", record.record_offset);
             }
-            let (path, _) = segment.seal(&mut writer).unwrap();
+            let preallocated = std::fs::metadata(&segment.path).unwrap().len();
+            assert!(preallocated >= PREALLOCATE_BYTES, "{mode:?}: the open segment file has {preallocated} bytes, no preallocation");
+            let (path, len) = segment.seal(&mut writer).unwrap();
+            let file_len = std::fs::metadata(&path).unwrap().len();
+            assert_eq!(file_len, len.next_multiple_of(BLOCK_SIZE as u64), "{mode:?}: seal left the preallocated size");
             let report = scan(&std::fs::read(&path).unwrap());
             assert!(report.invalid.is_none(), "{mode:?}: {:?}", report.invalid);
             assert!(report.sealed, "{mode:?}: segment not sealed");
