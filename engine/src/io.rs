@@ -69,6 +69,11 @@ pub struct AlignedBuf {
     ptr: *mut u8,
     cap: usize,
     len: usize,
+    /// End of the bytes that an earlier use may have left non-zero: every
+    /// byte from `max(len, stale_end)` on is zero. [`padded`](Self::padded)
+    /// zeroes the stale bytes of the padding it returns, so a buffer can be
+    /// reused without a zeroing pass over its whole capacity.
+    stale_end: usize,
     /// The buffer is a mapping of its own rather than a heap allocation.
     mapped: bool,
 }
@@ -96,7 +101,7 @@ impl AlignedBuf {
                 )
             };
             if ptr != libc::MAP_FAILED {
-                return AlignedBuf { ptr: ptr.cast(), cap, len: 0, mapped: true };
+                return AlignedBuf { ptr: ptr.cast(), cap, len: 0, stale_end: 0, mapped: true };
             }
         }
         let layout = Layout::from_size_align(cap, BLOCK_SIZE).expect("valid layout");
@@ -105,7 +110,7 @@ impl AlignedBuf {
         if ptr.is_null() {
             alloc::handle_alloc_error(layout);
         }
-        AlignedBuf { ptr, cap, len: 0, mapped: false }
+        AlignedBuf { ptr, cap, len: 0, stale_end: 0, mapped: false }
     }
 
     pub fn len(&self) -> usize {
@@ -126,10 +131,20 @@ impl AlignedBuf {
     }
 
     /// The bytes up to `len` rounded up to a whole block; the padding is zero.
-    pub fn padded(&self) -> &[u8] {
+    pub fn padded(&mut self) -> &[u8] {
         let padded = self.len.next_multiple_of(BLOCK_SIZE);
+        let stale = self.stale_end.min(padded);
+        if stale > self.len {
+            // SAFETY: the range lies inside the allocation because padded <= cap.
+            unsafe { std::ptr::write_bytes(self.ptr.add(self.len), 0, stale - self.len) };
+        }
         // SAFETY: padded <= cap because cap is a multiple of BLOCK_SIZE and len <= cap.
         unsafe { std::slice::from_raw_parts(self.ptr, padded) }
+    }
+
+    /// Empties the buffer for reuse, without zeroing its old bytes.
+    pub fn clear(&mut self) {
+        self.keep_head(0);
     }
 
     pub fn extend_from_slice(&mut self, data: &[u8]) {
@@ -140,24 +155,22 @@ impl AlignedBuf {
         self.len += data.len();
     }
 
-    /// Keeps only the first `len` bytes; the rest of the buffer is zeroed.
+    /// Keeps only the first `len` bytes. The dropped bytes read as zero in
+    /// [`padded`](Self::padded).
     pub fn keep_head(&mut self, len: usize) {
         assert!(len <= self.len);
-        // SAFETY: the range lies inside the allocation.
-        unsafe { std::ptr::write_bytes(self.ptr.add(len), 0, self.cap - len) };
+        self.stale_end = self.stale_end.max(self.len);
         self.len = len;
     }
 
-    /// Keeps only the bytes from `from` on, moved to the front; the rest of
-    /// the buffer is zeroed so padding stays zero.
+    /// Keeps only the bytes from `from` on, moved to the front. The bytes
+    /// after them read as zero in [`padded`](Self::padded).
     pub fn keep_tail(&mut self, from: usize) {
         assert!(from <= self.len);
         let tail = self.len - from;
         // SAFETY: both ranges lie inside the allocation; `copy` handles overlap.
-        unsafe {
-            std::ptr::copy(self.ptr.add(from), self.ptr, tail);
-            std::ptr::write_bytes(self.ptr.add(tail), 0, self.cap - tail);
-        }
+        unsafe { std::ptr::copy(self.ptr.add(from), self.ptr, tail) };
+        self.stale_end = self.stale_end.max(self.len);
         self.len = tail;
     }
 }
@@ -187,6 +200,11 @@ pub fn is_unavailable_error(err: &std::io::Error) -> bool {
 const RING_ENTRIES: u32 = 32;
 /// Writes kept in flight before the writer waits for one to complete.
 const MAX_IN_FLIGHT: usize = 16;
+/// Written buffers kept for reuse by [`DiskWriter::buffer`]. Reusing them
+/// saves mapping and faulting in fresh pages for every chunk of the log, at
+/// the cost of up to this many idle buffers per writer (16 MiB with the
+/// segment log's 1 MiB chunks).
+const MAX_RECYCLED: usize = MAX_IN_FLIGHT;
 
 enum Backend {
     Uring(IoUring),
@@ -208,6 +226,8 @@ pub struct DiskWriter {
     /// Writes that failed, with their file offset and descriptor, kept for
     /// [`DiskWriter::retry_failed`].
     failed: Vec<(AlignedBuf, u64, RawFd)>,
+    /// Buffers whose writes completed, kept for [`DiskWriter::buffer`].
+    recycled: Vec<AlignedBuf>,
 }
 
 impl DiskWriter {
@@ -223,7 +243,7 @@ impl DiskWriter {
             (None, IoMode::Faulty(faults)) => Backend::Faulty { faults, held_back: Vec::new() },
             (None, _) => Backend::Pwrite,
         };
-        Ok(DiskWriter { backend, in_flight: HashMap::new(), next_user_data: 1, failed: Vec::new() })
+        Ok(DiskWriter { backend, in_flight: HashMap::new(), next_user_data: 1, failed: Vec::new(), recycled: Vec::new() })
     }
 
     /// Decides what a ring set-up result means in `Auto` mode: a ring, a
@@ -250,6 +270,25 @@ impl DiskWriter {
         self.in_flight.len()
     }
 
+    /// Returns an empty buffer of at least `min_cap` bytes, reusing the
+    /// buffer of a completed write when one is large enough.
+    pub fn buffer(&mut self, min_cap: usize) -> AlignedBuf {
+        match self.recycled.iter().rposition(|buf| buf.capacity() >= min_cap) {
+            Some(index) => {
+                let mut buf = self.recycled.swap_remove(index);
+                buf.clear();
+                buf
+            }
+            None => AlignedBuf::with_capacity(min_cap),
+        }
+    }
+
+    fn recycle(&mut self, buf: AlignedBuf) {
+        if self.recycled.len() < MAX_RECYCLED {
+            self.recycled.push(buf);
+        }
+    }
+
     /// Lowest file offset still being written, if any.
     pub fn lowest_in_flight_offset(&self) -> Option<u64> {
         self.in_flight.values().map(|(_, off, _)| *off).min()
@@ -257,7 +296,11 @@ impl DiskWriter {
 
     /// Starts writing the padded bytes of `buf` at `offset` of `file`. The
     /// buffer stays owned by the writer until the write completes.
-    pub fn submit(&mut self, file: &File, buf: AlignedBuf, offset: u64) -> std::io::Result<()> {
+    ///
+    /// Returns the error of this write or of an earlier one that completed
+    /// meanwhile. Either way `buf` is submitted or kept, and the writer
+    /// keeps every failed buffer for [`retry_failed`](Self::retry_failed).
+    pub fn submit(&mut self, file: &File, mut buf: AlignedBuf, offset: u64) -> std::io::Result<()> {
         assert_eq!(offset % BLOCK_SIZE as u64, 0, "unaligned write offset {offset}");
         match &mut self.backend {
             Backend::Pwrite => {
@@ -265,6 +308,7 @@ impl DiskWriter {
                     self.failed.push((buf, offset, file.as_raw_fd()));
                     return Err(err);
                 }
+                self.recycle(buf);
                 Ok(())
             }
             Backend::Faulty { faults, held_back } => {
@@ -280,8 +324,11 @@ impl DiskWriter {
                 Ok(())
             }
             Backend::Uring(_) => {
+                let mut earlier_error = None;
                 while self.in_flight.len() >= MAX_IN_FLIGHT {
-                    self.reap(1)?;
+                    if let Err(err) = self.reap(1) {
+                        earlier_error.get_or_insert(err);
+                    }
                 }
                 let user_data = self.next_user_data;
                 self.next_user_data += 1;
@@ -302,7 +349,7 @@ impl DiskWriter {
                 }
                 self.in_flight.insert(user_data, (buf, offset, file.as_raw_fd()));
                 ring.submit()?;
-                Ok(())
+                earlier_error.map_or(Ok(()), Err)
             }
         }
     }
@@ -312,7 +359,7 @@ impl DiskWriter {
     fn reap(&mut self, want: usize) -> std::io::Result<()> {
         if let Backend::Faulty { faults, held_back } = &mut self.backend {
             let mut first_error = None;
-            while let Some((buf, offset, fd)) = held_back.pop() {
+            while let Some((mut buf, offset, fd)) = held_back.pop() {
                 // SAFETY: `fd` belongs to a file that stays open until the writer has no
                 // held writes for it (callers drain the writer before closing); ManuallyDrop
                 // keeps it open here.
@@ -330,12 +377,14 @@ impl DiskWriter {
         let mut first_error = None;
         let completions: Vec<(u64, i32)> = ring.completion().map(|cqe| (cqe.user_data(), cqe.result())).collect();
         for (user_data, result) in completions {
-            let Some((buf, offset, fd)) = self.in_flight.remove(&user_data) else { continue };
+            let Some((mut buf, offset, fd)) = self.in_flight.remove(&user_data) else { continue };
             let expected = buf.padded().len();
             if result < 0 {
                 first_error.get_or_insert(std::io::Error::from_raw_os_error(-result));
                 self.failed.push((buf, offset, fd));
-            } else if (result as usize) < expected {
+            } else if (result as usize) == expected {
+                self.recycle(buf);
+            } else {
                 // A short write (the disk filled up, say) is finished with
                 // pwrite, which reports the real cause, such as ENOSPC.
                 let done = result as usize;
@@ -345,6 +394,8 @@ impl DiskWriter {
                 if let Err(err) = file.write_all_at(&buf.padded()[done..], offset + done as u64) {
                     first_error.get_or_insert(err);
                     self.failed.push((buf, offset, fd));
+                } else {
+                    self.recycle(buf);
                 }
             }
         }
@@ -389,7 +440,7 @@ impl DiskWriter {
         let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.failed).into_iter().partition(|(_, _, f)| *f == fd);
         self.failed = others;
         let mut first_error = None;
-        for (buf, offset, fd) in mine {
+        for (mut buf, offset, fd) in mine {
             let written = match &self.backend {
                 Backend::Faulty { faults, .. } => {
                     let fault = faults.decide_write().filter(|&fault| fault != LocalFault::Reorder);
@@ -412,7 +463,7 @@ impl DiskWriter {
     }
 
     /// Writes the padded bytes of `buf` at `offset` and waits for the write.
-    pub fn write_now(&mut self, file: &File, buf: &AlignedBuf, offset: u64) -> std::io::Result<()> {
+    pub fn write_now(&mut self, file: &File, buf: &mut AlignedBuf, offset: u64) -> std::io::Result<()> {
         self.wait_all()?;
         match &mut self.backend {
             Backend::Pwrite => file.write_all_at(buf.padded(), offset),
@@ -543,6 +594,53 @@ mod tests {
         // This machine allows io_uring; if it stops doing so the fallback is still covered above.
         if std::env::var_os("CHALK_EXPECT_URING").is_some() {
             assert!(uring_used, "io_uring was expected to be available");
+        }
+    }
+
+    #[test]
+    fn reused_buffer_pads_with_zeros() {
+        let mut buf = AlignedBuf::with_capacity(4 * BLOCK_SIZE);
+        buf.extend_from_slice(&[0xaa; 3 * BLOCK_SIZE]);
+        buf.clear();
+        buf.extend_from_slice(&[1; 100]);
+        let padded = buf.padded();
+        assert_eq!(padded.len(), BLOCK_SIZE);
+        assert!(padded[..100].iter().all(|&b| b == 1));
+        assert!(padded[100..].iter().all(|&b| b == 0), "stale bytes in the padding after clear");
+
+        buf.extend_from_slice(&[2; 2 * BLOCK_SIZE]);
+        buf.keep_tail(2 * BLOCK_SIZE + 50);
+        let tail = buf.len();
+        let padded = buf.padded();
+        assert_eq!(padded.len(), BLOCK_SIZE);
+        assert!(padded[..tail].iter().all(|&b| b == 2));
+        assert!(padded[tail..].iter().all(|&b| b == 0), "stale bytes in the padding after keep_tail");
+    }
+
+    #[test]
+    fn writer_reuses_completed_buffers() {
+        for mode in [IoMode::Auto, IoMode::Pwrite] {
+            let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+            let file = std::fs::OpenOptions::new().create(true).read(true).write(true).open(dir.path().join("f")).unwrap();
+            let mut writer = DiskWriter::new(mode.clone()).unwrap();
+            let mut first = writer.buffer(2 * BLOCK_SIZE);
+            first.extend_from_slice(&[7; 2 * BLOCK_SIZE]);
+            let first_ptr = first.as_slice().as_ptr();
+            writer.submit(&file, first, 0).unwrap();
+            writer.wait_all().unwrap();
+
+            let mut second = writer.buffer(2 * BLOCK_SIZE);
+            assert_eq!(second.as_slice().as_ptr(), first_ptr, "{mode:?}: the completed buffer was not reused");
+            assert!(second.is_empty());
+            second.extend_from_slice(&[9; 10]);
+            writer.submit(&file, second, 2 * BLOCK_SIZE as u64).unwrap();
+            writer.sync_data(&file).unwrap();
+
+            let bytes = std::fs::read(dir.path().join("f")).unwrap();
+            assert_eq!(bytes.len(), 3 * BLOCK_SIZE, "{mode:?}");
+            assert!(bytes[..2 * BLOCK_SIZE].iter().all(|&b| b == 7), "{mode:?}");
+            assert!(bytes[2 * BLOCK_SIZE..2 * BLOCK_SIZE + 10].iter().all(|&b| b == 9), "{mode:?}");
+            assert!(bytes[2 * BLOCK_SIZE + 10..].iter().all(|&b| b == 0), "{mode:?}: a reused buffer wrote stale padding");
         }
     }
 

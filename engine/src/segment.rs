@@ -2,13 +2,17 @@
 //! writes, and the readers that validate them.
 //!
 //! Write order inside a session:
-//! 1. Records are encoded into an aligned in-memory chunk.
-//! 2. Whole 4 KiB blocks of a full chunk are submitted to the disk writer;
-//!    the partial last block stays in memory and is rewritten later.
+//! 1. Records are encoded into an aligned in-memory chunk. A record that
+//!    does not fit the rest of the chunk continues in the next one, so every
+//!    byte is copied once and every chunk is written whole.
+//! 2. A full chunk is submitted to the disk writer, which reuses the buffers
+//!    of completed writes for the next chunks. `flush` leaves the partial
+//!    last block in memory, to be rewritten later.
 //! 3. `flush` writes the partial block zero-padded and waits, so every
 //!    record so far is on disk; `fsync` adds `fdatasync`.
-//! 4. `seal` appends a seal record, flushes and syncs. A sealed segment never
-//!    changes again.
+//! 4. `seal` appends a seal record, flushes, truncates the file's
+//!    preallocated space past the last block and syncs. A sealed segment
+//!    never changes again.
 //!
 //! Invariants:
 //! - Records are contiguous from offset 0; the first is a segment header.
@@ -25,7 +29,8 @@
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -39,8 +44,18 @@ use crate::format::record::{
 use crate::ids::SegmentId;
 use crate::io::{AlignedBuf, DiskWriter, BLOCK_SIZE};
 
-/// Size of the in-memory chunk that collects records before they are submitted.
+/// Size of the in-memory chunk that collects records before they are
+/// submitted, and so of each write of the segment log. It is a multiple of
+/// [`BLOCK_SIZE`].
 const CHUNK_BYTES: usize = 1 << 20;
+
+/// Size that the first full chunk preallocates: a session's 64 MiB segment
+/// plus one record of at most 4 MiB, so the writes of a whole segment land
+/// inside the file's size. On ext4 a direct write that extends the file is
+/// not queued asynchronously: fio 3.33 with `--fallocate=none` wrote 1 GiB
+/// at about half the speed of its default preallocation (2-core VM, ext4 on
+/// virtio). Each later preallocation doubles the size.
+const PREALLOCATE_BYTES: u64 = 68 << 20;
 
 /// File name of a segment inside a session or cache directory.
 pub fn file_name(id: SegmentId) -> String {
@@ -90,6 +105,11 @@ pub struct OpenSegment {
     /// End of the seal record once `seal` appended it, so that a seal
     /// retried after a failed fsync does not append a second one.
     seal_end: Option<u64>,
+    /// File size set by `fallocate`, past the end of the log; 0 before the
+    /// first preallocation. `seal` truncates the file back to the log.
+    allocated: u64,
+    /// False once `fallocate` failed, for instance on a file system without it.
+    preallocate: bool,
 }
 
 /// The cause of an open segment's pending repair.
@@ -119,6 +139,8 @@ impl OpenSegment {
             records: 0,
             failure: None,
             seal_end: None,
+            allocated: 0,
+            preallocate: true,
         };
         let payload = header.encode();
         segment.push_record(None, RecordType::SegmentHeader, &[&payload])?;
@@ -130,11 +152,16 @@ impl OpenSegment {
         self.chunk_offset + self.chunk.len() as u64
     }
 
-    /// Appends one record; with a writer, full blocks are submitted as the
-    /// chunk fills.
+    /// Appends one record. With a writer, each chunk is submitted once it is
+    /// full.
+    ///
+    /// A failed write of a full chunk does not stop the append: the record
+    /// is still appended whole, so the log stays a sequence of whole
+    /// records, and the writer keeps the failed chunk for the repair. The
+    /// first such error is returned and the segment needs a repair.
     pub fn push_record(
         &mut self,
-        writer: Option<&mut DiskWriter>,
+        mut writer: Option<&mut DiskWriter>,
         record_type: RecordType,
         parts: &[&[u8]],
     ) -> Result<Appended> {
@@ -145,33 +172,86 @@ impl OpenSegment {
         }
         let header = encode_header(record_type, parts);
         let len = HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>();
-        self.make_room(writer, len)?;
         let record_offset = self.end();
-        self.chunk.extend_from_slice(&header);
-        for part in parts {
-            self.chunk.extend_from_slice(part);
+        let mut first_error = None;
+        for part in std::iter::once(&header[..]).chain(parts.iter().copied()) {
+            if let Err(err) = self.append_bytes(writer.as_deref_mut(), part) {
+                first_error.get_or_insert(err);
+            }
         }
         self.records += 1;
-        Ok(Appended { segment: self.id, record_offset, record_len: len as u32 })
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(Appended { segment: self.id, record_offset, record_len: len as u32 }),
+        }
     }
 
-    fn make_room(&mut self, writer: Option<&mut DiskWriter>, len: usize) -> Result<()> {
-        if self.chunk.len() + len <= self.chunk.capacity() {
-            return Ok(());
+    /// Copies `bytes` to the end of the log, submitting each chunk that fills
+    /// up. Every byte is appended even when a submit fails, and the first
+    /// error is returned.
+    fn append_bytes(&mut self, mut writer: Option<&mut DiskWriter>, mut bytes: &[u8]) -> Result<()> {
+        let mut first_error = None;
+        while !bytes.is_empty() {
+            if self.chunk.len() == self.chunk.capacity() {
+                if let Err(err) = self.submit_chunk(writer.as_deref_mut()) {
+                    first_error.get_or_insert(err);
+                }
+            }
+            let n = bytes.len().min(self.chunk.capacity() - self.chunk.len());
+            self.chunk.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
         }
-        let full = self.chunk.len() / BLOCK_SIZE * BLOCK_SIZE;
-        let mut next = AlignedBuf::with_capacity(CHUNK_BYTES.max(len + BLOCK_SIZE));
-        next.extend_from_slice(&self.chunk.as_slice()[full..]);
-        let mut done = std::mem::replace(&mut self.chunk, next);
-        if full > 0 {
-            done.keep_head(full);
-            let offset = self.chunk_offset;
-            self.chunk_offset += full as u64;
-            let written = match writer {
-                Some(writer) => writer.submit(&self.file, done, offset),
-                None => self.file.write_all_at(done.padded(), offset),
-            };
-            written.map_err(|e| self.record_failure("writing segment", e))?;
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Submits the full chunk and starts the next one.
+    fn submit_chunk(&mut self, writer: Option<&mut DiskWriter>) -> Result<()> {
+        let full = self.chunk.len();
+        debug_assert_eq!(full % BLOCK_SIZE, 0, "a full chunk is whole blocks");
+        let offset = self.chunk_offset;
+        self.chunk_offset += full as u64;
+        if self.chunk_offset > self.allocated {
+            self.preallocate(self.chunk_offset);
+        }
+        let written = match writer {
+            Some(writer) => {
+                let next = writer.buffer(CHUNK_BYTES);
+                let done = std::mem::replace(&mut self.chunk, next);
+                writer.submit(&self.file, done, offset)
+            }
+            None => {
+                let mut done = std::mem::replace(&mut self.chunk, AlignedBuf::with_capacity(CHUNK_BYTES));
+                self.file.write_all_at(done.padded(), offset)
+            }
+        };
+        written.map_err(|e| self.record_failure("writing segment", e))
+    }
+
+    /// Extends the file with `fallocate` to at least `needed` bytes, so that
+    /// later writes do not extend it. A failure only ends preallocation.
+    fn preallocate(&mut self, needed: u64) {
+        if !self.preallocate {
+            return;
+        }
+        let target = needed.max(PREALLOCATE_BYTES).max(self.allocated.saturating_mul(2));
+        let start = self.allocated;
+        // SAFETY: fallocate on a valid descriptor owned by `self.file`; mode 0 only allocates and extends.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, start as libc::off_t, (target - start) as libc::off_t) };
+        if rc == 0 {
+            self.allocated = target;
+        } else {
+            let err = std::io::Error::last_os_error();
+            tracing::debug!(segment = %self.id, path = %self.path.display(), error = %err, "fallocate failed, so the segment grows write by write");
+            self.preallocate = false;
+        }
+    }
+
+    /// Truncates a preallocated file to the log's last block.
+    fn trim_preallocation(&mut self) -> Result<()> {
+        let end = self.end().next_multiple_of(BLOCK_SIZE as u64);
+        if self.allocated > end {
+            self.file.set_len(end).map_err(|e| EngineError::io("truncating preallocated segment", &self.path, e))?;
+            self.allocated = end;
         }
         Ok(())
     }
@@ -184,7 +264,7 @@ impl OpenSegment {
             return Ok(());
         }
         writer
-            .write_now(&self.file, &self.chunk, self.chunk_offset)
+            .write_now(&self.file, &mut self.chunk, self.chunk_offset)
             .map_err(|e| self.record_failure("writing segment", e))?;
         let full = self.chunk.len() / BLOCK_SIZE * BLOCK_SIZE;
         self.chunk.keep_tail(full);
@@ -217,6 +297,8 @@ impl OpenSegment {
                 self.end()
             }
         };
+        self.flush(writer)?;
+        self.trim_preallocation()?;
         self.fsync(writer)?;
         Ok((self.path.clone(), len))
     }
@@ -284,7 +366,7 @@ impl OpenSegment {
         if failure.fsync_failed && on_disk > 0 {
             let mut disk = AlignedBuf::with_capacity(on_disk);
             disk.extend_from_slice(&bytes[..on_disk]);
-            writer.write_now(&self.file, &disk, 0).map_err(|e| EngineError::io("writing segment again after a failed fsync", &self.path, e))?;
+            writer.write_now(&self.file, &mut disk, 0).map_err(|e| EngineError::io("writing segment again after a failed fsync", &self.path, e))?;
         }
         tracing::info!(segment = %self.id, path = %self.path.display(), cause = %failure.cause, "segment repaired after a failed write");
         self.failure = None;
@@ -367,6 +449,11 @@ pub fn scan(bytes: &[u8]) -> ScanReport {
 
 /// Opens a segment left by a session that did not seal it, validates every
 /// record and truncates a torn tail at the last valid record.
+///
+/// A file with other hard links (a segment that the `file://` object store
+/// linked as an object) is not truncated in place, which would change the
+/// object too: the valid records are copied to a new file that replaces
+/// `path`.
 pub fn recover(path: &Path) -> Result<ScanReport> {
     let bytes = std::fs::read(path).map_err(|e| EngineError::io("reading segment", path, e))?;
     let report = scan(&bytes);
@@ -374,11 +461,33 @@ pub fn recover(path: &Path) -> Result<ScanReport> {
         if let Some((offset, detail)) = &report.invalid {
             tracing::warn!(path = %path.display(), offset, detail = %detail, "truncating torn segment tail");
         }
-        let file = OpenOptions::new().write(true).open(path).map_err(|e| EngineError::io("opening segment", path, e))?;
-        file.set_len(report.valid_end).map_err(|e| EngineError::io("truncating segment", path, e))?;
-        file.sync_all().map_err(|e| EngineError::io("syncing segment", path, e))?;
+        let links = std::fs::metadata(path).map_err(|e| EngineError::io("reading segment metadata", path, e))?.nlink();
+        if links > 1 {
+            replace_with_prefix(path, &bytes[..report.valid_end as usize])?;
+        } else {
+            let file = OpenOptions::new().write(true).open(path).map_err(|e| EngineError::io("opening segment", path, e))?;
+            file.set_len(report.valid_end).map_err(|e| EngineError::io("truncating segment", path, e))?;
+            file.sync_all().map_err(|e| EngineError::io("syncing segment", path, e))?;
+        }
     }
     Ok(report)
+}
+
+/// Writes `prefix` to a new file and renames it over `path`, leaving the
+/// other links of the old file as they were.
+fn replace_with_prefix(path: &Path, prefix: &[u8]) -> Result<()> {
+    let temp = path.with_extension(format!("seg.recover-{}", ulid::Ulid::new().to_string().to_lowercase()));
+    let written = File::create(&temp)
+        .and_then(|mut file| {
+            std::io::Write::write_all(&mut file, prefix)?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&temp, path));
+    if let Err(err) = written {
+        let _ = std::fs::remove_file(&temp);
+        return Err(EngineError::io("replacing segment with its valid records", path, err));
+    }
+    Ok(())
 }
 
 /// A sealed, immutable segment on the local disk, read through a memory map.
@@ -501,6 +610,62 @@ mod tests {
             sealed.read_verified(last.record_offset, last.record_len, data_offset, &mut buf).unwrap();
             assert!(buf.iter().all(|&b| b == (299 % 251) as u8));
         }
+    }
+
+    #[test]
+    fn records_larger_than_a_chunk_span_chunks() {
+        for mode in [IoMode::Auto, IoMode::Pwrite] {
+            let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+            let mut writer = DiskWriter::new(mode.clone()).unwrap();
+            let mut segment = OpenSegment::create(dir.path(), &header()).unwrap();
+            let mut appended = Vec::new();
+            // Sizes around the chunk size, so records start and end at
+            // several positions inside chunks.
+            for (i, len) in [CHUNK_BYTES, CHUNK_BYTES - HEADER_LEN, 3 * CHUNK_BYTES + 17, 100, CHUNK_BYTES].into_iter().enumerate() {
+                let data: Vec<u8> = (0..len).map(|j| ((i * 31 + j) % 251) as u8).collect();
+                appended.push((segment.push_record(Some(&mut writer), RecordType::Data, &[&data]).unwrap(), data));
+            }
+            for (record, data) in &appended {
+                let mut buf = vec![0u8; data.len()];
+                segment.read_at(&mut writer, record.record_offset + HEADER_LEN as u64, &mut buf).unwrap();
+                assert!(buf == *data, "{mode:?}: open segment read back other bytes at {}", record.record_offset);
+            }
+            let preallocated = std::fs::metadata(&segment.path).unwrap().len();
+            assert!(preallocated >= PREALLOCATE_BYTES, "{mode:?}: the open segment file has {preallocated} bytes, no preallocation");
+            let (path, len) = segment.seal(&mut writer).unwrap();
+            let file_len = std::fs::metadata(&path).unwrap().len();
+            assert_eq!(file_len, len.next_multiple_of(BLOCK_SIZE as u64), "{mode:?}: seal left the preallocated size");
+            let report = scan(&std::fs::read(&path).unwrap());
+            assert!(report.invalid.is_none(), "{mode:?}: {:?}", report.invalid);
+            assert!(report.sealed, "{mode:?}: segment not sealed");
+            assert_eq!(report.records.len(), appended.len() + 2);
+            let sealed = SealedSegment::open(SegmentId::generate(), &path).unwrap();
+            for (record, data) in &appended {
+                let mut buf = vec![0u8; data.len()];
+                sealed.read_verified(record.record_offset, record.record_len, record.record_offset + HEADER_LEN as u64, &mut buf).unwrap();
+                assert!(buf == *data, "{mode:?}: sealed segment read back other bytes at {}", record.record_offset);
+            }
+        }
+    }
+
+    #[test]
+    fn recover_keeps_other_links_intact() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let (path, appended) = write_segment(IoMode::Pwrite, dir.path(), 10, 500);
+        // Tear the 8th record and add garbage after it, then link the file
+        // as the file:// object store does.
+        let torn_at = appended[7].record_offset + appended[7].record_len as u64 / 2;
+        let mut torn = std::fs::read(&path).unwrap()[..torn_at as usize].to_vec();
+        torn.extend_from_slice(&[0xee; 300]);
+        std::fs::write(&path, &torn).unwrap();
+        let link = dir.path().join("linked-object");
+        std::fs::hard_link(&path, &link).unwrap();
+
+        let report = recover(&path).unwrap();
+        assert_eq!(report.records.len(), 8);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), report.valid_end);
+        assert_eq!(std::fs::read(&link).unwrap(), torn, "recover changed another link of the segment");
+        assert_eq!(std::fs::metadata(&path).unwrap().nlink(), 1);
     }
 
     #[test]

@@ -147,6 +147,19 @@ fn deleted_volume_is_freed_by_gc() {
     assert_eq!(objects(&store), BTreeMap::new());
 }
 
+/// Flips `mask` in the byte at `at` of the copy at `path` alone, by writing
+/// the damaged bytes to a new file that replaces it. The store in these tests
+/// is on the same file system as the cache, so a cached segment and its
+/// object are hard links to one file, which an in-place write would damage
+/// in both places.
+fn flip_copy(path: &Path, at: usize, mask: u8) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= mask;
+    let damaged = path.with_extension("damaged");
+    std::fs::write(&damaged, &bytes).unwrap();
+    std::fs::rename(&damaged, path).unwrap();
+}
+
 #[test]
 fn fsck_finds_remote_damage_and_missing_segments() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -162,9 +175,7 @@ fn fsck_finds_remote_damage_and_missing_segments() {
     // A flipped byte in the object store's copy of the first segment.
     let segment = first.segments[0];
     let object = dir.path().join(format!("objects/volumes/v/segments/{segment}.seg"));
-    let mut bytes = std::fs::read(&object).unwrap();
-    bytes[1000] ^= 1;
-    std::fs::write(&object, &bytes).unwrap();
+    flip_copy(&object, 1000, 1);
     let shallow = fsck_volume(&store, &volume, false);
     assert!(shallow.is_whole(), "without --deep the store's copy is not read: {:#?}", shallow.problems);
     let deep = fsck_volume(&store, &volume, true);
@@ -197,9 +208,7 @@ fn fsck_repairs_local_copy_from_store() {
     let version = published(session.sync(None).unwrap());
     drop(session);
     let local = dir.path().join(format!("cache/segments/{}.seg", version.segments[0]));
-    let mut bytes = std::fs::read(&local).unwrap();
-    bytes[2000] ^= 0x80;
-    std::fs::write(&local, &bytes).unwrap();
+    flip_copy(&local, 2000, 0x80);
 
     // A new store handle reads the damaged file, as a new process would.
     let store = Store::open(StoreConfig::with_local_root(dir.path())).unwrap();

@@ -185,6 +185,47 @@ fn synced_version_survives_loss_of_local_disk() {
 }
 
 #[test]
+fn synced_segments_outlive_local_copies() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    let store = store_at(dir.path());
+    let volume = new_volume(&store, "v");
+    let session = writable(&store, &volume);
+    put(&session, "big.bin", &data);
+    let version = published(session.sync(None).unwrap());
+    drop(session);
+    drop(store);
+    let cached: Vec<_> = version.segments.iter().map(|s| dir.path().join(format!("cache/segments/{s}.seg"))).collect();
+    for path in &cached {
+        // The default store is on the same file system, so put_file linked the segment.
+        assert_eq!(std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(path).unwrap()), 2, "{} is not linked", path.display());
+    }
+
+    // Local copies replaced by other bytes: a store with a fresh local root reads the objects.
+    for path in &cached {
+        let len = std::fs::metadata(path).unwrap().len() as usize;
+        let replacement = path.with_extension("new");
+        std::fs::write(&replacement, vec![0x5a; len]).unwrap();
+        std::fs::rename(&replacement, path).unwrap();
+    }
+    let fresh = tempfile::tempdir_in("/var/tmp").unwrap();
+    let config = StoreConfig {
+        local_root: fresh.path().to_owned(),
+        object_store_url: format!("file://{}", dir.path().join("objects").display()),
+        io_mode: IoMode::Auto,
+    };
+    let reader = Store::open(config).unwrap().open_session(&volume, main_lineage(), Access::ReadOnly).unwrap();
+    assert!(read(&reader, "big.bin") == data, "a version read from the store after its local copies were replaced has other bytes");
+
+    // Local copies deleted: the same local root fetches the segments again.
+    for path in &cached {
+        std::fs::remove_file(path).unwrap();
+    }
+    let reader = store_at(dir.path()).open_session(&volume, main_lineage(), Access::ReadOnly).unwrap();
+    assert!(read(&reader, "big.bin") == data, "a version read after its local copies were deleted has other bytes");
+}
+
+#[test]
 fn pwrite_fallback_round_trips() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let mut config = StoreConfig::with_local_root(dir.path());

@@ -95,10 +95,16 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
     }
 }
 
+/// Damages the copy at `path` alone: the damaged bytes go to a new file that
+/// replaces it. With the store on the same file system, a cached segment and
+/// its object are hard links to one file, which an in-place write would
+/// damage in both places.
 fn flip(path: &Path, at: usize) {
     let mut bytes = fs::read(path).unwrap();
     bytes[at] ^= 0x04;
-    fs::write(path, &bytes).unwrap();
+    let damaged = path.with_extension("damaged");
+    fs::write(&damaged, &bytes).unwrap();
+    fs::rename(&damaged, path).unwrap();
 }
 
 /// Unmounts on drop, so a failing test leaves no mount behind.

@@ -470,9 +470,9 @@ fn write_slot(path: &Path, key: &BlockKey, data: &[u8]) -> std::io::Result<()> {
     } else {
         SCRATCH.with_borrow_mut(|scratch| {
             let scratch = scratch.get_or_insert_with(|| AlignedBuf::with_capacity(BLOCK_BYTES as usize));
-            // Zeroes the buffer, so the padding up to the next BLOCK_SIZE
-            // (which stays inside the slot) is zero.
-            scratch.keep_head(0);
+            // `padded` zeroes the padding up to the next BLOCK_SIZE (which
+            // stays inside the slot), whatever an earlier block left there.
+            scratch.clear();
             scratch.extend_from_slice(data);
             file.write_all_at(scratch.padded(), slot + SLOT_HEADER_BYTES)
         })?;

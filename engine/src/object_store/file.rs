@@ -4,6 +4,12 @@
 //! place and syncs the directory, so a crash leaves either the old object or
 //! the new one. A create-if-absent put links the synced temporary file to its
 //! key, which fails atomically with `EEXIST` when the key exists.
+//!
+//! `put_file` hard-links its source in place of the temporary file when the
+//! source is on the same file system, so a sealed segment is not written a
+//! second time. The object and the source then share one inode: callers
+//! pass only files that are never modified in place afterwards (sealed
+//! segments), and deleting or renaming the source leaves the object intact.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -77,6 +83,15 @@ impl FileStore {
     }
 }
 
+/// Hard-links `source` to `target`, or copies it when linking fails: across
+/// file systems (`EXDEV`), on file systems without hard links, or for any
+/// other reason, since the copy reports a real problem with the source.
+fn link_or_copy(source: &Path, target: &Path) -> Result<()> {
+    let Err(link_error) = fs::hard_link(source, target) else { return Ok(()) };
+    tracing::debug!(source = %source.display(), error = %link_error, "hard link into the object store failed, so the file is copied");
+    fs::copy(source, target).map(|_| ()).map_err(|e| EngineError::io("copying into object store", target, e))
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -94,17 +109,19 @@ impl ObjectStore for FileStore {
         self.commit(&tmp, &path)
     }
 
+    /// Stores `source` under `key` by a hard link when the file systems
+    /// allow it, else by a copy. The module doc says what the link requires
+    /// of the source.
     fn put_file(&self, key: &str, source: &Path) -> Result<()> {
         let path = self.path(key)?;
         let tmp = self.temp_path();
-        let copied = fs::copy(source, &tmp)
-            .map_err(|e| EngineError::io("copying into object store", &tmp, e))
-            .and_then(|_| File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| EngineError::io("syncing object", &tmp, e)))
+        let stored = link_or_copy(source, &tmp)
+            .and_then(|()| File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| EngineError::io("syncing object", &tmp, e)))
             .and_then(|()| self.commit(&tmp, &path));
-        if copied.is_err() {
+        if stored.is_err() {
             let _ = fs::remove_file(&tmp);
         }
-        copied
+        stored
     }
 
     fn put_if_absent(&self, key: &str, data: &[u8]) -> Result<bool> {
@@ -209,6 +226,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<ObjectMeta>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn put_if_absent_wins_once() {
@@ -233,6 +251,58 @@ mod tests {
             .map(|t| t.join().unwrap() as usize)
             .sum();
         assert_eq!(winners, 1);
+    }
+
+    #[test]
+    fn put_file_links_source_on_same_file_system() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let store = FileStore::open(&dir.path().join("objects")).unwrap();
+        let source = dir.path().join("sealed.seg");
+        fs::write(&source, b"sealed bytes").unwrap();
+        store.put_file("v/segments/a.seg", &source).unwrap();
+        assert_eq!(fs::metadata(&source).unwrap().nlink(), 2, "put_file copied instead of linking");
+
+        // Deleting or replacing the source leaves the object as it was put.
+        fs::remove_file(&source).unwrap();
+        assert_eq!(store.get("v/segments/a.seg").unwrap().unwrap(), b"sealed bytes");
+        fs::write(&source, b"other bytes").unwrap();
+        store.put_file("v/segments/b.seg", &source).unwrap();
+        let replacement = dir.path().join("replacement");
+        fs::write(&replacement, b"replaced").unwrap();
+        fs::rename(&replacement, &source).unwrap();
+        assert_eq!(store.get("v/segments/a.seg").unwrap().unwrap(), b"sealed bytes");
+        assert_eq!(store.get("v/segments/b.seg").unwrap().unwrap(), b"other bytes");
+        assert_eq!(fs::read_dir(dir.path().join("objects/.tmp")).unwrap().count(), 0, "a temporary file was left behind");
+    }
+
+    #[test]
+    fn put_file_copies_across_file_systems() {
+        // /dev/shm is tmpfs, so a link from there to /var/tmp fails with EXDEV.
+        let source_dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        assert_ne!(
+            fs::metadata(source_dir.path()).unwrap().dev(),
+            fs::metadata(dir.path()).unwrap().dev(),
+            "the test needs /dev/shm and /var/tmp on different file systems"
+        );
+        let store = FileStore::open(dir.path()).unwrap();
+        let source = source_dir.path().join("sealed.seg");
+        fs::write(&source, b"sealed bytes").unwrap();
+        store.put_file("k", &source).unwrap();
+        assert_eq!(fs::metadata(&source).unwrap().nlink(), 1);
+        assert_eq!(fs::metadata(dir.path().join("k")).unwrap().nlink(), 1);
+        fs::remove_file(&source).unwrap();
+        assert_eq!(store.get("k").unwrap().unwrap(), b"sealed bytes");
+    }
+
+    #[test]
+    fn put_file_of_missing_source_fails() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let err = store.put_file("k", &dir.path().join("missing")).unwrap_err();
+        assert!(err.to_string().contains("copying into object store"), "{err}");
+        assert!(store.get("k").unwrap().is_none());
+        assert_eq!(fs::read_dir(dir.path().join(".tmp")).unwrap().count(), 0, "a temporary file was left behind");
     }
 
     #[test]
