@@ -28,6 +28,22 @@ pub mod store;
 pub mod tree;
 
 pub use error::{EngineError, Result};
+
+/// Blocks SIGPIPE on the calling thread and on the threads it starts later.
+/// A write to a socket or pipe whose peer went away then fails with EPIPE
+/// instead of ending the process. The CLI restores the default action at
+/// start-up so that `chalk ... | head` ends quietly, so every thread that
+/// writes to sockets must call this: the S3 runtime does, for its threads.
+pub fn block_sigpipe_on_this_thread() {
+    // SAFETY: the set is initialised by sigemptyset before use, and
+    // pthread_sigmask only changes the calling thread's signal mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
 pub use ids::{Ino, LineageName, SegmentId, SessionId, VersionId, VolumeName};
 pub use io::IoMode;
 pub use metrics::Metrics;

@@ -446,6 +446,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("tagged version {} of {volume} as {tag}", version.id);
         }
         VolumeCommand::Mount { name, dir, version, lineage, writable, read_only, follow, daemon, metrics } => {
+            // A mount serves until unmounted, so a control client or metrics
+            // scraper that goes away must not end it with SIGPIPE. The
+            // threads started from here on inherit the blocked signal.
+            chalk_engine::block_sigpipe_on_this_thread();
             let store = open_store()?;
             let request = mount_cmd::MountRequest { version, lineage, read_only: read_only || follow, writable, follow, metrics };
             mount_cmd::run_mount(store, &volume_name(&name)?, &dir, &request, daemon)?;

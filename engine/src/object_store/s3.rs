@@ -435,6 +435,9 @@ impl S3Store {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("chalk-s3")
+            // hyper writes request bodies with writev, which raises SIGPIPE
+            // when the server resets the connection.
+            .on_thread_start(crate::block_sigpipe_on_this_thread)
             .enable_all()
             .build()
             .map_err(|e| EngineError::ObjectStore { url: url.to_owned(), detail: format!("failed to start the S3 runtime: {e}") })?;

@@ -90,7 +90,10 @@ pub type SharedState = Arc<AppState>;
 
 /// Serves the dashboard until the process is stopped.
 pub fn run(store: Arc<Store>, options: DashboardOptions) -> anyhow::Result<()> {
+    // A browser that closes its connection must not end the dashboard.
+    chalk_engine::block_sigpipe_on_this_thread();
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .on_thread_start(chalk_engine::block_sigpipe_on_this_thread)
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
