@@ -76,10 +76,13 @@ fn faulty_store(local_root: &std::path::Path, objects: &std::path::Path, faults:
 }
 
 /// Opens a store with a fresh local root that reads only what reached `objects`.
-fn clean_store(objects: &std::path::Path) -> (Arc<Store>, tempfile::TempDir) {
+/// Bind the result as `(_home, store)`: the store, dropped first, flushes its
+/// disk cache into the root before the root is deleted.
+fn clean_store(objects: &std::path::Path) -> (tempfile::TempDir, Arc<Store>) {
     let home = temp_dir("chalk-local-faults-clean-");
     let config = StoreConfig { object_store_url: format!("file://{}", objects.display()), ..StoreConfig::with_local_root(home.path()) };
-    (Store::open(config).unwrap(), home)
+    let store = Store::open(config).unwrap();
+    (home, store)
 }
 
 fn main_lineage() -> SessionBase {
@@ -213,7 +216,7 @@ fn run_seed(seed: u64, kinds: &[LocalFault]) -> SeedReport {
     let objects = temp_dir("chalk-local-faults-objects-");
     let faults = LocalFaults::new(seed, FAULT_RATE, kinds);
     let store = faulty_store(home.path(), objects.path(), &faults);
-    let (clean, _clean_home) = clean_store(objects.path());
+    let (_clean_home, clean) = clean_store(objects.path());
     let volume = VolumeName::new("v").unwrap();
     store.create_volume(&volume).unwrap();
     let mut head = clean.head(&volume, &LineageName::main()).unwrap().id;
@@ -324,7 +327,7 @@ fn no_space_error_names_cause() {
     let faults = LocalFaults::new(11, 1.0, &[LocalFault::NoSpace]);
     faults.set_rate(0.0);
     let store = faulty_store(home.path(), objects.path(), &faults);
-    let (clean, _clean_home) = clean_store(objects.path());
+    let (_clean_home, clean) = clean_store(objects.path());
     let volume = VolumeName::new("v").unwrap();
     store.create_volume(&volume).unwrap();
     let session = store.open_session(&volume, main_lineage(), Access::Writable).unwrap();
@@ -364,7 +367,7 @@ fn torn_block_is_written_again() {
     let objects = temp_dir("chalk-local-faults-objects-");
     let faults = LocalFaults::new(3, 0.0, &[LocalFault::Tear]);
     let store = faulty_store(home.path(), objects.path(), &faults);
-    let (clean, _clean_home) = clean_store(objects.path());
+    let (_clean_home, clean) = clean_store(objects.path());
     let volume = VolumeName::new("v").unwrap();
     store.create_volume(&volume).unwrap();
     let session = store.open_session(&volume, main_lineage(), Access::Writable).unwrap();
@@ -401,7 +404,7 @@ fn failed_fsync_is_repaired_before_seal() {
     let objects = temp_dir("chalk-local-faults-objects-");
     let faults = LocalFaults::new(5, 0.0, &[LocalFault::Fail]);
     let store = faulty_store(home.path(), objects.path(), &faults);
-    let (clean, _clean_home) = clean_store(objects.path());
+    let (_clean_home, clean) = clean_store(objects.path());
     let volume = VolumeName::new("v").unwrap();
     store.create_volume(&volume).unwrap();
     let session = store.open_session(&volume, main_lineage(), Access::Writable).unwrap();
