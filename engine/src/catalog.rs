@@ -80,7 +80,7 @@ impl PrunedRecord {
 pub struct ReadProblem {
     pub key: String,
     pub detail: String,
-    /// The store did not answer, so nothing is known about the object.
+    /// The request to the store failed, so the object may well be intact.
     pub unreachable: bool,
 }
 

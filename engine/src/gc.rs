@@ -306,8 +306,8 @@ fn stop_on_problems(store: &Store, volume: &VolumeName, problems: &[ReadProblem]
     if problems.is_empty() {
         return Ok(());
     }
-    // An object the store did not return may be fine: say so, rather than
-    // call it damaged.
+    // An object that the store failed to return may be intact, so report the
+    // store as unreachable rather than the object as damaged.
     if let Some(unreached) = problems.iter().find(|p| p.unreachable) {
         return Err(EngineError::ObjectStore {
             url: store.objects().url(),

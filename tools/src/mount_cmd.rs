@@ -571,8 +571,8 @@ fn handle_control_request(request: ControlRequest, control: &Control) -> serde_j
                 if let Err(error) = write_registration(json, &registration) {
                     tracing::warn!(error = %format!("{error:#}"), "cannot update the mount registration after sync");
                 }
-                // The store's answer to the conditional-write probe is known
-                // by now: the publish needed it.
+                // The publish ran the conditional-write probe, so its cached
+                // result is read here without a request.
                 let single_writer = matches!(
                     session.store().objects().conditional_writes(),
                     Ok(chalk_engine::object_store::ConditionalWrites::Ignored)
