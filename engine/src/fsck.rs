@@ -12,7 +12,9 @@
 //!    record CRC matches: in the local whole copy when there is one, and in
 //!    the object store's copy with `deep`. Each whole copy is also scanned
 //!    record by record, and a local copy must equal the store's.
-//! 4. The disk tier's cached blocks: every slot's header and CRC.
+//! 4. The disk tier's cached blocks: every slot's header and CRC, and the
+//!    whole-file copies that mounts serve by passthrough: each copy's
+//!    contents against the checksum it was made with.
 //! 5. Orphans: data objects that no version or live lease refers to, with
 //!    their bytes (what `gc` with no retention policy and no grace would
 //!    free).
@@ -22,7 +24,8 @@
 //! Repair never writes to the object store. It replaces a damaged or
 //! differing local whole segment with a copy fetched from the object store
 //! (only when that copy scans clean and sealed), rewrites damaged cached
-//! blocks from the store, and truncates torn tails of unpublished segments
+//! blocks from the store, removes damaged passthrough copies (the next open
+//! copies the file again), and truncates torn tails of unpublished segments
 //! of ended sessions.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -31,6 +34,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::cache::copies;
 use crate::catalog::{Catalog, ChunkCheck, ExtentRef, Walker};
 use crate::error::{EngineError, Result};
 use crate::format::record;
@@ -66,7 +70,7 @@ pub struct Problem {
     /// A short name: `unreadable-object`, `lineage-gap`, `sequence-mismatch`,
     /// `missing-parent`, `missing-segment`, `extent-out-of-bounds`,
     /// `corrupt-record`, `extent-crc-mismatch`, `cache-differs`,
-    /// `corrupt-cached-block`, `torn-tail`.
+    /// `corrupt-cached-block`, `damaged-passthrough-copy`, `torn-tail`.
     pub kind: &'static str,
     pub volume: Option<String>,
     pub version: Option<String>,
@@ -207,6 +211,7 @@ impl Store {
                 found.affected_versions = vec![version.to_string()];
                 report.problems.push(found);
             }
+            self.fsck_passthrough_copies(volume, *version, &refs, options.repair, report);
             referenced.insert(refs.root_key.clone());
             referenced.extend(refs.page_keys.iter().cloned());
             referenced.extend(refs.chunk_keys.iter().cloned());
@@ -385,6 +390,54 @@ impl Store {
         for bad in bad_blocks {
             let mut found = problem("corrupt-cached-block", Some(Copy::Local), Some(bad.offset), bad.detail);
             found.repaired = bad.repaired;
+            report.problems.push(found);
+        }
+    }
+
+    /// Checks the passthrough copies of `version`'s files on this host, and
+    /// removes damaged ones when repairing.
+    fn fsck_passthrough_copies(
+        &self,
+        volume: &VolumeName,
+        version: VersionId,
+        refs: &crate::catalog::VersionRefs,
+        repair: bool,
+        report: &mut FsckReport,
+    ) {
+        let dir = copies::version_dir(self.local_root(), version);
+        let Ok(entries) = std::fs::read_dir(&dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            // Copies still being written end in `.tmp`; their names are not inode numbers.
+            let Some(ino) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            let damage = match std::fs::File::open(&path) {
+                Ok(file) => match copies::check_copy(&file) {
+                    Ok(()) => continue,
+                    Err(damage) => damage.to_string(),
+                },
+                Err(error) => format!("opening the copy failed: {error}"),
+            };
+            let mut found = Problem::new(
+                "damaged-passthrough-copy",
+                volume,
+                format!("{damage}; mounts would serve it as the file's contents"),
+            );
+            found.version = Some(version.to_string());
+            found.path = Some(refs.path_of(crate::ids::Ino(ino)));
+            found.key = Some(path.display().to_string());
+            found.copy = Some(Copy::Local);
+            found.affected_versions = vec![version.to_string()];
+            if repair {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        found.repaired = true;
+                        found.detail = format!("{}; removed it, so the next open copies the file again", found.detail);
+                    }
+                    Err(error) => found.detail = format!("{}; removing it failed: {error}", found.detail),
+                }
+            }
             report.problems.push(found);
         }
     }

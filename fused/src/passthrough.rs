@@ -6,15 +6,21 @@
 //! the mount process receives no read requests. Registering needs Linux 6.9 or
 //! later and `CAP_SYS_ADMIN`. Where either is missing, or the copy fails,
 //! the open falls back to normal reads through the session.
+//!
+//! The kernel checks no record CRC on these reads, so each copy carries the
+//! CRC32 of its contents ([`chalk_engine::cache::copies`]). Before a mount
+//! first serves a copy it did not make, it reads the copy whole and checks
+//! it. A damaged copy is replaced by a new one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use chalk_engine::{Ino, Session};
+use chalk_engine::cache::copies::{self, CopyDamage};
+use chalk_engine::{Ino, Session, VersionId};
 use fuser::{BackingId, ReplyOpen};
 use parking_lot::Mutex;
 
@@ -48,6 +54,9 @@ pub(crate) struct Passthrough {
     /// registration fails (no `CAP_SYS_ADMIN`, say).
     active: AtomicBool,
     registered: Mutex<HashMap<u64, Registered>>,
+    /// Copies this mount made or checked, by version and inode: each is
+    /// checked once per mount.
+    checked: Mutex<HashSet<(VersionId, u64)>>,
     /// Opens served through passthrough since the mount began.
     opens: Arc<AtomicU64>,
 }
@@ -74,7 +83,13 @@ impl Passthrough {
             return None;
         }
         let dir = session.store().local_root().join("cache").join(chalk_engine::cache::PASSTHROUGH_DIR);
-        Some(Passthrough { dir, active: AtomicBool::new(false), registered: Mutex::new(HashMap::new()), opens })
+        Some(Passthrough {
+            dir,
+            active: AtomicBool::new(false),
+            registered: Mutex::new(HashMap::new()),
+            checked: Mutex::new(HashSet::new()),
+            opens,
+        })
     }
 
     /// Records whether the kernel granted the capability in `init`.
@@ -163,17 +178,20 @@ impl Passthrough {
     }
 
     /// Returns the backing file of `ino` in the session's version, copying
-    /// the file from the session unless a complete copy exists. A version
-    /// never changes, so a copy of its full size is complete: copies are
-    /// written under a temporary name, synced, then renamed.
+    /// the file from the session unless a sound copy exists. A version never
+    /// changes, so a copy is sound when it has the file's size and matches
+    /// its checksum. Copies are written under a temporary name with their
+    /// checksum, synced, then renamed. A copy this mount did not make is read
+    /// whole and checked once, and a damaged one is replaced.
     /// Copies count against the disk cache limit and are evicted with its
     /// blocks, least recently used first; open handles keep an evicted copy.
     fn backing_file(&self, session: &Session, ino: Ino, size: u64) -> std::io::Result<File> {
-        let dir = self.dir.join(session.base_version().id.to_string());
+        let version = session.base_version().id;
+        let dir = self.dir.join(version.to_string());
         let path = dir.join(ino.0.to_string());
         if let Ok(file) = File::open(&path) {
             let metadata = file.metadata()?;
-            if metadata.len() == size {
+            if metadata.len() == size && self.is_sound(&file, &path, version, ino) {
                 // The disk tier evicts least recently modified files first.
                 let now = std::time::SystemTime::now();
                 if metadata.modified().is_ok_and(|m| now.duration_since(m).unwrap_or_default() > REUSE_TOUCH_AFTER) {
@@ -191,14 +209,48 @@ impl Passthrough {
         }
         result?;
         fs::rename(&temporary, &path)?;
+        self.checked.lock().insert((version, ino.0));
         session.store().note_cache_file(&path);
         tracing::debug!(ino = ino.0, size, path = %path.display(), "copied a file into the passthrough cache");
         File::open(&path)
     }
+
+    /// Returns whether the existing copy `file` of `ino` can be served: this
+    /// mount made or checked it, or it checks clean now. A damaged copy is
+    /// removed, so the caller copies the file again.
+    fn is_sound(&self, file: &File, path: &std::path::Path, version: VersionId, ino: Ino) -> bool {
+        if self.checked.lock().contains(&(version, ino.0)) {
+            return true;
+        }
+        match copies::check_copy(file) {
+            Ok(()) => {
+                self.checked.lock().insert((version, ino.0));
+                true
+            }
+            Err(CopyDamage::NoChecksum) => {
+                tracing::debug!(ino = ino.0, path = %path.display(), "a passthrough copy has no checksum; copying the file again");
+                let _ = fs::remove_file(path);
+                false
+            }
+            Err(damage) => {
+                tracing::warn!(
+                    ino = ino.0,
+                    path = %path.display(),
+                    "a passthrough copy is damaged: {damage}; removing it and copying the file again from the volume"
+                );
+                let _ = fs::remove_file(path);
+                false
+            }
+        }
+    }
 }
 
+/// Copies `size` bytes of `ino` into a new file at `path` and records their
+/// checksum on it. On a file system without user extended attributes the
+/// copy still serves this mount, and later mounts copy the file again.
 fn copy_from_session(session: &Session, ino: Ino, size: u64, path: &std::path::Path) -> std::io::Result<()> {
     let mut file = File::create(path)?;
+    let mut hasher = crc32fast::Hasher::new();
     let mut offset = 0;
     while offset < size {
         let data = session
@@ -211,9 +263,18 @@ fn copy_from_session(session: &Session, ino: Ino, size: u64, path: &std::path::P
             )));
         }
         file.write_all(&data)?;
+        hasher.update(&data);
         offset += data.len() as u64;
     }
-    file.sync_data()
+    match copies::set_checksum(&file, hasher.finalize()) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::Unsupported => {
+            tracing::debug!(path = %path.display(), %error, "a passthrough copy gets no checksum");
+        }
+        Err(error) => return Err(error),
+    }
+    // Metadata too: the checksum attribute must be durable with the bytes.
+    file.sync_all()
 }
 
 /// Returns a number that differs between calls, for temporary names.

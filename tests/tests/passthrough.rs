@@ -231,3 +231,86 @@ fn backing_file_survives_remount() {
     let logs = store.mount_logs();
     assert_eq!(logs.matches(COPIED_LOG).count(), 1, "the second mount copied the file again:\n{logs}");
 }
+
+/// Flips one byte of `path` in place.
+fn flip_byte(path: &Path, offset: u64) {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, offset).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x01], offset).unwrap();
+}
+
+#[test]
+fn damaged_backing_file_is_never_served() {
+    let store = Store::new();
+    let first = store.mount_version(&[]);
+    check_reads(&first.join("data/large.bin"), &store.large);
+    drop(first);
+    let backing = store.backing_files();
+    assert_eq!(
+        backing.len(),
+        1,
+        "expected one backing file, found {backing:?}"
+    );
+    flip_byte(&backing[0], 3 * 1024 * 1024 + 17);
+
+    // fsck finds the damage and names the file.
+    let output = store.run(&["fsck"], &[]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !output.status.success(),
+        "fsck passed a damaged passthrough copy:\n{text}"
+    );
+    assert!(
+        text.contains("damaged-passthrough-copy"),
+        "fsck did not name the problem:\n{text}"
+    );
+    assert!(
+        text.contains("data/large.bin"),
+        "fsck did not name the file:\n{text}"
+    );
+
+    // A new mount checks the copy before it serves it, and copies the file again.
+    let second = store.mount_version(&[]);
+    check_reads(&second.join("data/large.bin"), &store.large);
+    drop(second);
+    let logs = store.mount_logs();
+    assert!(
+        logs.contains("passthrough copy is damaged"),
+        "the mount did not report the damaged copy:\n{logs}"
+    );
+    assert_eq!(
+        logs.matches(COPIED_LOG).count(),
+        2,
+        "the damaged copy was not replaced:\n{logs}"
+    );
+    assert_eq!(
+        fs::read(&store.backing_files()[0]).unwrap(),
+        store.large,
+        "the new copy differs from the file put"
+    );
+    store.run_ok(&["fsck"], &[]);
+
+    // fsck --repair removes a damaged copy, and fsck then passes.
+    flip_byte(&store.backing_files()[0], 12);
+    let output = store.run(&["fsck", "--repair"], &[]);
+    assert!(
+        output.status.success(),
+        "fsck --repair did not repair the copy: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        store.backing_files().is_empty(),
+        "fsck --repair left the damaged copy"
+    );
+    store.run_ok(&["fsck"], &[]);
+}

@@ -30,6 +30,7 @@
 //!   when the thread fetching it unwinds, so a waiting reader never hangs.
 
 mod config;
+pub mod copies;
 mod disk;
 mod memory;
 mod readahead;
