@@ -53,8 +53,12 @@ impl Store {
         let mut extents_of = HashMap::new();
         for version in catalog.versions().keys() {
             let refs = walker.walk(*version);
-            if let Some(problem) = refs.problems.first() {
-                return Err(EngineError::CorruptObject { key: problem.key.clone(), detail: problem.detail.clone() });
+            if let Some(problem) = refs.problems.into_iter().next() {
+                let next_step = match problem.unreachable {
+                    true => "compaction stopped before changing anything: run it again once the store is reachable".to_owned(),
+                    false => format!("compaction stopped before changing anything: run `chalk fsck {volume}`"),
+                };
+                return Err(problem.into_error(self, &next_step));
             }
             for extent in &refs.extents {
                 live.entry(extent.extent.segment).or_default().insert(extent.extent.record_offset, extent.extent.record_len as u64);
