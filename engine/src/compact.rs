@@ -17,7 +17,7 @@ use crate::error::{EngineError, Result};
 use crate::extent::Extent;
 use crate::format::record::{encode_data_prefix, RecordType, DATA_PREFIX_LEN, HEADER_LEN};
 use crate::ids::{Ino, LineageName, SegmentId, VolumeName};
-use crate::session::{Access, Session, SessionBase, SyncOutcome};
+use crate::session::{Access, RetryAdvice, Session, SessionBase, SyncOptions, SyncOutcome};
 use crate::store::{segment_key, Store, VersionInfo};
 use crate::tree::Content;
 
@@ -98,7 +98,13 @@ impl Store {
                     compaction.copied_bytes += session.rewrite_extents(ino, &low)?;
                 }
                 let message = format!("compaction of {}", head.id);
-                match session.sync(Some(&message))? {
+                let options = SyncOptions {
+                    message: Some(message),
+                    // The session ends with the compaction.
+                    retry: RetryAdvice::Repeat("run the compaction again".to_owned()),
+                    ..SyncOptions::default()
+                };
+                match session.sync_with(&options)? {
                     SyncOutcome::Published(version) => compaction.version = Some(version),
                     SyncOutcome::NothingToPublish { .. } => {}
                 }

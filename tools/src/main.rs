@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use chalk_engine::{Access, LineageName, SessionBase, Store, StoreConfig, SyncOutcome, VolumeName};
+use chalk_engine::{Access, LineageName, RetryAdvice, Session, SessionBase, Store, StoreConfig, SyncOptions, SyncOutcome, VolumeName};
 use clap::{Parser, Subcommand};
 
 /// Persistent, versioned file storage for compute workloads.
@@ -329,15 +329,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let session = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::Writable)?;
             let summary = transfer::put(&session, &local, remote.as_deref())?;
             let message = message.unwrap_or_else(|| format!("put {}", summary.remote));
-            match session.sync(Some(&message))? {
-                SyncOutcome::Published(version) => println!(
-                    "uploaded {} files ({}) to {}:{} as version {}",
-                    summary.files,
-                    output::human_bytes(summary.bytes),
-                    volume,
-                    summary.remote,
-                    version.id
-                ),
+            match sync_once(&session, message, "put")? {
+                SyncOutcome::Published(version) => {
+                    println!(
+                        "uploaded {} files ({}) to {}:{} as version {}",
+                        summary.files,
+                        output::human_bytes(summary.bytes),
+                        volume,
+                        summary.remote,
+                        version.id
+                    );
+                }
                 SyncOutcome::NothingToPublish { .. } => println!("nothing to upload: {} is empty", local.display()),
             }
         }
@@ -355,7 +357,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let volume = volume_name(&name)?;
             let session = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::Writable)?;
             session.remove_path(&path, recursive)?;
-            match session.sync(Some(&format!("rm {path}")))? {
+            match sync_once(&session, format!("rm {path}"), "rm")? {
                 SyncOutcome::Published(version) => println!("removed {path} from {volume} as version {}", version.id),
                 SyncOutcome::NothingToPublish { .. } => bail!("nothing removed"),
             }
@@ -412,8 +414,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => session.copy_path(&session, &src, &dst, recursive, chalk_engine::Owner::current())?,
             };
-            match session.sync(Some(&format!("cp {src} {dst}")))? {
-                SyncOutcome::Published(version) => println!("copied {copied} files to {dst} as version {}", version.id),
+            match sync_once(&session, format!("cp {src} {dst}"), "cp")? {
+                SyncOutcome::Published(version) => {
+                    println!("copied {copied} files to {dst} as version {}", version.id);
+                }
                 SyncOutcome::NothingToPublish { .. } => println!("nothing copied"),
             }
         }
@@ -422,8 +426,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let volume = volume_name(&name)?;
             let session = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::Writable)?;
             session.move_path(&src, &dst, chalk_engine::Owner::current())?;
-            match session.sync(Some(&format!("mv {src} {dst}")))? {
-                SyncOutcome::Published(version) => println!("moved {src} to {dst} as version {}", version.id),
+            match sync_once(&session, format!("mv {src} {dst}"), "mv")? {
+                SyncOutcome::Published(version) => {
+                    println!("moved {src} to {dst} as version {}", version.id);
+                }
                 SyncOutcome::NothingToPublish { .. } => println!("nothing moved"),
             }
         }
@@ -488,6 +494,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Syncs the session of a `chalk volume` command, which ends with the
+/// command. After a failure of the object store, the error gives running
+/// the command again as the next step, not a sync.
+fn sync_once(session: &Session, message: String, command: &str) -> chalk_engine::Result<SyncOutcome> {
+    let options = SyncOptions {
+        message: Some(message),
+        retry: RetryAdvice::Repeat(format!("run `chalk volume {command}` again")),
+        ..SyncOptions::default()
+    };
+    session.sync_with(&options)
 }
 
 fn main() -> ExitCode {

@@ -558,7 +558,7 @@ fn handle_control_request(request: ControlRequest, control: &Control) -> serde_j
             })
         }
         ControlRequest::Sync { message, on_conflict } => match parse_on_conflict(on_conflict.as_deref())
-            .and_then(|on_conflict| Ok(session.sync_with(&SyncOptions { message, on_conflict })?))
+            .and_then(|on_conflict| Ok(session.sync_with(&SyncOptions { message, on_conflict, ..SyncOptions::default() })?))
         {
             Ok(SyncOutcome::Published(version)) => {
                 // A rebase brought in other writers' changes; the kernel

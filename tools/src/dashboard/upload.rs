@@ -144,9 +144,15 @@ const COMMIT_ATTEMPTS: u32 = 16;
 /// again, which rebases onto it. Overlapping paths are a conflict, and the
 /// dropped session publishes nothing.
 fn sync_retrying(session: &chalk_engine::Session, message: &str) -> Result<SyncOutcome, ApiError> {
+    let options = chalk_engine::SyncOptions {
+        message: Some(message.to_owned()),
+        // The session ends with the request.
+        retry: chalk_engine::RetryAdvice::Repeat("upload again".to_owned()),
+        ..chalk_engine::SyncOptions::default()
+    };
     let mut attempt = 1;
     loop {
-        match session.sync(Some(message)) {
+        match session.sync_with(&options) {
             Err(EngineError::HeadMoved { .. }) if attempt < COMMIT_ATTEMPTS => {
                 // A short random pause keeps uploads that collided from colliding again.
                 std::thread::sleep(std::time::Duration::from_millis(1 + rand::random::<u64>() % 20));
