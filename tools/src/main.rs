@@ -304,6 +304,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let store = open_store()?;
             let version = store.create_volume(&volume)?;
             println!("created volume {volume} at version {}", version.id);
+            mount_cmd::warn_if_single_writer(&store);
         }
         VolumeCommand::List { json } => {
             let store = open_store()?;
@@ -339,6 +340,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         summary.remote,
                         version.id
                     );
+                    mount_cmd::warn_if_single_writer(&store);
                 }
                 SyncOutcome::NothingToPublish { .. } => println!("nothing to upload: {} is empty", local.display()),
             }
@@ -361,6 +363,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 SyncOutcome::Published(version) => println!("removed {path} from {volume} as version {}", version.id),
                 SyncOutcome::NothingToPublish { .. } => bail!("nothing removed"),
             }
+            mount_cmd::warn_if_single_writer(&store);
         }
         VolumeCommand::Versions { name, lineage, all, json } => {
             let store = open_store()?;
@@ -383,12 +386,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let lineage = lineage.map(|l| LineageName::new(&l)).transpose()?;
             let (lineage, version) = store.fork(&volume, from.id, lineage)?;
             println!("created lineage {lineage} of {volume} at version {}", version.id);
+            mount_cmd::warn_if_single_writer(&store);
         }
         VolumeCommand::Lineage(LineageCommand::Rename { name, from, to }) => {
             let store = open_store()?;
             let volume = volume_name(&name)?;
             store.rename_lineage(&volume, &LineageName::new(&from)?, &LineageName::new(&to)?)?;
             println!("renamed lineage {from} of {volume} to {to}");
+            mount_cmd::warn_if_single_writer(&store);
         }
         VolumeCommand::Lineage(LineageCommand::Delete { name, lineage }) => {
             let store = open_store()?;
@@ -417,6 +422,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match sync_once(&session, format!("cp {src} {dst}"), "cp")? {
                 SyncOutcome::Published(version) => {
                     println!("copied {copied} files to {dst} as version {}", version.id);
+                    mount_cmd::warn_if_single_writer(&store);
                 }
                 SyncOutcome::NothingToPublish { .. } => println!("nothing copied"),
             }
@@ -429,6 +435,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match sync_once(&session, format!("mv {src} {dst}"), "mv")? {
                 SyncOutcome::Published(version) => {
                     println!("moved {src} to {dst} as version {}", version.id);
+                    mount_cmd::warn_if_single_writer(&store);
                 }
                 SyncOutcome::NothingToPublish { .. } => println!("nothing moved"),
             }
@@ -443,6 +450,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let promoted = store.promote(&volume, version.id, &onto)?;
             println!("{onto} of {volume} is now at version {}", promoted.id);
+            mount_cmd::warn_if_single_writer(&store);
         }
         VolumeCommand::Tag { name, version, tag } => {
             let store = open_store()?;
@@ -450,6 +458,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let version = store.resolve_version(&volume, &version)?;
             store.tag(&volume, version.id, &tag)?;
             println!("tagged version {} of {volume} as {tag}", version.id);
+            mount_cmd::warn_if_single_writer(&store);
         }
         VolumeCommand::Mount { name, dir, version, lineage, writable, read_only, follow, daemon, metrics } => {
             // A mount serves until unmounted, so a control client or metrics
