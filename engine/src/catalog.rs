@@ -90,7 +90,26 @@ impl ReadProblem {
     }
 
     fn failed(key: &str, error: &EngineError) -> Self {
-        ReadProblem { key: key.to_owned(), detail: error.to_string(), unreachable: matches!(error, EngineError::ObjectStore { .. }) }
+        match error {
+            // The store's URL goes into the error that reports the problem.
+            EngineError::ObjectStore { detail, .. } => ReadProblem { key: key.to_owned(), detail: detail.clone(), unreachable: true },
+            other => ReadProblem { key: key.to_owned(), detail: other.to_string(), unreachable: false },
+        }
+    }
+
+    /// Converts the problem into the error of a command that cannot go on
+    /// without the object: [`EngineError::ObjectStore`] when the request
+    /// failed, so that an object that may be intact is not called damaged,
+    /// and [`EngineError::CorruptObject`] otherwise. `next_step` ends the
+    /// message of either.
+    pub fn into_error(self, store: &Store, next_step: &str) -> EngineError {
+        match self.unreachable {
+            true => EngineError::ObjectStore {
+                url: store.remote_objects().url(),
+                detail: format!("reading {} failed ({}); {next_step}", self.key, self.detail),
+            },
+            false => EngineError::CorruptObject { key: self.key, detail: format!("{}; {next_step}", self.detail) },
+        }
     }
 }
 
@@ -298,8 +317,8 @@ pub struct Walker<'a> {
     store: &'a Store,
     volume: VolumeName,
     chunks: ChunkCheck,
-    pages: HashMap<String, std::result::Result<Arc<BTreeMap<Ino, InodeRecord>>, String>>,
-    chunk_results: HashMap<String, Option<String>>,
+    pages: HashMap<String, std::result::Result<Arc<BTreeMap<Ino, InodeRecord>>, ReadProblem>>,
+    chunk_results: HashMap<String, Option<ReadProblem>>,
 }
 
 impl<'a> Walker<'a> {
@@ -331,8 +350,8 @@ impl<'a> Walker<'a> {
             let page = self.page(key);
             let records = match page {
                 Ok(records) => records,
-                Err(detail) => {
-                    refs.problems.push(ReadProblem::bad(&key, detail));
+                Err(problem) => {
+                    refs.problems.push(problem);
                     continue;
                 }
             };
@@ -349,8 +368,8 @@ impl<'a> Walker<'a> {
                     StoredContent::Directory(chunks) => {
                         for chunk in chunks {
                             let key = chunk_key(&self.volume, &chunk.key);
-                            if let Some(detail) = self.check_chunk(&key) {
-                                refs.problems.push(ReadProblem::bad(&key, detail));
+                            if let Some(problem) = self.check_chunk(&key) {
+                                refs.problems.push(problem);
                             }
                             refs.chunk_keys.insert(key);
                         }
@@ -368,21 +387,19 @@ impl<'a> Walker<'a> {
         !matches!(self.store.remote_objects().get(key), Ok(None))
     }
 
-    fn page(&mut self, key: &str) -> std::result::Result<Arc<BTreeMap<Ino, InodeRecord>>, String> {
+    fn page(&mut self, key: &str) -> std::result::Result<Arc<BTreeMap<Ino, InodeRecord>>, ReadProblem> {
         if let Some(found) = self.pages.get(key) {
             return found.clone();
         }
-        let loaded = self
-            .store
-            .read_object(key)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| decode_page(&bytes))
-            .map(Arc::new);
+        let loaded = match self.store.read_object(key) {
+            Ok(bytes) => decode_page(&bytes).map(Arc::new).map_err(|detail| ReadProblem::bad(key, detail)),
+            Err(err) => Err(ReadProblem::failed(key, &err)),
+        };
         self.pages.insert(key.to_owned(), loaded.clone());
         loaded
     }
 
-    fn check_chunk(&mut self, key: &str) -> Option<String> {
+    fn check_chunk(&mut self, key: &str) -> Option<ReadProblem> {
         if self.chunks == ChunkCheck::NameOnly {
             return None;
         }
@@ -390,8 +407,8 @@ impl<'a> Walker<'a> {
             return found.clone();
         }
         let result = match self.store.read_object(key) {
-            Ok(bytes) => decode_chunk(&bytes).err(),
-            Err(err) => Some(err.to_string()),
+            Ok(bytes) => decode_chunk(&bytes).err().map(|detail| ReadProblem::bad(key, detail)),
+            Err(err) => Some(ReadProblem::failed(key, &err)),
         };
         self.chunk_results.insert(key.to_owned(), result.clone());
         result

@@ -17,7 +17,7 @@ use crate::error::{EngineError, Result};
 use crate::extent::Extent;
 use crate::format::record::{encode_data_prefix, RecordType, DATA_PREFIX_LEN, HEADER_LEN};
 use crate::ids::{Ino, LineageName, SegmentId, VolumeName};
-use crate::session::{Access, Session, SessionBase, SyncOutcome};
+use crate::session::{Access, RetryAdvice, Session, SessionBase, SyncOptions, SyncOutcome};
 use crate::store::{segment_key, Store, VersionInfo};
 use crate::tree::Content;
 
@@ -53,8 +53,12 @@ impl Store {
         let mut extents_of = HashMap::new();
         for version in catalog.versions().keys() {
             let refs = walker.walk(*version);
-            if let Some(problem) = refs.problems.first() {
-                return Err(EngineError::CorruptObject { key: problem.key.clone(), detail: problem.detail.clone() });
+            if let Some(problem) = refs.problems.into_iter().next() {
+                let next_step = match problem.unreachable {
+                    true => "compaction stopped before changing anything: run it again once the store is reachable".to_owned(),
+                    false => format!("compaction stopped before changing anything: run `chalk fsck {volume}`"),
+                };
+                return Err(problem.into_error(self, &next_step));
             }
             for extent in &refs.extents {
                 live.entry(extent.extent.segment).or_default().insert(extent.extent.record_offset, extent.extent.record_len as u64);
@@ -94,7 +98,13 @@ impl Store {
                     compaction.copied_bytes += session.rewrite_extents(ino, &low)?;
                 }
                 let message = format!("compaction of {}", head.id);
-                match session.sync(Some(&message))? {
+                let options = SyncOptions {
+                    message: Some(message),
+                    // The session ends with the compaction.
+                    retry: RetryAdvice::Repeat("run the compaction again".to_owned()),
+                    ..SyncOptions::default()
+                };
+                match session.sync_with(&options)? {
                     SyncOutcome::Published(version) => compaction.version = Some(version),
                     SyncOutcome::NothingToPublish { .. } => {}
                 }

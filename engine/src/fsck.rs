@@ -21,6 +21,10 @@
 //!
 //! And for the host: the sealed segments of sessions that no process holds.
 //!
+//! A request that the object store fails (unreachable, timed out after its
+//! retries, access denied) stops the run with [`EngineError::ObjectStore`]:
+//! the object may well be intact, so it is not reported as a problem.
+//!
 //! Repair never writes to the object store. It replaces a damaged or
 //! differing local whole segment with a copy fetched from the object store
 //! (only when that copy scans clean and sealed), rewrites damaged cached
@@ -35,7 +39,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::cache::copies;
-use crate::catalog::{Catalog, ChunkCheck, ExtentRef, Walker};
+use crate::catalog::{Catalog, ChunkCheck, ExtentRef, ReadProblem, Walker};
 use crate::error::{EngineError, Result};
 use crate::format::record;
 use crate::ids::{SegmentId, VersionId, VolumeName};
@@ -154,13 +158,13 @@ impl SegmentUsers {
 
 impl Store {
     /// Checks the store, or one volume or version of it; see the module
-    /// documentation. Fails only when the object store cannot be listed or
-    /// the named volume or version does not exist.
+    /// documentation. Fails when the named volume or version does not exist,
+    /// or when a request to the object store fails.
     pub fn fsck(&self, options: &FsckOptions) -> Result<FsckReport> {
         let mut report = FsckReport::default();
         let volumes = match &options.volume {
             Some(volume) => vec![volume.clone()],
-            None => self.volumes_with_objects()?,
+            None => self.volumes_with_objects().map_err(|error| stopped_by_store(error, "fsck"))?,
         };
         for volume in &volumes {
             self.fsck_volume(volume, options, &mut report)?;
@@ -173,10 +177,11 @@ impl Store {
     }
 
     fn fsck_volume(&self, volume: &VolumeName, options: &FsckOptions, report: &mut FsckReport) -> Result<()> {
-        let catalog = Catalog::read(self, volume)?;
+        let catalog = Catalog::read(self, volume).map_err(|error| stopped_by_store(error, &format!("fsck of volume {volume}")))?;
         if options.volume.is_some() && !catalog.exists && catalog.objects.is_empty() {
             return Err(EngineError::not_found("volume", format!("{volume} (list them with `chalk volume list`)")));
         }
+        self.stop_if_unreachable(volume, &catalog.problems)?;
         for problem in &catalog.problems {
             let mut found = Problem::new("unreadable-object", volume, &problem.detail);
             found.key = Some(problem.key.clone());
@@ -203,6 +208,7 @@ impl Store {
         for version in &selected {
             report.versions += 1;
             let refs = walker.walk(*version);
+            self.stop_if_unreachable(volume, &refs.problems)?;
             for problem in &refs.problems {
                 let mut found = Problem::new("unreadable-object", volume, &problem.detail);
                 found.version = Some(version.to_string());
@@ -225,7 +231,7 @@ impl Store {
         for (segment, segment_users) in &users {
             report.segments += 1;
             referenced.insert(segment_key(volume, *segment));
-            self.fsck_segment(volume, &catalog, *segment, segment_users, options, report);
+            self.fsck_segment(volume, &catalog, *segment, segment_users, options, report)?;
         }
 
         // Step 5: orphans, only when every version was walked.
@@ -261,7 +267,7 @@ impl Store {
         users: &SegmentUsers,
         options: &FsckOptions,
         report: &mut FsckReport,
-    ) {
+    ) -> Result<()> {
         let key = segment_key(volume, segment);
         let problem = |kind: &'static str, copy: Option<Copy>, offset: Option<u64>, detail: String| {
             let (affected, path) = match offset {
@@ -291,7 +297,7 @@ impl Store {
             );
             found.path = list.first().map(|p| p.to_string());
             report.problems.push(found);
-            return;
+            return Ok(());
         };
         for (_, path, extent) in &users.extents {
             let x = &extent.extent;
@@ -323,6 +329,10 @@ impl Store {
             match self.remote_objects().get(&key) {
                 Ok(Some(bytes)) => Some(bytes),
                 Ok(None) => None,
+                Err(EngineError::ObjectStore { detail, .. }) => {
+                    let problem = ReadProblem { key: key.clone(), detail, unreachable: true };
+                    return self.stop_if_unreachable(volume, &[problem]);
+                }
                 Err(err) => {
                     report.problems.push(problem("unreadable-object", Some(Copy::Remote), None, format!("reading {key} failed: {err}")));
                     None
@@ -391,6 +401,19 @@ impl Store {
             let mut found = problem("corrupt-cached-block", Some(Copy::Local), Some(bad.offset), bad.detail);
             found.repaired = bad.repaired;
             report.problems.push(found);
+        }
+        Ok(())
+    }
+
+    /// Fails with the store's error when one of `problems` is a request
+    /// that the object store failed.
+    fn stop_if_unreachable(&self, volume: &VolumeName, problems: &[ReadProblem]) -> Result<()> {
+        match problems.iter().find(|p| p.unreachable) {
+            Some(problem) => Err(problem.clone().into_error(
+                self,
+                &format!("fsck of volume {volume} stopped: run it again once the store is reachable"),
+            )),
+            None => Ok(()),
         }
     }
 
@@ -501,6 +524,16 @@ impl Store {
                 report.problems.push(found);
             }
         }
+    }
+}
+
+/// Adds what stopped and what to do next to an error of the object store.
+fn stopped_by_store(error: EngineError, run: &str) -> EngineError {
+    match error {
+        EngineError::ObjectStore { url, detail } => {
+            EngineError::ObjectStore { url, detail: format!("{detail}; {run} stopped: run it again once the store is reachable") }
+        }
+        other => other,
     }
 }
 

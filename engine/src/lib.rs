@@ -47,7 +47,9 @@ pub fn block_sigpipe_on_this_thread() {
 pub use ids::{Ino, LineageName, SegmentId, SessionId, VersionId, VolumeName};
 pub use io::IoMode;
 pub use metrics::Metrics;
-pub use session::{normalize_path, Access, Invalidation, OnConflict, PathEntry, Session, SessionBase, SyncOptions, SyncOutcome};
+pub use session::{
+    normalize_path, Access, Invalidation, OnConflict, PathEntry, RetryAdvice, Session, SessionBase, SyncOptions, SyncOutcome,
+};
 pub use diff::{Change, ChangeKind};
 pub use lineage::LineageSummary;
 pub use store::{EntryKind, Store, StoreConfig, VersionInfo, VolumeSummary};

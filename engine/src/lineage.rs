@@ -16,7 +16,7 @@ use crate::error::{EngineError, Result};
 use crate::format::checkpoint::{frame, unframe, ObjectType};
 use crate::ids::{LineageName, VersionId, VolumeName};
 use crate::object_store::list_all;
-use crate::session::{Access, OnConflict, SessionBase, SyncOptions, SyncOutcome};
+use crate::session::{Access, OnConflict, RetryAdvice, SessionBase, SyncOptions, SyncOutcome};
 use crate::store::{entry_seq, lineage_prefix, now_ns, version_key, EntryKind, Store, VersionInfo};
 
 /// A lineage as `chalk volume lineages` shows it.
@@ -229,6 +229,8 @@ impl Store {
         let options = SyncOptions {
             message: Some(format!("promote {} onto {onto}", source.id)),
             on_conflict: OnConflict::Error,
+            // The session ends with the promote.
+            retry: RetryAdvice::Repeat(format!("promote version {} again", source.id)),
         };
         let synced = session.sync_with(&options).map_err(|err| match err {
             EngineError::Conflict { volume, lineage, head, paths, .. } => {

@@ -51,11 +51,12 @@ impl Store {
         let versions = catalog.versions();
         for id in versions.keys() {
             let refs = walker.walk(*id);
-            if let Some(problem) = refs.problems.first() {
-                return Err(EngineError::CorruptObject {
-                    key: problem.key.clone(),
-                    detail: format!("{}; run `chalk fsck {volume}`", problem.detail),
-                });
+            if let Some(problem) = refs.problems.into_iter().next() {
+                let next_step = match problem.unreachable {
+                    true => "run the command again once the store is reachable".to_owned(),
+                    false => format!("run `chalk fsck {volume}`"),
+                };
+                return Err(problem.into_error(self, &next_step));
             }
             let mine = records.entry(*id).or_default();
             for extent in &refs.extents {

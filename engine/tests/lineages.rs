@@ -353,7 +353,7 @@ fn sync_same_new_path(same_bytes: bool) -> (tempfile::TempDir, Arc<Store>, Volum
     put(&a, "y.txt", b"same\n");
     put(&b, "y.txt", if same_bytes { b"same\n" } else { b"ours\n" });
     published(a.sync(None).unwrap());
-    let options = SyncOptions { message: None, on_conflict: OnConflict::Ours };
+    let options = SyncOptions { on_conflict: OnConflict::Ours, ..SyncOptions::default() };
     let head = published(b.sync_with(&options).unwrap());
     (dir, store, volume, base, head)
 }

@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chalk_engine::fsck::FsckOptions;
 use chalk_engine::gc::GcOptions;
-use chalk_engine::object_store::list_all;
+use chalk_engine::object_store::{self, list_all, ListPage, ObjectStore};
 use chalk_engine::{
     Access, EngineError, LineageName, OnConflict, Owner, Session, SessionBase, Store, StoreConfig, SyncOptions, SyncOutcome,
     VersionInfo, VolumeName,
@@ -197,6 +197,110 @@ fn fsck_finds_remote_damage_and_missing_segments() {
         both
     });
     assert!(!report.is_whole());
+}
+
+/// Object store that fails every request for a key or prefix containing
+/// `cut`, once one is set, as a store that becomes unreachable mid-run.
+struct Outage {
+    inner: Arc<dyn ObjectStore>,
+    cut: Mutex<Option<&'static str>>,
+}
+
+impl Outage {
+    fn set(&self, cut: Option<&'static str>) {
+        *self.cut.lock().unwrap() = cut;
+    }
+
+    fn check(&self, key: &str) -> chalk_engine::Result<()> {
+        match *self.cut.lock().unwrap() {
+            Some(cut) if key.contains(cut) => Err(EngineError::ObjectStore {
+                url: self.inner.url(),
+                detail: format!("request for {key} failed after 3 attempt(s): connection refused"),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl ObjectStore for Outage {
+    fn url(&self) -> String {
+        self.inner.url()
+    }
+    fn put(&self, key: &str, data: &[u8]) -> chalk_engine::Result<()> {
+        self.check(key)?;
+        self.inner.put(key, data)
+    }
+    fn put_file(&self, key: &str, path: &Path) -> chalk_engine::Result<()> {
+        self.check(key)?;
+        self.inner.put_file(key, path)
+    }
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> chalk_engine::Result<bool> {
+        self.check(key)?;
+        self.inner.put_if_absent(key, data)
+    }
+    fn get(&self, key: &str) -> chalk_engine::Result<Option<Vec<u8>>> {
+        self.check(key)?;
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> chalk_engine::Result<Vec<u8>> {
+        self.check(key)?;
+        self.inner.get_range(key, offset, len)
+    }
+    fn get_to_file(&self, key: &str, path: &Path) -> chalk_engine::Result<bool> {
+        self.check(key)?;
+        self.inner.get_to_file(key, path)
+    }
+    fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> chalk_engine::Result<ListPage> {
+        self.check(prefix)?;
+        self.inner.list(prefix, start_after, limit)
+    }
+    fn delete(&self, key: &str) -> chalk_engine::Result<()> {
+        self.check(key)?;
+        self.inner.delete(key)
+    }
+}
+
+#[test]
+fn fsck_stops_when_store_becomes_unreachable() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let config = StoreConfig::with_local_root(dir.path());
+    let outage = Arc::new(Outage { inner: object_store::open(&config.object_store_url).unwrap(), cut: Mutex::new(None) });
+    let store = Store::open_with(config, outage.clone()).unwrap();
+    let volume = VolumeName::new("v").unwrap();
+    store.create_volume(&volume).unwrap();
+    let session = writable(&store, &volume);
+    put(&session, "a/one", &vec![1u8; 50_000]);
+    let version = published(session.sync(None).unwrap());
+    drop(session);
+    store.tag(&volume, version.id, "baseline").unwrap();
+    let deep = FsckOptions { volume: Some(volume.clone()), deep: true, ..FsckOptions::default() };
+    assert!(store.fsck(&deep).unwrap().is_whole());
+
+    // Reads of each kind of object fail after the listing, and the first
+    // case fails the listing itself. Every object is intact, so fsck must
+    // stop with the store's error instead of reporting damage.
+    for cut in ["volumes/v/", "/lineages/", "/tags/", "/checkpoints/", "/pages/", "/dirs/", "/segments/"] {
+        outage.set(Some(cut));
+        let err = match store.fsck(&deep) {
+            Ok(report) => panic!("fsck with requests for {cut} failing returned a report: {:#?}", report.problems),
+            Err(err) => err,
+        };
+        assert!(matches!(err, EngineError::ObjectStore { .. }), "{cut}: {err}");
+        assert!(err.to_string().contains(cut), "{cut}: the error does not name the failed request: {err}");
+        assert!(err.to_string().contains("fsck of volume v stopped"), "{cut}: {err}");
+        assert!(err.to_string().contains("run it again once the store is reachable"), "{cut}: {err}");
+    }
+
+    // gc reads pages too, and reports the store, not the page.
+    outage.set(Some("/pages/"));
+    let before = objects(&store);
+    let err = store.gc(&volume, &no_grace()).unwrap_err();
+    assert!(matches!(err, EngineError::ObjectStore { .. }), "{err}");
+    assert!(err.to_string().contains("stopped before deleting anything"), "{err}");
+
+    outage.set(None);
+    assert_eq!(objects(&store), before, "gc deleted objects after a failed read");
+    assert!(store.fsck(&deep).unwrap().is_whole());
 }
 
 #[test]

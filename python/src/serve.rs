@@ -72,7 +72,7 @@ fn handle_request(line: &str, session: &Session, registration: &Mutex<serde_json
                 Ok(on_conflict) => on_conflict,
                 Err(error) => return serde_json::json!({"ok": false, "error": error}),
             };
-            let options = SyncOptions { message: request["message"].as_str().map(str::to_owned), on_conflict };
+            let options = SyncOptions { message: request["message"].as_str().map(str::to_owned), on_conflict, ..SyncOptions::default() };
             match session.sync_with(&options) {
                 Ok(SyncOutcome::Published(version)) => {
                     let id = version.id.to_string();

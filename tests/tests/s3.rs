@@ -25,7 +25,7 @@ use chalk_engine::cache::CacheConfig;
 use chalk_engine::gc::GcOptions;
 use chalk_engine::metrics::Metrics;
 use chalk_engine::object_store::{
-    CachedStore, ConditionalWrites, ObjectStore, S3Endpoint, S3Settings, S3Store, PROBE_RECORD_KEY,
+    CachedStore, ConditionalWrites, ObjectStore, S3Endpoint, S3Settings, S3Store, PROBE_RECORD_KEY, SINGLE_WRITER_WARNING,
 };
 use chalk_engine::{
     Access, EngineError, IoMode, LineageName, Owner, Session, SessionBase, Store, StoreConfig, SyncOutcome, VersionInfo,
@@ -227,6 +227,15 @@ fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("invalid JSON ({e}): {text}"))
 }
 
+/// Checks that `output` printed the single-writer warning once, as one
+/// `warning:` line like every other command that publishes.
+fn assert_single_writer_warning(command: &str, output: &Output) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|line| line.contains("single-writer mode")).collect();
+    let expected = format!("warning: {SINGLE_WRITER_WARNING}");
+    assert_eq!(lines, [expected.as_str()], "{command} must print the single-writer warning once: {}", describe(output));
+}
+
 // ---------------------------------------------------------------------------
 // Round trips, cold reads, ranges and multipart
 // ---------------------------------------------------------------------------
@@ -243,11 +252,13 @@ fn cli_round_trip_through_garage() {
     std::fs::write(tree.path().join("data/sub/small.txt"), b"small").unwrap();
     std::fs::write(tree.path().join("data/empty"), b"").unwrap();
 
+    // Garage ignores conditional writes, so each command that publishes prints the warning.
     let created = chalk(&garage, &url, home.path()).args(["volume", "create", "v"]).output().unwrap();
     assert!(created.status.success(), "{}", describe(&created));
-    let stderr = String::from_utf8_lossy(&created.stderr);
-    assert!(stderr.contains("single-writer mode"), "Garage ignores conditional writes, and chalk must say so: {stderr}");
-    run_ok(chalk(&garage, &url, home.path()).args(["volume", "put", "v"]).arg(tree.path().join("data")).arg("data"));
+    assert_single_writer_warning("create", &created);
+    let put = chalk(&garage, &url, home.path()).args(["volume", "put", "v"]).arg(tree.path().join("data")).arg("data").output().unwrap();
+    assert!(put.status.success(), "{}", describe(&put));
+    assert_single_writer_warning("put", &put);
 
     // A second host, with an empty CHALK_HOME, lists the volume and reads it back.
     let listed = json(&run_ok(chalk(&garage, &url, other_home.path()).args(["volume", "list", "--json"])));
@@ -287,6 +298,12 @@ fn cli_round_trip_through_garage() {
     let stderr = String::from_utf8_lossy(&gc.stderr);
     assert!(stderr.contains("once the store answers"), "{}", describe(&gc));
     assert!(!stderr.contains("damaged"), "{}", describe(&gc));
+
+    // fsck too.
+    let fsck = offline(&["fsck", "v"]).output().unwrap();
+    assert!(!fsck.status.success(), "fsck without a store must fail: {}", describe(&fsck));
+    let stderr = String::from_utf8_lossy(&fsck.stderr);
+    assert!(stderr.contains("fsck of volume v stopped: run it again once the store is reachable"), "{}", describe(&fsck));
 }
 
 #[test]
@@ -787,11 +804,7 @@ fn mounted_sync_through_an_outage() {
     std::fs::write(mnt.path().join("first"), b"before the outage").unwrap();
     let synced = through_proxy(&["volume", "sync", mount_point]).output().unwrap();
     assert!(synced.status.success(), "{}", describe(&synced));
-    assert!(
-        String::from_utf8_lossy(&synced.stderr).contains("single-writer mode"),
-        "the sync must warn that the store runs in single-writer mode: {}",
-        describe(&synced)
-    );
+    assert_single_writer_warning("sync", &synced);
 
     // With the store down, the sync fails and reports that the writes are
     // kept, and the mount still serves them.
@@ -803,6 +816,13 @@ fn mounted_sync_through_an_outage() {
     assert!(stderr.contains("keeps its writes"), "{}", describe(&failed));
     assert!(stderr.contains("sync again"), "{}", describe(&failed));
     assert_eq!(std::fs::read(mnt.path().join("second")).unwrap(), b"during the outage");
+
+    // The mount's log names the volume and lineage of the failed sync.
+    let logs: Vec<PathBuf> = std::fs::read_dir(home.path().join("logs")).unwrap().map(|e| e.unwrap().path()).collect();
+    let log = logs.iter().map(|path| std::fs::read_to_string(path).unwrap()).collect::<Vec<_>>().join("");
+    let line = log.lines().find(|line| line.contains("sync failed")).unwrap_or_else(|| panic!("no `sync failed` line in {logs:?}: {log}"));
+    assert!(line.contains("volume=v"), "{line}");
+    assert!(line.contains("lineage=main"), "{line}");
 
     // Once the store is reachable again, the same mount publishes both files.
     proxy.set(FaultPlan::default());
@@ -888,7 +908,65 @@ fn upload_reset_fails_without_a_signal() {
         .unwrap();
     assert_eq!(put.status.signal(), None, "the put was killed by a signal: {}", describe(&put));
     assert!(!put.status.success(), "a put through a store that resets every upload succeeded: {}", describe(&put));
-    assert!(String::from_utf8_lossy(&put.stderr).contains("nothing was published"), "{}", describe(&put));
+    let stderr = String::from_utf8_lossy(&put.stderr);
+    assert!(stderr.contains("nothing was published"), "{}", describe(&put));
+    // The put's session ends with the command, so syncing is no way out.
+    assert!(stderr.contains("run `chalk volume put` again once the store is reachable"), "{}", describe(&put));
+    assert!(!stderr.contains("sync again"), "{}", describe(&put));
+
+    // At most one retry warning per object, with a short cause; the final
+    // error keeps the whole cause.
+    let mut warnings: BTreeMap<String, usize> = BTreeMap::new();
+    for line in stderr.lines().filter(|line| line.contains("object store request failed")) {
+        let key = line.split_whitespace().find_map(|field| field.strip_prefix("key=")).unwrap_or_else(|| panic!("no key in {line}"));
+        *warnings.entry(key.to_owned()).or_default() += 1;
+        assert!(!line.contains("DispatchFailure"), "the retry warning carries the SDK's debug output: {line}");
+        assert!(line.len() < 600, "the retry warning is {} characters long: {line}", line.len());
+    }
+    assert!(!warnings.is_empty(), "the put retried without a warning: {}", describe(&put));
+    assert!(warnings.values().all(|&count| count == 1), "more than one retry warning for an object: {warnings:?}");
+    let error = stderr.lines().find(|line| line.starts_with("error:")).unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(error.contains("failed after 3 attempt(s)"), "{error}");
+}
+
+#[test]
+fn deep_fsck_stops_when_store_goes_down() {
+    let Some(garage) = garage() else { return };
+    let url = fresh_url(&garage, "fsck-outage");
+    let proxy = FaultProxy::start(&garage);
+    let (home, check_home) = (temp_home(), temp_home());
+    run_ok(chalk(&garage, &url, home.path()).args(["volume", "create", "v"]));
+    let tree = tempfile::tempdir_in("/var/tmp").unwrap();
+    for n in 0..3u64 {
+        let file = tree.path().join(format!("f{n}"));
+        std::fs::write(&file, pattern(MIB + n, n)).unwrap();
+        run_ok(chalk(&garage, &url, home.path()).args(["volume", "put", "v"]).arg(&file).arg(format!("f{n}")));
+    }
+    let fsck = |args: &[&str]| {
+        let mut command = chalk(&garage, &url, check_home.path());
+        command
+            .env("AWS_ENDPOINT_URL", proxy.url())
+            .env("CHALK_S3_MAX_ATTEMPTS", "2")
+            .env("CHALK_S3_CONNECT_TIMEOUT_MS", "500")
+            .args(["fsck", "v"])
+            .args(args);
+        command
+    };
+
+    // The listing and the metadata reads pass, and then the store stops
+    // responding: every segment read fails. The segments are intact, so
+    // fsck must stop with the store's error and report no damage.
+    proxy.set(FaultPlan { close_paths_containing: Some("/segments/"), ..FaultPlan::default() });
+    let failed = fsck(&["--deep"]).output().unwrap();
+    assert!(!failed.status.success(), "fsck --deep without segment reads succeeded: {}", describe(&failed));
+    let (stdout, stderr) = (String::from_utf8_lossy(&failed.stdout), String::from_utf8_lossy(&failed.stderr));
+    assert!(stderr.contains("fsck of volume v stopped: run it again once the store is reachable"), "{}", describe(&failed));
+    assert!(!stdout.contains("unreadable-object"), "{}", describe(&failed));
+    assert!(!stderr.contains("--repair"), "{}", describe(&failed));
+
+    // Once the store is reachable again, the same check passes.
+    proxy.set(FaultPlan::default());
+    run_ok(&mut fsck(&["--deep"]));
 }
 
 #[test]
@@ -1087,6 +1165,10 @@ struct FaultPlan {
     refuse_all: bool,
     /// Every request is read and gets no response.
     hang_all: bool,
+    /// Every request whose target contains this has its connection closed
+    /// without a response, as if the store stopped responding after the
+    /// requests before it.
+    close_paths_containing: Option<&'static str>,
 }
 
 impl FaultPlan {
@@ -1283,7 +1365,8 @@ fn serve_connection(client: TcpStream, upstream_addr: &str, state: &Mutex<ProxyS
             }
             (fault, state.plan.clone())
         };
-        if plan.refuse_all {
+        let closed = plan.close_paths_containing.is_some_and(|part| target.contains(part));
+        if plan.refuse_all || closed {
             let _ = client_writer.shutdown(Shutdown::Both);
             return;
         }

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use chalk_engine::{Access, LineageName, SessionBase, Store, StoreConfig, SyncOutcome, VolumeName};
+use chalk_engine::{Access, LineageName, RetryAdvice, Session, SessionBase, Store, StoreConfig, SyncOptions, SyncOutcome, VolumeName};
 use clap::{Parser, Subcommand};
 
 /// Persistent, versioned file storage for compute workloads.
@@ -304,6 +304,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let store = open_store()?;
             let version = store.create_volume(&volume)?;
             println!("created volume {volume} at version {}", version.id);
+            mount_cmd::warn_if_single_writer(&store);
         }
         VolumeCommand::List { json } => {
             let store = open_store()?;
@@ -329,15 +330,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let session = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::Writable)?;
             let summary = transfer::put(&session, &local, remote.as_deref())?;
             let message = message.unwrap_or_else(|| format!("put {}", summary.remote));
-            match session.sync(Some(&message))? {
-                SyncOutcome::Published(version) => println!(
-                    "uploaded {} files ({}) to {}:{} as version {}",
-                    summary.files,
-                    output::human_bytes(summary.bytes),
-                    volume,
-                    summary.remote,
-                    version.id
-                ),
+            match sync_once(&session, message, "put")? {
+                SyncOutcome::Published(version) => {
+                    println!(
+                        "uploaded {} files ({}) to {}:{} as version {}",
+                        summary.files,
+                        output::human_bytes(summary.bytes),
+                        volume,
+                        summary.remote,
+                        version.id
+                    );
+                    mount_cmd::warn_if_single_writer(&store);
+                }
                 SyncOutcome::NothingToPublish { .. } => println!("nothing to upload: {} is empty", local.display()),
             }
         }
@@ -355,10 +359,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let volume = volume_name(&name)?;
             let session = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::Writable)?;
             session.remove_path(&path, recursive)?;
-            match session.sync(Some(&format!("rm {path}")))? {
+            match sync_once(&session, format!("rm {path}"), "rm")? {
                 SyncOutcome::Published(version) => println!("removed {path} from {volume} as version {}", version.id),
                 SyncOutcome::NothingToPublish { .. } => bail!("nothing removed"),
             }
+            mount_cmd::warn_if_single_writer(&store);
         }
         VolumeCommand::Versions { name, lineage, all, json } => {
             let store = open_store()?;
@@ -381,12 +386,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let lineage = lineage.map(|l| LineageName::new(&l)).transpose()?;
             let (lineage, version) = store.fork(&volume, from.id, lineage)?;
             println!("created lineage {lineage} of {volume} at version {}", version.id);
+            mount_cmd::warn_if_single_writer(&store);
         }
         VolumeCommand::Lineage(LineageCommand::Rename { name, from, to }) => {
             let store = open_store()?;
             let volume = volume_name(&name)?;
             store.rename_lineage(&volume, &LineageName::new(&from)?, &LineageName::new(&to)?)?;
             println!("renamed lineage {from} of {volume} to {to}");
+            mount_cmd::warn_if_single_writer(&store);
         }
         VolumeCommand::Lineage(LineageCommand::Delete { name, lineage }) => {
             let store = open_store()?;
@@ -412,8 +419,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => session.copy_path(&session, &src, &dst, recursive, chalk_engine::Owner::current())?,
             };
-            match session.sync(Some(&format!("cp {src} {dst}")))? {
-                SyncOutcome::Published(version) => println!("copied {copied} files to {dst} as version {}", version.id),
+            match sync_once(&session, format!("cp {src} {dst}"), "cp")? {
+                SyncOutcome::Published(version) => {
+                    println!("copied {copied} files to {dst} as version {}", version.id);
+                    mount_cmd::warn_if_single_writer(&store);
+                }
                 SyncOutcome::NothingToPublish { .. } => println!("nothing copied"),
             }
         }
@@ -422,8 +432,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let volume = volume_name(&name)?;
             let session = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::Writable)?;
             session.move_path(&src, &dst, chalk_engine::Owner::current())?;
-            match session.sync(Some(&format!("mv {src} {dst}")))? {
-                SyncOutcome::Published(version) => println!("moved {src} to {dst} as version {}", version.id),
+            match sync_once(&session, format!("mv {src} {dst}"), "mv")? {
+                SyncOutcome::Published(version) => {
+                    println!("moved {src} to {dst} as version {}", version.id);
+                    mount_cmd::warn_if_single_writer(&store);
+                }
                 SyncOutcome::NothingToPublish { .. } => println!("nothing moved"),
             }
         }
@@ -437,6 +450,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let promoted = store.promote(&volume, version.id, &onto)?;
             println!("{onto} of {volume} is now at version {}", promoted.id);
+            mount_cmd::warn_if_single_writer(&store);
         }
         VolumeCommand::Tag { name, version, tag } => {
             let store = open_store()?;
@@ -444,6 +458,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let version = store.resolve_version(&volume, &version)?;
             store.tag(&volume, version.id, &tag)?;
             println!("tagged version {} of {volume} as {tag}", version.id);
+            mount_cmd::warn_if_single_writer(&store);
         }
         VolumeCommand::Mount { name, dir, version, lineage, writable, read_only, follow, daemon, metrics } => {
             // A mount serves until unmounted, so a control client or metrics
@@ -488,6 +503,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Syncs the session of a `chalk volume` command, which ends with the
+/// command. After a failure of the object store, the error gives running
+/// the command again as the next step, not a sync.
+fn sync_once(session: &Session, message: String, command: &str) -> chalk_engine::Result<SyncOutcome> {
+    let options = SyncOptions {
+        message: Some(message),
+        retry: RetryAdvice::Repeat(format!("run `chalk volume {command}` again")),
+        ..SyncOptions::default()
+    };
+    session.sync_with(&options)
 }
 
 fn main() -> ExitCode {

@@ -36,6 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use chalk_engine::object_store::{ConditionalWrites, SINGLE_WRITER_WARNING};
 use chalk_engine::{Access, LineageName, OnConflict, Session, SessionBase, Store, SyncOptions, SyncOutcome, VolumeName};
 use chalk_fused::{Invalidator, MountHandle, MountOptions};
 use parking_lot::Mutex;
@@ -197,9 +198,12 @@ pub fn run_sync(store: &Store, target: &str, message: Option<&str>, on_conflict:
                     dir.display()
                 );
             }
-            let line = sync_mount(registration, message, on_conflict)
+            let synced = sync_mount(registration, message, on_conflict)
                 .with_context(|| format!("sync of the mount at {} failed", dir.display()))?;
-            return Ok(vec![line]);
+            if synced.single_writer {
+                print_single_writer_warning();
+            }
+            return Ok(vec![synced.line]);
         }
     }
 
@@ -224,11 +228,18 @@ pub fn run_sync(store: &Store, target: &str, message: Option<&str>, on_conflict:
 
     let mut lines = Vec::new();
     let mut failures = Vec::new();
+    let mut single_writer = false;
     for registration in writable {
         match sync_mount(registration, message, on_conflict) {
-            Ok(line) => lines.push(line),
+            Ok(synced) => {
+                lines.push(synced.line);
+                single_writer |= synced.single_writer;
+            }
             Err(error) => failures.push(format!("the mount at {}: {error:#}", registration.dir.display())),
         }
+    }
+    if single_writer {
+        print_single_writer_warning();
     }
     if !failures.is_empty() {
         let mut message = format!("sync failed for {} of {} mounts of volume {volume}", failures.len(), failures.len() + lines.len());
@@ -558,14 +569,14 @@ fn handle_control_request(request: ControlRequest, control: &Control) -> serde_j
             })
         }
         ControlRequest::Sync { message, on_conflict } => match parse_on_conflict(on_conflict.as_deref())
-            .and_then(|on_conflict| Ok(session.sync_with(&SyncOptions { message, on_conflict })?))
+            .and_then(|on_conflict| Ok(session.sync_with(&SyncOptions { message, on_conflict, ..SyncOptions::default() })?))
         {
             Ok(SyncOutcome::Published(version)) => {
                 // A rebase brought in other writers' changes; the kernel
                 // must not keep serving the old names and bytes.
                 control.invalidator.apply();
                 let id = version.id.to_string();
-                tracing::info!(version = %id, lineage = %version.lineage, "sync published a version");
+                tracing::info!(volume = %session.volume(), version = %id, lineage = %version.lineage, "sync published a version");
                 let mut registration = registration.lock();
                 registration.base_version = id.clone();
                 if let Err(error) = write_registration(json, &registration) {
@@ -573,17 +584,20 @@ fn handle_control_request(request: ControlRequest, control: &Control) -> serde_j
                 }
                 // The publish ran the conditional-write probe, so its cached
                 // result is read here without a request.
-                let single_writer = matches!(
-                    session.store().objects().conditional_writes(),
-                    Ok(chalk_engine::object_store::ConditionalWrites::Ignored)
-                );
+                let single_writer =
+                    matches!(session.store().objects().conditional_writes(), Ok(ConditionalWrites::Ignored));
+                if single_writer {
+                    log_single_writer_warning_once();
+                }
                 serde_json::json!({"ok": true, "published": id, "single_writer": single_writer})
             }
             Ok(SyncOutcome::NothingToPublish { base }) => {
                 serde_json::json!({"ok": true, "nothing_to_publish": true, "base": base.id.to_string()})
             }
             Err(error) => {
-                tracing::error!(%error, "sync failed");
+                // A mount on a pinned version has no lineage until its first sync forks one.
+                let lineage = session.lineage().map_or_else(|| "none".to_owned(), |l| l.to_string());
+                tracing::error!(volume = %session.volume(), lineage = %lineage, %error, "sync failed");
                 serde_json::json!({"ok": false, "error": error.to_string()})
             }
         },
@@ -934,12 +948,37 @@ pub fn parse_on_conflict(value: Option<&str>) -> anyhow::Result<OnConflict> {
     }
 }
 
-/// Printed after each sync of a mount on a store that ignores conditional
-/// writes, where the conditional head write cannot stop a second host.
-const SINGLE_WRITER_WARNING: &str = "the object store ignores conditional writes (If-None-Match), so Chalk runs in \
-     single-writer mode there: publishing to one lineage from more than one host at a time can lose a version";
+/// Prints the single-writer warning to stderr, as every command that
+/// publishes to a store that ignores conditional writes does once.
+pub fn print_single_writer_warning() {
+    eprintln!("warning: {SINGLE_WRITER_WARNING}");
+}
 
-fn sync_mount(registration: &Registration, message: Option<&str>, on_conflict: Option<&str>) -> anyhow::Result<String> {
+/// Prints the single-writer warning if the store ignores conditional
+/// writes. Call it after the command published: the publish ran the probe,
+/// so its result is known and no request is sent.
+pub fn warn_if_single_writer(store: &Store) {
+    if matches!(store.objects().conditional_writes(), Ok(ConditionalWrites::Ignored)) {
+        print_single_writer_warning();
+    }
+}
+
+/// Logs the single-writer warning at most once per process, for a
+/// long-running process whose log is read rather than its terminal.
+pub fn log_single_writer_warning_once() {
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    LOGGED.call_once(|| tracing::warn!("{SINGLE_WRITER_WARNING}"));
+}
+
+/// Reply of a mount to a sync request that succeeded.
+struct MountSynced {
+    /// The new version id, or a note that there was nothing to publish.
+    line: String,
+    /// The store ignores conditional writes.
+    single_writer: bool,
+}
+
+fn sync_mount(registration: &Registration, message: Option<&str>, on_conflict: Option<&str>) -> anyhow::Result<MountSynced> {
     let request = serde_json::json!({"op": "sync", "message": message, "on_conflict": on_conflict});
     let reply = control_request(registration, &request)?;
     if reply["ok"].as_bool() != Some(true) {
@@ -947,14 +986,13 @@ fn sync_mount(registration: &Registration, message: Option<&str>, on_conflict: O
         bail!("{error}");
     }
     if let Some(version) = reply["published"].as_str() {
-        if reply["single_writer"].as_bool() == Some(true) {
-            eprintln!("warning: {SINGLE_WRITER_WARNING}");
-        }
-        return Ok(version.to_owned());
+        let single_writer = reply["single_writer"].as_bool() == Some(true);
+        return Ok(MountSynced { line: version.to_owned(), single_writer });
     }
     if reply["nothing_to_publish"].as_bool() == Some(true) {
         let base = reply["base"].as_str().unwrap_or("unknown");
-        return Ok(format!("nothing to publish at {} (base version {base})", registration.dir.display()));
+        let line = format!("nothing to publish at {} (base version {base})", registration.dir.display());
+        return Ok(MountSynced { line, single_writer: false });
     }
     bail!("unexpected response from mount process {}: {reply}", registration.pid)
 }

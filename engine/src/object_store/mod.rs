@@ -48,6 +48,12 @@ pub enum ConditionalWrites {
     Ignored,
 }
 
+/// Warning for a store whose conditional writes are
+/// [`ConditionalWrites::Ignored`], where the create-if-absent write of a
+/// lineage entry cannot stop a second host.
+pub const SINGLE_WRITER_WARNING: &str = "the object store ignores conditional writes (If-None-Match), so Chalk runs in \
+     single-writer mode there: publishing to one lineage from more than one host at a time can lose a version";
+
 /// An S3-shaped key-value store of immutable objects.
 ///
 /// A wrapper (metrics, metadata copies, test faults) forwards every method,

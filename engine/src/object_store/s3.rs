@@ -40,6 +40,7 @@ use std::future::Future;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,7 +60,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use super::{validate_key, ConditionalWrites, IncompleteUpload, ListPage, ObjectMeta, ObjectStore};
+use super::{validate_key, ConditionalWrites, IncompleteUpload, ListPage, ObjectMeta, ObjectStore, SINGLE_WRITER_WARNING};
 use crate::cache::parse_size;
 use crate::error::{EngineError, Result};
 use crate::metrics::Metrics;
@@ -309,7 +310,10 @@ enum Conditional {
 #[derive(Debug)]
 struct Failure {
     kind: FailureKind,
+    /// The whole cause, for the final error and debug logs.
     detail: String,
+    /// One short line, for the warning that a request is retried.
+    summary: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -324,20 +328,32 @@ enum FailureKind {
 
 impl Failure {
     fn transient(detail: impl Into<String>) -> Self {
-        Failure { kind: FailureKind::Transient, detail: detail.into() }
+        let detail = detail.into();
+        Failure { kind: FailureKind::Transient, summary: detail.clone(), detail }
     }
 
     fn corrupt(detail: impl Into<String>) -> Self {
-        Failure { kind: FailureKind::Corrupt, detail: detail.into() }
+        let detail = detail.into();
+        Failure { kind: FailureKind::Corrupt, summary: detail.clone(), detail }
+    }
+
+    /// Returns the failure of a response body that broke off while it was read.
+    fn body(error: &(dyn std::error::Error + 'static)) -> Self {
+        Failure {
+            kind: FailureKind::Transient,
+            detail: format!("response body failed: {}", DisplayErrorContext(error)),
+            summary: format!("response body failed: {}", root_cause(error)),
+        }
     }
 
     /// Classifies an SDK error. `status` is the HTTP status when a response arrived.
     fn from_sdk<E, R>(error: &SdkError<E, R>, status: Option<u16>) -> Self
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
-        R: std::fmt::Debug,
+        R: std::fmt::Debug + 'static,
     {
         let detail = describe(error, status);
+        let summary = summarize(error, status);
         let kind = match error {
             SdkError::ConstructionFailure(_) => FailureKind::Permanent,
             SdkError::TimeoutError(_) | SdkError::ResponseError(_) => FailureKind::Transient,
@@ -355,8 +371,38 @@ impl Failure {
             }
             _ => FailureKind::Transient,
         };
-        Failure { kind, detail }
+        Failure { kind, detail, summary }
     }
+}
+
+/// Describes an SDK error in a few words: the HTTP status and S3 error code
+/// of a response, else the innermost cause, as in "connection refused".
+fn summarize<E, R>(error: &SdkError<E, R>, status: Option<u16>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    match error {
+        SdkError::TimeoutError(_) => "request timed out".to_owned(),
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or("no error code");
+            match status {
+                Some(status) => format!("HTTP {status} {code}"),
+                None => code.to_owned(),
+            }
+        }
+        SdkError::ResponseError(_) => format!("invalid response: {}", root_cause(error)),
+        _ => root_cause(error),
+    }
+}
+
+/// Returns the message of the last error in the source chain of `error`.
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
 }
 
 /// Describes an SDK error in one line: the HTTP status, the S3 error code and the cause chain.
@@ -615,7 +661,20 @@ impl Inner {
 
     /// Runs `attempt` until it succeeds, fails for good or uses up the
     /// attempts, sleeping an exponential, fully jittered delay in between.
-    async fn retry<T, F, Fut>(&self, operation: &'static str, key: &str, mut attempt: F) -> Result<T>
+    async fn retry<T, F, Fut>(&self, operation: &'static str, key: &str, attempt: F) -> Result<T>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = std::result::Result<T, Failure>>,
+    {
+        self.retry_warning_once(operation, key, &AtomicBool::new(false), attempt).await
+    }
+
+    /// [`retry`](Self::retry), where `warned` is shared by the requests of
+    /// one object (the parts of a multipart upload). The first failed
+    /// attempt among them logs a WARN with a short cause, and every failed
+    /// attempt logs the whole cause at DEBUG, so that an outage does not
+    /// flood the log. The error returned keeps the whole cause.
+    async fn retry_warning_once<T, F, Fut>(&self, operation: &'static str, key: &str, warned: &AtomicBool, mut attempt: F) -> Result<T>
     where
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = std::result::Result<T, Failure>>,
@@ -638,10 +697,16 @@ impl Inner {
                 metrics.record_object_retry(operation);
             }
             let delay = backoff(&self.settings, number);
-            tracing::warn!(
+            tracing::debug!(
                 url = %self.url, operation, key, attempt = number, delay_ms = delay.as_millis() as u64,
                 error = %failure.detail, "object store request failed; retrying"
             );
+            if !warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    url = %self.url, operation, key, attempt = number, max_attempts = self.settings.max_attempts,
+                    error = %failure.summary, "object store request failed; retrying, and logging further failures for this object at DEBUG"
+                );
+            }
             tokio::time::sleep(delay).await;
             number += 1;
         }
@@ -752,7 +817,7 @@ impl Inner {
                     .body
                     .collect()
                     .await
-                    .map_err(|e| Failure::transient(format!("response body failed: {}", DisplayErrorContext(&e))))?
+                    .map_err(|e| Failure::body(&e))?
                     .into_bytes();
                 check_crc(expected, crc32fast::hash(&body), body.len() as u64)?;
                 Ok(Some(body))
@@ -789,7 +854,7 @@ impl Inner {
                 let mut stream = output.body;
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk
-                        .map_err(|e| Failure::transient(format!("response body failed: {}", DisplayErrorContext(&e))))?;
+                        .map_err(|e| Failure::body(&e))?;
                     if (body.len() + chunk.len()) as u64 > expected_len {
                         return Err(Failure::transient(format!("response body is longer than the {expected_len} bytes expected")));
                     }
@@ -824,16 +889,16 @@ impl Inner {
                     Err(e) => return Err(Failure::from_sdk(&e, status_of(&e))),
                 };
                 let expected = expected_crc(output.metadata(), output.checksum_crc32());
-                let local = |e: std::io::Error| Failure {
-                    kind: FailureKind::Permanent,
-                    detail: format!("writing {}: {e}", path.display()),
+                let local = |e: std::io::Error| {
+                    let detail = format!("writing {}: {e}", path.display());
+                    Failure { kind: FailureKind::Permanent, summary: detail.clone(), detail }
                 };
                 let mut file = File::create(path).map_err(local)?;
                 let mut hasher = crc32fast::Hasher::new();
                 let mut len = 0u64;
                 while let Some(chunk) = output.body.next().await {
                     let chunk = chunk
-                        .map_err(|e| Failure::transient(format!("response body failed: {}", DisplayErrorContext(&e))))?;
+                        .map_err(|e| Failure::body(&e))?;
                     hasher.update(&chunk);
                     len += chunk.len() as u64;
                     file.write_all(&chunk).map_err(local)?;
@@ -998,6 +1063,14 @@ fn total_from_content_range(value: &str) -> Option<u64> {
     value.rsplit('/').next()?.trim().parse().ok()
 }
 
+/// One part of a multipart upload: its number (from 1) and its byte range in the object.
+#[derive(Clone, Copy, Debug)]
+struct Part {
+    number: i32,
+    offset: u64,
+    size: usize,
+}
+
 // Multipart uploads.
 impl Inner {
     /// Uploads `len` bytes that `read_part(offset, len)` returns, in parts of
@@ -1009,8 +1082,9 @@ impl Inner {
     {
         let full_key = self.full_key(key);
         let part_bytes = self.settings.part_bytes.max(len.div_ceil(PARTS_MAX));
+        let warned = Arc::new(AtomicBool::new(false));
         let upload_id = self
-            .retry("create multipart upload", key, |_| {
+            .retry_warning_once("create multipart upload", key, &warned, |_| {
                 let request = self
                     .client
                     .create_multipart_upload()
@@ -1034,11 +1108,12 @@ impl Inner {
         for index in 0..parts {
             let inner = Arc::clone(self);
             let read_part = Arc::clone(&read_part);
-            let (key, full_key, upload_id) = (key.to_owned(), full_key.clone(), upload_id.clone());
+            let (key, full_key, upload_id, warned) = (key.to_owned(), full_key.clone(), upload_id.clone(), Arc::clone(&warned));
             let offset = index * part_bytes;
             let size = part_bytes.min(len - offset) as usize;
             tasks.spawn(async move {
-                inner.upload_part(&key, &full_key, &upload_id, index as i32 + 1, offset, size, read_part.as_ref()).await
+                let part = Part { number: index as i32 + 1, offset, size };
+                inner.upload_part(&key, &full_key, &upload_id, part, &warned, read_part.as_ref()).await
             });
         }
         let mut completed = Vec::with_capacity(parts as usize);
@@ -1055,14 +1130,14 @@ impl Inner {
             }
         }
         if let Some(err) = first_error {
-            self.abort_multipart(&full_key, &upload_id).await;
+            self.abort_multipart(key, &upload_id).await;
             return Err(err);
         }
 
         completed.sort_by_key(|part| part.part_number());
         let upload = CompletedMultipartUpload::builder().set_parts(Some(completed)).build();
         let result = self
-            .retry("complete multipart upload", key, |_| {
+            .retry_warning_once("complete multipart upload", key, &warned, |_| {
                 let request = self
                     .client
                     .complete_multipart_upload()
@@ -1084,7 +1159,7 @@ impl Inner {
                 tracing::debug!(key, error = %err, "multipart upload completed although its response was lost or invalid");
                 return Ok(());
             }
-            self.abort_multipart(&full_key, &upload_id).await;
+            self.abort_multipart(key, &upload_id).await;
             return Err(err);
         }
         Ok(())
@@ -1117,20 +1192,19 @@ impl Inner {
 
     /// Reads and uploads one part. The request permit is held from the read
     /// to the last attempt, so part buffers in memory stay within `concurrency`.
-    #[allow(clippy::too_many_arguments)]
     async fn upload_part<R>(
         &self,
         key: &str,
         full_key: &str,
         upload_id: &str,
-        number: i32,
-        offset: u64,
-        size: usize,
+        part: Part,
+        warned: &AtomicBool,
         read_part: &R,
     ) -> Result<CompletedPart>
     where
         R: Fn(u64, usize) -> std::io::Result<Vec<u8>> + Send + Sync,
     {
+        let Part { number, offset, size } = part;
         let _permit = self.permit().await;
         let body = Bytes::from(tokio::task::block_in_place(|| read_part(offset, size)).map_err(|e| {
             self.error(format!("reading part {number} of {key} at offset {offset}: {e}"))
@@ -1140,7 +1214,7 @@ impl Inner {
         }
         let crc = crc_header(crc32fast::hash(&body));
         let output = self
-            .retry("upload part", key, |_| {
+            .retry_warning_once("upload part", key, warned, |_| {
                 let request = self
                     .client
                     .upload_part()
@@ -1160,13 +1234,15 @@ impl Inner {
             .build())
     }
 
-    /// Aborts a multipart upload once, without retries. Parts left behind by
-    /// a failed abort are garbage for `gc`.
-    async fn abort_multipart(&self, full_key: &str, upload_id: &str) {
+    /// Aborts the multipart upload of `key` once, without retries. Parts
+    /// left behind by a failed abort are garbage for `gc`.
+    async fn abort_multipart(&self, key: &str, upload_id: &str) {
+        let full_key = self.full_key(key);
         let request =
-            self.client.abort_multipart_upload().bucket(&self.location.bucket).key(full_key).upload_id(upload_id);
+            self.client.abort_multipart_upload().bucket(&self.location.bucket).key(&full_key).upload_id(upload_id);
         if let Err(e) = request.send().await {
-            tracing::warn!(url = %self.url, key = full_key, upload_id, error = %DisplayErrorContext(&e), "failed to abort multipart upload");
+            tracing::warn!(url = %self.url, key, upload_id, error = %summarize(&e, status_of(&e)), "failed to abort multipart upload; gc aborts it later");
+            tracing::debug!(url = %self.url, key, upload_id, error = %DisplayErrorContext(&e), "abort of multipart upload failed");
         }
     }
 }
@@ -1285,12 +1361,10 @@ impl ObjectStore for S3Store {
             return Ok(answer);
         }
         let answer = self.probe()?;
+        // INFO, because the callers tell the user: `chalk` prints it once
+        // after a command that published, and a mount logs it once.
         if answer == ConditionalWrites::Ignored {
-            tracing::warn!(
-                url = %self.url(),
-                "the object store ignores conditional writes (If-None-Match), so Chalk runs in single-writer mode: \
-                 publishing to one lineage from more than one host at a time can lose a version there"
-            );
+            tracing::info!(url = %self.url(), "{SINGLE_WRITER_WARNING}");
         }
         *known = Some(answer);
         Ok(answer)

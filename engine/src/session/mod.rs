@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 
 pub use paths::{normalize_path, PathEntry};
 pub(crate) use publish::publish_empty_version;
-pub use publish::SyncOptions;
+pub use publish::{RetryAdvice, SyncOptions};
 pub use rebase::OnConflict;
 
 use crate::error::{EngineError, Result};

@@ -97,6 +97,21 @@ pub struct SyncOptions {
     /// Message stored with the new version.
     pub message: Option<String>,
     pub on_conflict: super::OnConflict,
+    pub retry: RetryAdvice,
+}
+
+/// Next step that the error of a sync gives the user when the object store
+/// failed it: what to do once the store is reachable again.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum RetryAdvice {
+    /// Sync the same session again: it stays open and keeps its writes (a
+    /// mount, an SDK batch).
+    #[default]
+    SyncAgain,
+    /// Repeat the request that opened the session, because the session ends
+    /// with it and its writes go too. The text is the instruction, as in
+    /// "run `chalk volume put` again".
+    Repeat(String),
 }
 
 impl Session {
@@ -119,11 +134,14 @@ impl Session {
         self.metrics.record_sync(result, started.elapsed());
         outcome.map_err(|error| match error {
             // The store error names the failed request. The user also needs
-            // to know that no write is lost, and what to do next.
-            EngineError::ObjectStore { url, detail } => EngineError::ObjectStore {
-                url,
-                detail: format!("{detail}; nothing was published and this session keeps its writes: sync again once the store answers"),
-            },
+            // to know whether the writes are kept, and what to do next.
+            EngineError::ObjectStore { url, detail } => {
+                let next_step = match &options.retry {
+                    RetryAdvice::SyncAgain => "nothing was published and this session keeps its writes: sync again".to_owned(),
+                    RetryAdvice::Repeat(instruction) => format!("nothing was published: {instruction}"),
+                };
+                EngineError::ObjectStore { url, detail: format!("{detail}; {next_step} once the store is reachable") }
+            }
             other => other,
         })
     }

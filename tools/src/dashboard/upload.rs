@@ -19,6 +19,7 @@ use axum::extract::multipart::MultipartError;
 use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
+use chalk_engine::object_store::ConditionalWrites;
 use chalk_engine::{normalize_path, Access, EngineError, LineageName, Owner, SessionBase, Store, SyncOutcome, VolumeName};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -124,6 +125,9 @@ fn run_worker(store: std::sync::Arc<Store>, volume: VolumeName, lineage: Lineage
                 return match sync_retrying(&session, &message)? {
                     SyncOutcome::Published(version) => {
                         tracing::info!(volume = %volume, lineage = %lineage, version = %version.id, "dashboard upload published");
+                        if matches!(session.store().objects().conditional_writes(), Ok(ConditionalWrites::Ignored)) {
+                            crate::mount_cmd::log_single_writer_warning_once();
+                        }
                         Ok(Published { version: version_json(&version) })
                     }
                     SyncOutcome::NothingToPublish { .. } => Err(ApiError::bad_request("the upload changed nothing, so no version was created")),
@@ -144,9 +148,15 @@ const COMMIT_ATTEMPTS: u32 = 16;
 /// again, which rebases onto it. Overlapping paths are a conflict, and the
 /// dropped session publishes nothing.
 fn sync_retrying(session: &chalk_engine::Session, message: &str) -> Result<SyncOutcome, ApiError> {
+    let options = chalk_engine::SyncOptions {
+        message: Some(message.to_owned()),
+        // The session ends with the request.
+        retry: chalk_engine::RetryAdvice::Repeat("upload again".to_owned()),
+        ..chalk_engine::SyncOptions::default()
+    };
     let mut attempt = 1;
     loop {
-        match session.sync(Some(message)) {
+        match session.sync_with(&options) {
             Err(EngineError::HeadMoved { .. }) if attempt < COMMIT_ATTEMPTS => {
                 // A short random pause keeps uploads that collided from colliding again.
                 std::thread::sleep(std::time::Duration::from_millis(1 + rand::random::<u64>() % 20));
