@@ -384,7 +384,7 @@ fn start_mount(
         // As root, let workloads running as other users in, subject to the
         // kernel's permission checks (`default_permissions`).
         allow_other: nix::unistd::geteuid().is_root(),
-        threads: fuse_threads(),
+        threads: fuse_threads()?,
         fs_name: format!("chalk:{volume}"),
     };
     let handle = chalk_fused::mount(Arc::clone(&session), &mount_point, &options)
@@ -624,8 +624,19 @@ fn install_stop_handlers() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn fuse_threads() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)
+/// Environment variable that sets how many threads serve FUSE requests.
+const FUSE_THREADS_ENV: &str = "CHALK_FUSE_THREADS";
+
+/// Returns how many threads serve FUSE requests: [`FUSE_THREADS_ENV`] when
+/// set, else the CPU count clamped to 2 to 8.
+fn fuse_threads() -> anyhow::Result<usize> {
+    match std::env::var(FUSE_THREADS_ENV) {
+        Ok(text) => match text.trim().parse::<usize>() {
+            Ok(threads) if (1..=64).contains(&threads) => Ok(threads),
+            _ => anyhow::bail!("{FUSE_THREADS_ENV}={text:?} is invalid: set a whole number from 1 to 64, or unset it"),
+        },
+        Err(_) => Ok(std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)),
+    }
 }
 
 // ---------------------------------------------------------------------------
