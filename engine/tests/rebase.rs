@@ -187,6 +187,31 @@ fn removal_rebases_when_disjoint() {
 }
 
 #[test]
+fn rename_against_rewrite_then_removal() {
+    let (_dir, store, volume) = setup();
+    let seed = session(&store, &volume);
+    put(&seed, "d/x", &[1; 8]);
+    published(seed.sync(None).unwrap());
+    let ours = session(&store, &volume);
+    let theirs = session(&store, &volume);
+    ours.move_path("d/x", "a", Owner::current()).unwrap();
+    put(&theirs, "d/x", &[9]);
+    theirs.remove_path("d/x", false).unwrap();
+    let head = published(theirs.sync(None).unwrap());
+
+    // Both sides end without `d/x`, so it is no conflict. The head never
+    // contained the one byte theirs wrote before the removal, so `a` keeps the
+    // base bytes that ours renamed.
+    let merged = published(ours.sync(None).unwrap());
+    assert_eq!(merged.parent, Some(head.id), "the rebased version's parent is the head");
+    let reader = head_reader(&store, &volume);
+    assert!(reader.resolve_path("d/x").is_err(), "d/x is back after both sides dropped it");
+    assert_eq!(read(&reader, "a"), vec![1; 8], "contents of a");
+    assert_eq!(reader.resolve_path("a").unwrap().nlink, 1, "link count of a");
+    assert_eq!(read(&ours, "a"), vec![1; 8], "contents of a in the rebased session");
+}
+
+#[test]
 fn concurrent_syncs_lose_nothing() {
     let (dir, store, volume) = setup();
     let seed = session(&store, &volume);

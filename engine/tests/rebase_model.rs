@@ -5,7 +5,10 @@
 //! not identical at the end). Without conflicts it predicts the merged tree.
 //! There each path names the file that the side which changed the path gave
 //! it, and each file has the content of the side that rewrote it. Files are identities, as inodes
-//! are, so a file renamed on both sides ends up with both names.
+//! are, so a file renamed on both sides ends up with both names. The syncing
+//! session reads the other side's changes only from its published version, so
+//! a file the other side rewrote and then removed keeps the syncing session's
+//! content.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -184,13 +187,16 @@ fn run_case(base_files: &[(usize, u8)], ours_ops: &[Op], theirs_ops: &[Op]) -> R
     };
 
     // Without conflicts each path names the file of the side that changed
-    // it, and each file has our content if we rewrote it, else theirs.
+    // it, and each file has our content if we rewrote it, else theirs. A
+    // file they rewrote and then removed keeps our content, because their
+    // published version lacks it.
     let mut merged = BTreeMap::new();
     for path in PATHS {
         let source = if ours_changed.contains(path) { &ours } else { &theirs };
         let Some(&id) = source.paths.get(path) else { continue };
         let ours_rewrote = ours.files.get(&id).is_some_and(|c| base.files.get(&id) != Some(c));
-        let content = match (ours_rewrote, theirs.files.get(&id)) {
+        let theirs_published = theirs.paths.values().any(|&named| named == id).then(|| &theirs.files[&id]);
+        let content = match (ours_rewrote, theirs_published) {
             (false, Some(content)) => content,
             _ => &ours.files[&id],
         };
@@ -228,6 +234,15 @@ fn removal_against_rename_of_same_file() {
 #[test]
 fn rename_against_removal_of_same_file() {
     run_case(&[(0, 1)], &[Op::Rename { from: 0, to: 1 }], &[Op::Remove { path: 0 }]).unwrap();
+}
+
+#[test]
+fn rename_against_rewrite_then_removal() {
+    // Ours renames `d/x` to `a`; theirs rewrites `d/x` to one byte and then
+    // removes it. Their version never contained the one byte, so `a` keeps the
+    // eight base bytes.
+    let theirs = [Op::Write { path: 3, byte: 0, len: 1 }, Op::Remove { path: 3 }];
+    run_case(&[(3, 0)], &[Op::Rename { from: 3, to: 0 }], &theirs).unwrap();
 }
 
 #[test]
