@@ -219,7 +219,7 @@ impl Workload for DatasetWorkload {
 
     fn description(&self) -> &'static str {
         match self.kind {
-            Kind::R1 => "Sequential read of the large file (2 GiB in full runs) with 128 KiB reads, hot: one untimed read, then timed re-reads, each opening the file again, until they took 0.5 s or numbered 8; the figure is their mean.",
+            Kind::R1 => "Sequential read of the large file (2 GiB in full runs) with 128 KiB reads, hot: one untimed read, then timed re-reads that each open the file again. The passes stop after 0.5 s or 8 passes, and the figure is their mean.",
             Kind::R2 => "The same read, cold: the system is mounted afresh and the page, dentry and inode caches are dropped (`echo 3 > /proc/sys/vm/drop_caches`) before the timed read. Chalk reads from the segments of its local cache on disk.",
             Kind::R3 => "Open, read and close each of the small files (20,000 of 64 KiB in full runs) of one directory, warm: one untimed pass, then the timed pass.",
             Kind::R4 => "The same reads, cold: mounted afresh, caches dropped before the timed pass.",
