@@ -105,7 +105,7 @@ impl Store {
         let catalog = Catalog::read(self, volume).map_err(|error| match error {
             EngineError::ObjectStore { url, detail } => EngineError::ObjectStore {
                 url,
-                detail: format!("{detail}; gc of volume {volume} stopped before deleting anything: run it again once the store answers"),
+                detail: format!("{detail}; gc of volume {volume} stopped before deleting anything: run it again once the store is reachable"),
             },
             other => other,
         })?;
@@ -312,7 +312,7 @@ fn stop_on_problems(store: &Store, volume: &VolumeName, problems: &[ReadProblem]
         return Err(EngineError::ObjectStore {
             url: store.objects().url(),
             detail: format!(
-                "gc of volume {volume} stopped before deleting anything: reading {} failed ({}); run gc again once the store answers",
+                "gc of volume {volume} stopped before deleting anything: reading {} failed ({}); run gc again once the store is reachable",
                 unreached.key, unreached.detail
             ),
         });

@@ -296,7 +296,7 @@ fn cli_round_trip_through_garage() {
     let gc = offline(&["gc", "v"]).output().unwrap();
     assert!(!gc.status.success(), "gc without a store must fail: {}", describe(&gc));
     let stderr = String::from_utf8_lossy(&gc.stderr);
-    assert!(stderr.contains("once the store answers"), "{}", describe(&gc));
+    assert!(stderr.contains("once the store is reachable"), "{}", describe(&gc));
     assert!(!stderr.contains("damaged"), "{}", describe(&gc));
 
     // fsck too.

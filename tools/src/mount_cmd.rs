@@ -630,12 +630,17 @@ const FUSE_THREADS_ENV: &str = "CHALK_FUSE_THREADS";
 /// Returns how many threads serve FUSE requests: [`FUSE_THREADS_ENV`] when
 /// set, else the CPU count clamped to 2 to 8.
 fn fuse_threads() -> anyhow::Result<usize> {
-    match std::env::var(FUSE_THREADS_ENV) {
-        Ok(text) => match text.trim().parse::<usize>() {
+    parse_fuse_threads(std::env::var(FUSE_THREADS_ENV).ok().as_deref())
+}
+
+/// Returns the thread count that `setting`, the value of [`FUSE_THREADS_ENV`], asks for.
+fn parse_fuse_threads(setting: Option<&str>) -> anyhow::Result<usize> {
+    match setting {
+        Some(text) => match text.trim().parse::<usize>() {
             Ok(threads) if (1..=64).contains(&threads) => Ok(threads),
             _ => anyhow::bail!("{FUSE_THREADS_ENV}={text:?} is invalid: set a whole number from 1 to 64, or unset it"),
         },
-        Err(_) => Ok(std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)),
+        None => Ok(std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)),
     }
 }
 
@@ -1025,4 +1030,25 @@ fn control_request(registration: &Registration, request: &serde_json::Value) -> 
         bail!("mount process {} closed the control connection without a response", registration.pid);
     }
     serde_json::from_str(&line).with_context(|| format!("invalid response from mount process {}: {line:?}", registration.pid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fuse_threads_setting_is_parsed() {
+        assert_eq!(parse_fuse_threads(Some("1")).unwrap(), 1);
+        assert_eq!(parse_fuse_threads(Some(" 64 ")).unwrap(), 64);
+        let default = parse_fuse_threads(None).unwrap();
+        assert!((2..=8).contains(&default), "default of {default} threads is outside 2 to 8");
+    }
+
+    #[test]
+    fn fuse_threads_setting_rejects_bad_values() {
+        for bad in ["0", "65", "two", "", "-1"] {
+            let error = parse_fuse_threads(Some(bad)).unwrap_err().to_string();
+            assert!(error.contains(&format!("{FUSE_THREADS_ENV}={bad:?} is invalid")), "{bad:?} gave: {error}");
+        }
+    }
 }
