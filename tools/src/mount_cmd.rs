@@ -633,7 +633,7 @@ fn fuse_threads() -> anyhow::Result<usize> {
     parse_fuse_threads(std::env::var(FUSE_THREADS_ENV).ok().as_deref())
 }
 
-/// Returns the thread count that `setting`, the value of [`FUSE_THREADS_ENV`], asks for.
+/// Returns the thread count that `setting`, the value of [`FUSE_THREADS_ENV`], requests.
 fn parse_fuse_threads(setting: Option<&str>) -> anyhow::Result<usize> {
     match setting {
         Some(text) => match text.trim().parse::<usize>() {

@@ -57,7 +57,7 @@ pub fn set_checksum(file: &File, crc: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// Why a copy cannot be trusted.
+/// Reason a copy cannot be trusted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CopyDamage {
     /// The copy has no checksum: it was made by an older release, or its
