@@ -39,6 +39,7 @@ use crate::attr::{file_attr, file_type, time_set, timestamp, BLOCK_SIZE_BYTES};
 use crate::errno::{log_failure, log_rejected};
 use crate::passthrough::{self, Passthrough};
 use crate::views::{self, Views};
+use crate::workers::Workers;
 
 /// Entry and attribute timeout for read-only sessions. Nothing can change
 /// their tree through this mount, so the kernel may cache for long.
@@ -86,7 +87,7 @@ pub(crate) struct ChalkFs {
     read_only: bool,
     ttl: Duration,
     next_handle: AtomicU64,
-    files: Mutex<HashMap<u64, OpenFile>>,
+    files: Arc<Mutex<HashMap<u64, OpenFile>>>,
     /// Listings by directory handle, taken when a read starts at offset 0
     /// so that later pages of the same pass see one consistent listing.
     dirs: Mutex<HashMap<u64, Option<Arc<Vec<ListedEntry>>>>>,
@@ -94,9 +95,17 @@ pub(crate) struct ChalkFs {
     /// writing at it are one step for every appender of this mount.
     append_lock: Mutex<()>,
     /// The read-only `.chalk` directory of past versions.
-    views: Views,
+    views: Arc<Views>,
     /// Passthrough of large files; `None` for writable sessions.
-    passthrough: Option<Passthrough>,
+    passthrough: Option<Arc<Passthrough>>,
+    /// Threads that serve slow opens and reads from a remote store. Only a
+    /// read-only session whose requests one thread reads has them; `None`
+    /// serves every request on the thread that read it.
+    workers: Option<Workers>,
+    /// Whether reads go to `workers`: only when the store is remote, because
+    /// a read of a local store waits at most on this host's disk, and
+    /// handing it over costs a wake-up per read.
+    reads_to_workers: bool,
     /// Latency histograms by operation name, resolved when the mount starts.
     op_latency: HashMap<&'static str, Histogram>,
 }
@@ -114,6 +123,30 @@ struct OpGuard<'a> {
     latency: Option<&'a Histogram>,
 }
 
+impl OpGuard<'_> {
+    /// Hands the operation to a worker thread: the returned value enters the
+    /// same span there and records the latency when the work ends.
+    fn hand_off(mut self) -> HandedOff {
+        HandedOff { span: tracing::Span::current(), started: self.started, latency: self.latency.take().cloned() }
+    }
+}
+
+/// An operation that a worker thread finishes.
+struct HandedOff {
+    span: tracing::Span,
+    started: Instant,
+    latency: Option<Histogram>,
+}
+
+impl HandedOff {
+    fn run(self, work: impl FnOnce()) {
+        self.span.in_scope(work);
+        if let Some(histogram) = self.latency {
+            histogram.observe(self.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
 impl Drop for OpGuard<'_> {
     fn drop(&mut self) {
         if let Some(histogram) = self.latency {
@@ -128,20 +161,28 @@ fn engine_ino(ino: INodeNo) -> Ino {
 
 impl ChalkFs {
     /// Creates the adaptor. `passthrough_opens` counts the opens served
-    /// through FUSE passthrough.
-    pub(crate) fn new(session: Arc<Session>, read_only: bool, passthrough_opens: Arc<AtomicU64>) -> Self {
+    /// through FUSE passthrough; `workers`, if any, serve opens that copy or
+    /// check a passthrough file, and reads from a remote store.
+    pub(crate) fn new(
+        session: Arc<Session>,
+        read_only: bool,
+        passthrough_opens: Arc<AtomicU64>,
+        workers: Option<Workers>,
+    ) -> Self {
         let read_only = read_only || session.is_read_only();
         let metrics = session.store().metrics();
         let (volume, lineage) = (session.volume().as_str(), session.metrics_lineage());
         let op_latency = FUSE_OPERATIONS.iter().map(|&op| (op, metrics.fuse_operation(volume, lineage, op))).collect();
         ChalkFs {
-            passthrough: Passthrough::new(&session, passthrough_opens),
-            views: Views::new(&session),
+            passthrough: Passthrough::new(&session, passthrough_opens).map(Arc::new),
+            views: Arc::new(Views::new(&session)),
+            reads_to_workers: workers.is_some() && !crate::store_is_local(&session),
+            workers,
             session,
             read_only,
             ttl: if read_only { READ_ONLY_TTL } else { WRITABLE_TTL },
             next_handle: AtomicU64::new(1),
-            files: Mutex::new(HashMap::new()),
+            files: Arc::new(Mutex::new(HashMap::new())),
             dirs: Mutex::new(HashMap::new()),
             append_lock: Mutex::new(()),
             op_latency,
@@ -175,27 +216,23 @@ impl ChalkFs {
         }
     }
 
-    /// Serves a read-only open of a large file through FUSE passthrough and
-    /// returns `None`, or returns `reply` for a normal open.
-    fn open_passthrough(&self, ino: Ino, flags: OpenFlags, fh: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
+    /// Returns the passthrough state and the size of `ino` when this open
+    /// may be served through FUSE passthrough: a read-only open of a large
+    /// file in a session that has passthrough.
+    fn passthrough_candidate(&self, ino: Ino, flags: OpenFlags) -> Option<(&Arc<Passthrough>, u64)> {
         // An inode with a registered backing file must keep using it, even
         // after a later registration failed: the kernel fails a normal open
         // of an inode that has passthrough opens.
-        let Some(passthrough) = self.passthrough.as_ref().filter(|p| p.is_active() || p.is_registered(ino)) else {
-            return Some(reply);
-        };
+        let passthrough = self.passthrough.as_ref().filter(|p| p.is_active() || p.is_registered(ino))?;
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
-            return Some(reply);
+            return None;
         }
-        let size = match self.session.getattr(ino) {
-            Ok(attr) if attr.kind == FileKind::File && attr.size >= passthrough::MIN_FILE_BYTES => attr.size,
-            _ => return Some(reply),
-        };
-        // Linux rejects any open flag but FOPEN_PASSTHROUGH, FOPEN_DIRECT_IO,
-        // FOPEN_PARALLEL_DIRECT_WRITES and FOPEN_NOFLUSH on a passthrough
-        // open (FOPEN_PASSTHROUGH_MASK in fs/fuse/iomode.c), and fails the
-        // open(2) with EIO. The page cache is the backing file's.
-        passthrough.open(&self.session, ino, size, FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, reply)
+        match self.session.getattr(ino) {
+            Ok(attr) if attr.kind == FileKind::File && attr.size >= passthrough::MIN_FILE_BYTES => {
+                Some((passthrough, attr.size))
+            }
+            _ => None,
+        }
     }
 
     /// Owner of a new inode, and whether it inherits the setgid bit because
@@ -536,7 +573,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _span = self.op_span("open", req, ino.0);
+        let span = self.op_span("open", req, ino.0);
         if views::is_view(ino.0) {
             if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
                 reply.error(read_only_view("open", ino.0));
@@ -556,16 +593,28 @@ impl Filesystem for ChalkFs {
             return;
         }
         let fh = self.allocate_handle();
+        let ino = engine_ino(ino);
+        let candidate = self.passthrough_candidate(ino, flags);
         // The handle is recorded before any reply, because the kernel may
         // send its release as soon as it has the reply.
-        self.files.lock().insert(fh, OpenFile { ino: engine_ino(ino), flags: flags.0, passthrough: true });
-        let Some(reply) = self.open_passthrough(engine_ino(ino), flags, fh, reply) else {
+        self.files.lock().insert(fh, OpenFile { ino, flags: flags.0, passthrough: candidate.is_some() });
+        let normal_flags = self.file_open_flags();
+        let Some((passthrough, size)) = candidate else {
+            reply.opened(FileHandle(fh), normal_flags);
             return;
         };
-        if let Some(file) = self.files.lock().get_mut(&fh) {
-            file.passthrough = false;
+        match &self.workers {
+            // Copying or checking a backing file reads the whole file.
+            Some(workers) if !passthrough.is_registered(ino) => {
+                let op = span.hand_off();
+                let (passthrough, session, files) =
+                    (Arc::clone(passthrough), Arc::clone(&self.session), Arc::clone(&self.files));
+                workers.run(move || {
+                    op.run(|| open_passthrough(&passthrough, &session, &files, (ino, size, fh), normal_flags, reply))
+                });
+            }
+            _ => open_passthrough(passthrough, &self.session, &self.files, (ino, size, fh), normal_flags, reply),
         }
-        reply.opened(FileHandle(fh), self.file_open_flags());
     }
 
     fn read(
@@ -579,14 +628,14 @@ impl Filesystem for ChalkFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let _span = self.op_span("read", req, ino.0);
-        let result = match views::is_view(ino.0) {
-            true => self.views.read(ino.0, offset, size),
-            false => self.session.read(engine_ino(ino), offset, size),
-        };
-        match result {
-            Ok(data) => reply.data(&data),
-            Err(error) => reply.error(log_failure("read", ino.0, &error)),
+        let span = self.op_span("read", req, ino.0);
+        match self.workers.as_ref().filter(|_| self.reads_to_workers) {
+            Some(workers) => {
+                let op = span.hand_off();
+                let (session, views) = (Arc::clone(&self.session), Arc::clone(&self.views));
+                workers.run(move || op.run(|| reply_read(&session, &views, ino, offset, size, reply)));
+            }
+            None => reply_read(&self.session, &self.views, ino, offset, size, reply),
         }
     }
 
@@ -976,6 +1025,42 @@ impl Filesystem for ChalkFs {
 
 /// Replies to getxattr or listxattr: the size alone for a size-0 probe,
 /// ERANGE when the caller's buffer is too small, or the bytes.
+/// Reads `size` bytes of `ino` at `offset` and replies.
+fn reply_read(session: &Session, views: &Views, ino: INodeNo, offset: u64, size: u32, reply: ReplyData) {
+    let result = match views::is_view(ino.0) {
+        true => views.read(ino.0, offset, size),
+        false => session.read(engine_ino(ino), offset, size),
+    };
+    match result {
+        Ok(data) => reply.data(&data),
+        Err(error) => reply.error(log_failure("read", ino.0, &error)),
+    }
+}
+
+/// Serves a read-only open of a large file through FUSE passthrough, or as
+/// a normal open with `normal_flags` when the file cannot be. The tuple is
+/// the inode, its size and the handle already recorded in `files`.
+fn open_passthrough(
+    passthrough: &Passthrough,
+    session: &Session,
+    files: &Mutex<HashMap<u64, OpenFile>>,
+    (ino, size, fh): (Ino, u64, u64),
+    normal_flags: FopenFlags,
+    reply: ReplyOpen,
+) {
+    // Linux rejects any open flag but FOPEN_PASSTHROUGH, FOPEN_DIRECT_IO,
+    // FOPEN_PARALLEL_DIRECT_WRITES and FOPEN_NOFLUSH on a passthrough open
+    // (FOPEN_PASSTHROUGH_MASK in fs/fuse/iomode.c), and fails the open(2)
+    // with EIO. The page cache is the backing file's.
+    let Some(reply) = passthrough.open(session, ino, size, FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, reply) else {
+        return;
+    };
+    if let Some(file) = files.lock().get_mut(&fh) {
+        file.passthrough = false;
+    }
+    reply.opened(FileHandle(fh), normal_flags);
+}
+
 fn reply_xattr(reply: ReplyXattr, bytes: &[u8], size: u32) {
     let Ok(len) = u32::try_from(bytes.len()) else {
         reply.error(Errno::E2BIG);

@@ -21,5 +21,12 @@ mod fs;
 mod mount;
 mod passthrough;
 mod views;
+mod workers;
 
-pub use mount::{mount, Invalidator, MountHandle, MountOptions};
+/// Returns whether `session`'s object store is a local directory, whose
+/// reads wait at most on this host's disk.
+pub(crate) fn store_is_local(session: &chalk_engine::Session) -> bool {
+    session.store().config().object_store_url.starts_with("file://")
+}
+
+pub use mount::{default_threads, mount, READ_WORKERS, Invalidator, MountHandle, MountOptions};

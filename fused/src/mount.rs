@@ -14,6 +14,7 @@ use fuser::{Config, INodeNo, MountOption, SessionACL, SessionUnmounter};
 use parking_lot::{Condvar, Mutex};
 
 use crate::fs::ChalkFs;
+use crate::workers::Workers;
 
 /// Readahead of read-only mounts, in KiB, set through the mount's backing
 /// device in sysfs. The kernel's default for FUSE is 128 KiB.
@@ -32,7 +33,11 @@ pub struct MountOptions {
     /// Let users other than the one who mounted use the mount. A mount by a
     /// user other than root needs `user_allow_other` in `/etc/fuse.conf`.
     pub allow_other: bool,
-    /// Number of threads that serve FUSE requests; 0 counts as 1.
+    /// Number of threads that read FUSE requests; 0 picks the default: one
+    /// for a read-only session, [`default_threads`] for a writable one. A
+    /// read-only session read by one thread serves reads and slow opens on
+    /// [`READ_WORKERS`] worker threads, and everything else on that one
+    /// thread.
     pub threads: usize,
     /// File system name shown by `mount` and `/proc/mounts`; when empty,
     /// `chalk:<volume>`.
@@ -128,12 +133,22 @@ pub fn mount(session: Arc<Session>, dir: &Path, options: &MountOptions) -> io::R
         if read_only { MountOption::RO } else { MountOption::RW },
     ];
     config.acl = if options.allow_other { SessionACL::All } else { SessionACL::Owner };
-    config.n_threads = Some(options.threads.max(1));
+    let threads = match options.threads {
+        0 if read_only => 1,
+        0 => default_threads(),
+        threads => threads,
+    };
+    config.n_threads = Some(threads);
     config.clone_fd = true;
+    let workers = match read_only && threads == 1 {
+        true => Some(Workers::start(READ_WORKERS).map_err(|e| context(e, "starting the FUSE worker threads for", dir))?),
+        false => None,
+    };
+    let worker_count = workers.as_ref().map_or(0, Workers::count);
 
     // Session::new mounts and completes the INIT handshake before it returns.
     let passthrough_opens = Arc::new(AtomicU64::new(0));
-    let filesystem = ChalkFs::new(Arc::clone(&session), read_only, Arc::clone(&passthrough_opens));
+    let filesystem = ChalkFs::new(Arc::clone(&session), read_only, Arc::clone(&passthrough_opens), workers);
     let mut fuse_session =
         fuser::Session::new(filesystem, dir, &config).map_err(|e| context(e, "mounting FUSE at", dir))?;
     let unmounter = fuse_session.unmount_callable();
@@ -180,10 +195,22 @@ pub fn mount(session: Arc<Session>, dir: &Path, options: &MountOptions) -> io::R
         mount_point = %dir.display(),
         fs_name,
         read_only,
-        threads = options.threads.max(1),
+        threads,
+        workers = worker_count,
         "mounted"
     );
     Ok(handle)
+}
+
+/// Worker threads of a read-only session whose requests one thread reads.
+/// They mostly wait on the disk or the store, so there are enough that reads
+/// waiting on a slow store leave some to serve reads of cached data.
+pub const READ_WORKERS: usize = 16;
+
+/// Default number of threads that serve a mount's requests: the CPU count
+/// clamped to 2 to 8.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)
 }
 
 /// Raises the readahead of the mount with device number `dev` to

@@ -77,7 +77,7 @@ impl Passthrough {
             tracing::info!("passthrough turned off by {SWITCH_ENV}=off");
             return None;
         }
-        let local_store = session.store().config().object_store_url.starts_with("file://");
+        let local_store = crate::store_is_local(session);
         if !local_store && setting != "on" {
             tracing::info!("passthrough is off for a remote object store; set {SWITCH_ENV}=on to copy large files on open");
             return None;

@@ -163,7 +163,7 @@ pub fn serve_mount(
         read_only: session.is_read_only(),
         // SAFETY: geteuid cannot fail and touches no memory.
         allow_other: unsafe { libc::geteuid() } == 0,
-        threads: 2,
+        threads: 0,
         fs_name: format!("chalk:{volume}"),
     };
     let handle = chalk_fused::mount(Arc::clone(&session), &mount_point, &options)

@@ -13,7 +13,7 @@
 //! `AWS_EC2_METADATA_DISABLED=true`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -832,6 +832,83 @@ fn mounted_sync_through_an_outage() {
         run_ok(chalk(&garage, &url, check_home.path()).args(["volume", "get", "v", name]).arg(out.path().join(name)));
         assert_eq!(std::fs::read(out.path().join(name)).unwrap(), bytes, "{name} as a new host reads it");
     }
+}
+
+#[test]
+fn hung_store_read_leaves_mount_responsive() {
+    let Some(garage) = garage() else { return };
+    let url = fresh_url(&garage, "waiting-read");
+    let proxy = FaultProxy::start(&garage);
+    let (home, mount_home) = (temp_home(), temp_home());
+    let tree = tempfile::tempdir_in("/var/tmp").unwrap();
+    std::fs::create_dir_all(tree.path().join("small")).unwrap();
+    for name in ["first", "second"] {
+        std::fs::write(tree.path().join("small").join(name), name.repeat(100)).unwrap();
+    }
+    let big = pattern(8 * MIB, 9);
+    std::fs::write(tree.path().join("big.bin"), &big).unwrap();
+    // Two puts, so the large file's bytes sit in segments of their own and
+    // no readahead of the small files fetches them.
+    run_ok(chalk(&garage, &url, home.path()).args(["volume", "create", "v"]));
+    run_ok(chalk(&garage, &url, home.path()).args(["volume", "put", "v"]).arg(tree.path().join("small")).arg("small"));
+    run_ok(chalk(&garage, &url, home.path()).args(["volume", "put", "v"]).arg(tree.path().join("big.bin")).arg("big.bin"));
+
+    // A read-only mount on a new host, with the default of one thread that
+    // reads FUSE requests.
+    let mnt = tempfile::tempdir_in("/var/tmp").unwrap();
+    let _unmount = Unmount(mnt.path().to_path_buf());
+    let mut mount = chalk(&garage, &url, mount_home.path());
+    mount
+        .env("AWS_ENDPOINT_URL", proxy.url())
+        .env("CHALK_S3_MAX_ATTEMPTS", "2")
+        .env("CHALK_S3_READ_TIMEOUT_MS", "2000")
+        .env_remove("CHALK_FUSE_THREADS")
+        .args(["volume", "mount", "v"])
+        .arg(mnt.path())
+        .args(["--read-only", "--daemon"]);
+    run_ok(&mut mount);
+    assert_eq!(std::fs::read(mnt.path().join("small/first")).unwrap(), "first".repeat(100).as_bytes());
+    // A lookup that must fetch metadata waits with the session locked (a
+    // known limit), so the large file is looked up before the store hangs.
+    assert_eq!(std::fs::metadata(mnt.path().join("big.bin")).unwrap().len(), 8 * MIB);
+
+    // With the store hanging, a read of the large file waits for its retries.
+    proxy.set(FaultPlan { hang_all: true, ..FaultPlan::default() });
+    let waiting = Arc::new(AtomicBool::new(true));
+    let reader = {
+        let (path, waiting) = (mnt.path().join("big.bin"), Arc::clone(&waiting));
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let result = std::fs::File::open(&path).and_then(|mut file| {
+                let mut tail = vec![0; MIB as usize];
+                file.seek(SeekFrom::Start(7 * MIB))?;
+                file.read_exact(&mut tail).map(|()| tail)
+            });
+            waiting.store(false, Ordering::SeqCst);
+            (result, started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(waiting.load(Ordering::SeqCst), "the read of big.bin did not wait on the hanging store");
+
+    // Meanwhile the mount looks up and reads a file it has not served yet,
+    // from the metadata and blocks it fetched when it mounted.
+    let started = Instant::now();
+    let second = std::fs::read(mnt.path().join("small/second"));
+    let took = started.elapsed();
+    let still_waiting = waiting.load(Ordering::SeqCst);
+    assert_eq!(second.unwrap(), "second".repeat(100).as_bytes());
+    assert!(still_waiting, "the read of big.bin ended before the lookup could show it waited alongside ({took:?})");
+    assert!(took < Duration::from_secs(1), "a cached file took {took:?} to read while another read waited on the store");
+
+    // The waiting read fails or succeeds, and never returns wrong bytes.
+    let (result, waited) = reader.join().unwrap();
+    assert!(waited >= Duration::from_secs(1), "the read of big.bin waited only {waited:?}");
+    if let Ok(tail) = result {
+        assert!(tail == big[7 * MIB as usize..], "the read of big.bin returned wrong bytes");
+    }
+    proxy.set(FaultPlan::default());
+    assert!(std::fs::read(mnt.path().join("big.bin")).unwrap() == big, "big.bin read wrong once the store was back");
 }
 
 /// Starts a forwarder to `server` on 127.0.0.1 that resets each connection

@@ -627,8 +627,8 @@ fn install_stop_handlers() -> anyhow::Result<()> {
 /// Environment variable that sets how many threads serve FUSE requests.
 const FUSE_THREADS_ENV: &str = "CHALK_FUSE_THREADS";
 
-/// Returns how many threads serve FUSE requests: [`FUSE_THREADS_ENV`] when
-/// set, else the CPU count clamped to 2 to 8.
+/// Returns how many threads read FUSE requests: [`FUSE_THREADS_ENV`] when
+/// set, else 0, which picks the default of [`MountOptions::threads`].
 fn fuse_threads() -> anyhow::Result<usize> {
     parse_fuse_threads(std::env::var(FUSE_THREADS_ENV).ok().as_deref())
 }
@@ -640,7 +640,7 @@ fn parse_fuse_threads(setting: Option<&str>) -> anyhow::Result<usize> {
             Ok(threads) if (1..=64).contains(&threads) => Ok(threads),
             _ => anyhow::bail!("{FUSE_THREADS_ENV}={text:?} is invalid: set a whole number from 1 to 64, or unset it"),
         },
-        None => Ok(std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)),
+        None => Ok(0),
     }
 }
 
@@ -1040,8 +1040,7 @@ mod tests {
     fn fuse_threads_setting_is_parsed() {
         assert_eq!(parse_fuse_threads(Some("1")).unwrap(), 1);
         assert_eq!(parse_fuse_threads(Some(" 64 ")).unwrap(), 64);
-        let default = parse_fuse_threads(None).unwrap();
-        assert!((2..=8).contains(&default), "default of {default} threads is outside 2 to 8");
+        assert_eq!(parse_fuse_threads(None).unwrap(), 0, "unset must pick the mount's default");
     }
 
     #[test]
