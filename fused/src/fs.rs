@@ -1023,8 +1023,6 @@ impl Filesystem for ChalkFs {
     }
 }
 
-/// Replies to getxattr or listxattr: the size alone for a size-0 probe,
-/// ERANGE when the caller's buffer is too small, or the bytes.
 /// Reads `size` bytes of `ino` at `offset` and replies.
 fn reply_read(session: &Session, views: &Views, ino: INodeNo, offset: u64, size: u32, reply: ReplyData) {
     let result = match views::is_view(ino.0) {
@@ -1061,6 +1059,8 @@ fn open_passthrough(
     reply.opened(FileHandle(fh), normal_flags);
 }
 
+/// Replies to getxattr or listxattr: the size alone for a size-0 probe,
+/// ERANGE when the caller's buffer is too small, or the bytes.
 fn reply_xattr(reply: ReplyXattr, bytes: &[u8], size: u32) {
     let Ok(len) = u32::try_from(bytes.len()) else {
         reply.error(Errno::E2BIG);

@@ -14,6 +14,12 @@
 //! writable `mmap` works, and `O_APPEND` writes land at the engine's end of
 //! file. File locks (`flock`, `fcntl`) are left to the kernel, which keeps
 //! them local to this mount.
+//!
+//! Threads: a read-only mount reads its requests with one thread and hands
+//! the ones that can wait long (reads from a remote store, opens that copy
+//! or check a passthrough file) to worker threads; see `workers.rs`.
+//! Writable mounts read requests with several threads, each of which serves
+//! what it reads.
 
 mod attr;
 mod errno;
