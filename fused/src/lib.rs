@@ -15,9 +15,9 @@
 //! file. File locks (`flock`, `fcntl`) are left to the kernel, which keeps
 //! them local to this mount.
 //!
-//! Threads: a read-only mount reads its requests with one thread and hands
-//! the ones that can wait long (reads from a remote store, opens that copy
-//! or check a passthrough file) to worker threads; see `workers.rs`.
+//! Threads: a read-only mount reads its requests with one thread. It hands
+//! the ones that can wait long to worker threads (`workers.rs`): reads from
+//! a remote store, and opens that copy or check a passthrough file.
 //! Writable mounts read requests with several threads, each of which serves
 //! what it reads.
 
