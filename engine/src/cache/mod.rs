@@ -359,8 +359,9 @@ impl SegmentCache {
         let to = self.path(id);
         std::fs::rename(from, &to).map_err(|e| EngineError::io("moving segment into the cache", &to, e))?;
         self.core.remote_only.lock().remove(&id);
-        let len = std::fs::metadata(&to).map(|m| m.len()).unwrap_or(0);
-        self.core.note_disk_added(len, &to);
+        // A segment that the `file://` store hard-linked as its object adds no space.
+        let bytes = std::fs::metadata(&to).map(|m| disk::owned_bytes(&m)).unwrap_or(0);
+        self.core.note_disk_added(bytes, &to);
         Ok(())
     }
 
