@@ -23,7 +23,9 @@
 //!
 //! A request that the object store fails (unreachable, timed out after its
 //! retries, access denied) stops the run with [`EngineError::ObjectStore`]:
-//! the object may well be intact, so it is not reported as a problem.
+//! the object may well be intact, so it is not reported as a problem. When
+//! such a request fails during a repair's refetch, the run stops too and
+//! leaves the damaged local copy as it was for the next run.
 //!
 //! Repair never writes to the object store. It replaces a damaged or
 //! differing local whole segment with a copy fetched from the object store
@@ -390,13 +392,28 @@ impl Store {
                 ));
             }
             if (differs || local_bad) && options.repair {
-                let outcome = self.refetch_segment(&key, &local_path);
+                let outcome = match self.refetch_segment(&key, &local_path) {
+                    Ok(()) => Ok(()),
+                    // The copy stays as it was, so the next run finds it again.
+                    Err(RefetchError::Store(detail)) => {
+                        let not_repaired = format!("the local copy {}", local_path.display());
+                        return Err(self.stopped_before_repair(volume, &key, detail, &not_repaired));
+                    }
+                    Err(RefetchError::Other(detail)) => Err(detail),
+                };
                 mark_repaired(report, segment, outcome, "refetched the local copy from the object store");
             }
         }
 
         // Cached blocks of the segment.
-        let bad_blocks = self.segments.check_blocks(segment, options.repair.then_some(key.as_str()));
+        let bad_blocks = match self.segments.check_blocks(segment, options.repair.then_some(key.as_str())) {
+            Ok(bad_blocks) => bad_blocks,
+            Err(EngineError::ObjectStore { detail, .. }) => {
+                let not_repaired = format!("the damaged cached blocks of segment {segment}");
+                return Err(self.stopped_before_repair(volume, &key, detail, &not_repaired));
+            }
+            Err(other) => return Err(other),
+        };
         for bad in bad_blocks {
             let mut found = problem("corrupt-cached-block", Some(Copy::Local), Some(bad.offset), bad.detail);
             found.repaired = bad.repaired;
@@ -415,6 +432,17 @@ impl Store {
             )),
             None => Ok(()),
         }
+    }
+
+    /// Returns the error that stops a repair because the object store failed
+    /// the request for `key`: the usual unreachable-store error, naming the
+    /// local files left damaged.
+    fn stopped_before_repair(&self, volume: &VolumeName, key: &str, detail: String, not_repaired: &str) -> EngineError {
+        let problem = ReadProblem { key: key.to_owned(), detail, unreachable: true };
+        problem.into_error(
+            self,
+            &format!("fsck of volume {volume} stopped with {not_repaired} not repaired: run it again once the store is reachable"),
+        )
     }
 
     /// Checks the passthrough copies of `version`'s files on this host, and
@@ -467,24 +495,29 @@ impl Store {
 
     /// Replaces the local whole copy of a segment with the object store's,
     /// if that copy scans clean and sealed.
-    fn refetch_segment(&self, key: &str, local_path: &Path) -> std::result::Result<(), String> {
+    fn refetch_segment(&self, key: &str, local_path: &Path) -> std::result::Result<(), RefetchError> {
         let temp = local_path.with_extension(format!("seg.fetch-{}", ulid::Ulid::new().to_string().to_lowercase()));
-        let result = (|| {
-            if !self.remote_objects().get_to_file(key, &temp).map_err(|e| e.to_string())? {
-                return Err(format!("{key} is missing from the object store"));
+        let result = (|| -> std::result::Result<(), RefetchError> {
+            let found = match self.remote_objects().get_to_file(key, &temp) {
+                Ok(found) => found,
+                Err(EngineError::ObjectStore { detail, .. }) => return Err(RefetchError::Store(detail)),
+                Err(other) => return Err(RefetchError::Other(other.to_string())),
+            };
+            if !found {
+                return Err(format!("{key} is missing from the object store").into());
             }
             let bytes = std::fs::read(&temp).map_err(|e| format!("reading {}: {e}", temp.display()))?;
             let scan = segment::scan(&bytes);
             if let Some((offset, detail)) = scan.invalid {
-                return Err(format!("the object store's copy is damaged too, at offset {offset}: {detail}"));
+                return Err(format!("the object store's copy is damaged too, at offset {offset}: {detail}").into());
             }
             if !scan.sealed {
-                return Err("the object store's copy has no seal record".into());
+                return Err("the object store's copy has no seal record".to_owned().into());
             }
             let file = std::fs::File::open(&temp).map_err(|e| e.to_string())?;
             // SAFETY: fsync on a valid descriptor owned by `file`.
             unsafe { libc::fsync(file.as_raw_fd()) };
-            std::fs::rename(&temp, local_path).map_err(|e| format!("renaming into {}: {e}", local_path.display()))
+            std::fs::rename(&temp, local_path).map_err(|e| format!("renaming into {}: {e}", local_path.display()).into())
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&temp);
@@ -524,6 +557,21 @@ impl Store {
                 report.problems.push(found);
             }
         }
+    }
+}
+
+/// Cause of a failed refetch of a local whole segment.
+enum RefetchError {
+    /// The object store failed the request (unreachable, timed out after its
+    /// retries, access denied), which stops the run as it does for reads.
+    Store(String),
+    /// Anything else, reported with the damaged copy.
+    Other(String),
+}
+
+impl From<String> for RefetchError {
+    fn from(detail: String) -> Self {
+        RefetchError::Other(detail)
     }
 }
 

@@ -240,6 +240,20 @@ fn disk_cache_stays_within_limit() {
 }
 
 #[test]
+fn disk_stats_leave_out_linked_segments() {
+    let data = pattern(4 * MIB, 1);
+    let published = publish(&[("f", data)]);
+    let cache_root = published.writer_home.path().join("cache");
+    let config = small_cache(published.writer_home.path());
+
+    let stats = cache::host_stats(&cache_root, &config).unwrap();
+    assert_eq!(stats.disk.whole_segments, 1, "{:?}", stats.disk);
+    assert_eq!(stats.disk.shared_segments, 1, "the published segment was copied, not linked: {:?}", stats.disk);
+    assert!(stats.disk.shared_bytes >= 4 * MIB, "{:?}", stats.disk);
+    assert!(stats.disk.bytes < MIB, "the disk tier counts the store's bytes: {:?}", stats.disk);
+}
+
+#[test]
 fn passthrough_copies_count_against_disk_limit() {
     let published = publish(&[("f", pattern(MIB, 1))]);
     let home = tempfile::tempdir_in("/var/tmp").unwrap();

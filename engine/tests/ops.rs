@@ -328,6 +328,90 @@ fn fsck_repairs_local_copy_from_store() {
     assert_eq!(read(&reader, "f").unwrap(), vec![9u8; 80_000]);
 }
 
+/// Opens a store on `root` whose requests go through an [`Outage`], and
+/// publishes one file `f` in its volume `v`.
+fn outage_setup(root: &Path) -> (Arc<Store>, Arc<Outage>, VolumeName, VersionInfo) {
+    let config = StoreConfig::with_local_root(root);
+    let outage = Arc::new(Outage { inner: object_store::open(&config.object_store_url).unwrap(), cut: Mutex::new(None) });
+    let store = Store::open_with(config, outage.clone()).unwrap();
+    let volume = VolumeName::new("v").unwrap();
+    store.create_volume(&volume).unwrap();
+    let session = writable(&store, &volume);
+    put(&session, "f", &vec![9u8; 80_000]);
+    let version = published(session.sync(None).unwrap());
+    (store, outage, volume, version)
+}
+
+fn repair(volume: &VolumeName) -> FsckOptions {
+    FsckOptions { volume: Some(volume.clone()), repair: true, ..FsckOptions::default() }
+}
+
+#[test]
+fn fsck_repair_stops_when_segment_refetch_fails() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, outage, volume, version) = outage_setup(dir.path());
+    drop(store);
+    let local = dir.path().join(format!("cache/segments/{}.seg", version.segments[0]));
+    flip_copy(&local, 2000, 0x80);
+    let damaged = std::fs::read(&local).unwrap();
+
+    // Only the segment's object is unreachable, so the checks before the repair succeed.
+    let store = Store::open_with(StoreConfig::with_local_root(dir.path()), outage.clone()).unwrap();
+    outage.set(Some("/segments/"));
+    let err = match store.fsck(&repair(&volume)) {
+        Ok(report) => panic!("fsck --repair with the store unreachable returned a report: {:#?}", report.problems),
+        Err(err) => err,
+    };
+    assert!(matches!(err, EngineError::ObjectStore { .. }), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("/segments/"), "the error does not name the failed request: {message}");
+    assert!(message.contains("fsck of volume v stopped"), "{message}");
+    assert!(message.contains(&local.display().to_string()), "the error does not name the damaged copy: {message}");
+    assert!(message.contains("run it again once the store is reachable"), "{message}");
+    assert_eq!(std::fs::read(&local).unwrap(), damaged, "the failed repair changed the local copy");
+
+    outage.set(None);
+    let report = store.fsck(&repair(&volume)).unwrap();
+    assert!(report.problems.iter().any(|p| p.kind == "corrupt-record" && p.repaired), "{:#?}", report.problems);
+    assert_ne!(std::fs::read(&local).unwrap(), damaged);
+}
+
+#[test]
+fn fsck_repair_stops_when_block_refetch_fails() {
+    let writer_dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (writer, outage, volume, version) = outage_setup(writer_dir.path());
+    drop(writer);
+
+    // A reader on its own local root caches the file's blocks, not the whole segment.
+    let reader_dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let config = StoreConfig { local_root: reader_dir.path().to_owned(), ..StoreConfig::with_local_root(writer_dir.path()) };
+    let store = Store::open_with(config, outage.clone()).unwrap();
+    let session = store.open_session(&volume, SessionBase::Version(version.id), Access::ReadOnly).unwrap();
+    assert_eq!(read(&session, "f").unwrap(), vec![9u8; 80_000]);
+    drop(session);
+    store.flush_cache();
+    let blocks = reader_dir.path().join(format!("cache/blocks/{}.blk", version.segments[0]));
+    flip_copy(&blocks, chalk_engine::cache::SLOT_HEADER_BYTES as usize + 1000, 0x80);
+    let damaged = std::fs::read(&blocks).unwrap();
+
+    outage.set(Some("/segments/"));
+    let err = match store.fsck(&repair(&volume)) {
+        Ok(report) => panic!("fsck --repair with the store unreachable returned a report: {:#?}", report.problems),
+        Err(err) => err,
+    };
+    assert!(matches!(err, EngineError::ObjectStore { .. }), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("fsck of volume v stopped"), "{message}");
+    assert!(message.contains("cached blocks"), "the error does not name the damaged blocks: {message}");
+    assert!(message.contains("run it again once the store is reachable"), "{message}");
+    assert_eq!(std::fs::read(&blocks).unwrap(), damaged, "the failed repair changed the cached blocks");
+
+    outage.set(None);
+    let report = store.fsck(&repair(&volume)).unwrap();
+    assert!(report.problems.iter().any(|p| p.kind == "corrupt-cached-block" && p.repaired), "{:#?}", report.problems);
+    assert!(report.is_whole(), "{:#?}", report.problems);
+}
+
 #[test]
 fn gc_racing_syncs_loses_nothing() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();

@@ -265,3 +265,45 @@ fn metrics_port_in_use_fails_mount() {
     assert!(stderr.contains(&format!("failed to listen on --metrics address {address}")), "{stderr}");
     assert!(!is_mounted(mount.dir.path()));
 }
+
+#[test]
+fn passthrough_copy_is_not_counted_as_read() {
+    let store = Store::new();
+    store.run_ok(&["volume", "create", "vol"]);
+    // Above the 1 MiB passthrough threshold, so opening it copies it into a backing file.
+    let large = pattern(8 * 1024 * 1024 + 4_321, 1);
+    let small = pattern(64 * 1024, 2);
+    let input = tempfile::Builder::new().prefix("chalk-metrics-input-").tempdir_in("/var/tmp").unwrap();
+    fs::write(input.path().join("large.bin"), &large).unwrap();
+    fs::write(input.path().join("small.bin"), &small).unwrap();
+    store.run_ok(&["volume", "put", "vol", input.path().to_str().unwrap(), "data"]);
+    let versions: serde_json::Value = serde_json::from_str(&store.run_ok(&["volume", "versions", "vol", "--json"])).unwrap();
+    let version = versions.as_array().and_then(|list| list.last()).and_then(|v| v["id"].as_str()).unwrap().to_owned();
+
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let (mount, output) = store.mount("vol", &["--version", &version, "--metrics", &address]);
+    assert!(output.status.success(), "mount failed: {}", String::from_utf8_lossy(&output.stderr));
+    let read_series = "chalk_read_bytes_total{volume=\"vol\",lineage=\"main\"}";
+
+    // Open without reading: the mount copies the whole file for passthrough.
+    let opened = fs::File::open(mount.dir.path().join("data/large.bin")).unwrap();
+    let backing_dir = store.home.path().join("cache/passthrough").join(&version);
+    let backing: Vec<u64> = fs::read_dir(&backing_dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", backing_dir.display()))
+        .map(|entry| entry.unwrap().metadata().unwrap().len())
+        .collect();
+    assert_eq!(backing, vec![large.len() as u64], "the open did not copy the file into one backing file");
+    let (status, after_open) = http_get(port, "/metrics");
+    assert_eq!(status, 200, "{after_open}");
+    assert!(after_open.contains(read_series), "{after_open}");
+    assert_eq!(sample(&after_open, read_series), 0.0, "the passthrough copy counted as bytes read:\n{after_open}");
+    drop(opened);
+
+    // A small file takes the normal read path, and its bytes count.
+    let bytes = fs::read(mount.dir.path().join("data/small.bin")).unwrap();
+    assert!(bytes == small, "small.bin read back wrong");
+    let (_, after_read) = http_get(port, "/metrics");
+    assert_eq!(sample(&after_read, read_series), small.len() as f64, "{after_read}");
+    drop(mount);
+}

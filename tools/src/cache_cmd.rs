@@ -101,6 +101,13 @@ fn print_stats(stats: &HostCacheStats, cache_root: &std::path::Path, json: bool)
         "memory tier: {} running process(es) hold blocks; disk tier: {} files of blocks, {} whole segments",
         memory.processes, disk.block_files, disk.whole_segments
     );
+    if disk.shared_segments > 0 {
+        println!(
+            "{} of the whole segments are hard links to objects of the local store; their {} count as the store's, not the disk tier's",
+            disk.shared_segments,
+            human_bytes(disk.shared_bytes)
+        );
+    }
     let counters = &stats.counters;
     println!(
         "readahead: {} blocks prefetched; {} reads waited for a GET in flight; {} corrupt blocks dropped",

@@ -37,7 +37,11 @@
 //! - Recency is the file's modification time, which every write sets and a
 //!   hit refreshes once it is older than [`TOUCH_AFTER`].
 //! - Usage is the space files take on disk (sparse files count only their
-//!   written slots), estimated from this process's writes. Once the
+//!   written slots), estimated from this process's writes. A file with
+//!   more than one hard link (a whole segment that the `file://` object
+//!   store linked as an object) counts as 0 bytes and is never evicted.
+//!   Deleting it would free no space, and its bytes belong to the store.
+//!   Once the
 //!   estimate passes the limit, the process rescans the directories
 //!   (finding the files of other processes too) and deletes the least
 //!   recently used files until usage is at most 90% of the limit.
@@ -97,19 +101,30 @@ pub(crate) struct Evicted {
 /// Space and files of the disk tier, from a scan.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DiskUsage {
-    /// Space the files take on disk, metadata copies included.
+    /// Space the files take on disk, metadata copies included, without the
+    /// files counted in `shared_bytes`.
     pub bytes: u64,
     /// `.blk` files, one per segment with cached blocks.
     pub block_files: u64,
-    /// Whole segment files.
+    /// Whole segment files, shared ones included.
     pub segments: u64,
+    /// Whole segment files that have other hard links, such as the object
+    /// of a `file://` store.
+    pub shared_segments: u64,
+    /// Space those shared files take on disk. Deleting them would free
+    /// none of it.
+    pub shared_bytes: u64,
 }
 
 /// One file found by a scan.
 struct Entry {
     path: PathBuf,
-    /// Space the file takes on disk.
+    /// Space the file takes on disk, or 0 for a shared file.
     bytes: u64,
+    /// Set for a file with other hard links, whose bytes the tier does not own.
+    shared: bool,
+    /// Space a shared file takes on disk, else 0.
+    shared_bytes: u64,
     modified: SystemTime,
     /// Set for a whole segment.
     segment: Option<SegmentId>,
@@ -306,7 +321,8 @@ impl DiskTier {
             if used <= target {
                 break;
             }
-            if entry.path == spared {
+            // Deleting a file with other hard links frees no space.
+            if entry.path == spared || entry.shared {
                 continue;
             }
             match fs::remove_file(&entry.path) {
@@ -333,7 +349,12 @@ impl DiskTier {
         let mut usage = DiskUsage::default();
         for entry in self.scan() {
             usage.bytes += entry.bytes;
+            usage.shared_bytes += entry.shared_bytes;
             match entry.segment {
+                Some(_) if entry.shared => {
+                    usage.segments += 1;
+                    usage.shared_segments += 1;
+                }
                 Some(_) => usage.segments += 1,
                 None if entry.path.extension().is_some_and(|e| e == "blk") => usage.block_files += 1,
                 None => {}
@@ -415,14 +436,31 @@ fn list_files(dir: &Path) -> Vec<Entry> {
     read.flatten()
         .filter_map(|entry| {
             let metadata = entry.metadata().ok()?;
+            let bytes = owned_bytes(&metadata);
             metadata.is_file().then(|| Entry {
                 path: entry.path(),
-                bytes: metadata.blocks() * 512,
+                bytes,
+                shared: metadata.nlink() > 1,
+                shared_bytes: metadata.blocks() * 512 - bytes,
                 modified: metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                 segment: None,
             })
         })
         .collect()
+}
+
+/// Space that a file of the tier adds to the disk: what it takes, or 0 when
+/// it has other hard links. The tier creates no hard links of its own, so
+/// the other link is outside it (an object of the `file://` store) and
+/// owns the bytes. Reporting them as the tier's would count them twice in
+/// the disk space of `$CHALK_HOME` and would evict segments to free space
+/// that the deletion never frees.
+pub(crate) fn owned_bytes(metadata: &fs::Metadata) -> u64 {
+    if metadata.nlink() > 1 {
+        0
+    } else {
+        metadata.blocks() * 512
+    }
 }
 
 fn remove_if_stale(file: &Entry) {
@@ -620,5 +658,53 @@ mod tests {
         assert!(matches!(limited.load(&BlockKey { segment: segments[1], index: 0 }), Load::Miss));
         assert!(matches!(limited.load(&BlockKey { segment: segments[2], index: 0 }), Load::Hit(_)));
         assert_eq!(limited.usage().block_files, 9);
+    }
+
+    #[test]
+    fn segment_linked_by_store_is_not_counted() {
+        let (dir, tier) = tier(u64::MAX);
+        let segment = SegmentId::generate();
+        let path = tier.segments_dir().join(format!("{segment}.seg"));
+        fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+        // The object that a `file://` store links to a published segment.
+        fs::hard_link(&path, dir.path().join("object")).unwrap();
+        let usage = tier.usage();
+        assert_eq!(usage.segments, 1);
+        assert_eq!(usage.shared_segments, 1);
+        assert_eq!(usage.bytes, 0, "the tier counts bytes that belong to the store");
+        assert!(usage.shared_bytes >= 1 << 20, "shared bytes: {}", usage.shared_bytes);
+    }
+
+    #[test]
+    fn eviction_keeps_segment_linked_by_store() {
+        let (dir, tier) = tier(u64::MAX);
+        let segment = SegmentId::generate();
+        let linked = tier.segments_dir().join(format!("{segment}.seg"));
+        fs::write(&linked, vec![7u8; 4 << 20]).unwrap();
+        fs::hard_link(&linked, dir.path().join("object")).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(1000);
+        File::options().write(true).open(&linked).unwrap().set_modified(old).unwrap();
+        let key = BlockKey { segment: SegmentId::generate(), index: 0 };
+        tier.store(&key, &vec![1u8; 64 * 1024]);
+        let blocks_bytes = fs::metadata(tier.blocks_path(key.segment)).unwrap().blocks() * 512;
+
+        // The linked segment is the oldest file and four times the limit.
+        // It adds no bytes, so the tier is under the limit and keeps everything.
+        let limited = DiskTier { limit_bytes: blocks_bytes * 2, ..tier };
+        let added = fs::metadata(&linked).map(|m| owned_bytes(&m)).unwrap();
+        assert_eq!(added, 0);
+        let evicted = limited.note_added(added, &linked);
+        assert_eq!(evicted.files, 0);
+        let evicted = limited.evict(Path::new("/nonexistent"));
+        assert_eq!(evicted.files, 0);
+        assert!(linked.exists(), "eviction deleted a segment whose bytes belong to the store");
+        assert!(matches!(limited.load(&key), Load::Hit(_)));
+
+        // Over the limit, eviction deletes the block file and still keeps the segment.
+        let tight = DiskTier { limit_bytes: blocks_bytes / 2, ..limited };
+        let evicted = tight.evict(Path::new("/nonexistent"));
+        assert_eq!(evicted.files, 1);
+        assert!(evicted.segments.is_empty());
+        assert!(linked.exists());
     }
 }

@@ -359,8 +359,9 @@ impl SegmentCache {
         let to = self.path(id);
         std::fs::rename(from, &to).map_err(|e| EngineError::io("moving segment into the cache", &to, e))?;
         self.core.remote_only.lock().remove(&id);
-        let len = std::fs::metadata(&to).map(|m| m.len()).unwrap_or(0);
-        self.core.note_disk_added(len, &to);
+        // A segment that the `file://` store hard-linked as its object adds no space.
+        let bytes = std::fs::metadata(&to).map(|m| disk::owned_bytes(&m)).unwrap_or(0);
+        self.core.note_disk_added(bytes, &to);
         Ok(())
     }
 
@@ -376,17 +377,26 @@ impl SegmentCache {
     }
 
     /// Checks the disk tier's cached blocks of a segment. With `refetch`
-    /// (the segment's object key), each damaged block is dropped and fetched
-    /// again from the object store.
-    pub fn check_blocks(&self, segment: SegmentId, refetch: Option<&str>) -> Vec<BadBlock> {
+    /// (the segment's object key), each damaged block is fetched again from
+    /// the object store and replaces the damaged one.
+    ///
+    /// Fails with [`EngineError::ObjectStore`] when the store fails a
+    /// refetch, leaving that block and the ones after it as they were.
+    /// Any other failed refetch drops the damaged block and reports it unrepaired.
+    pub fn check_blocks(&self, segment: SegmentId, refetch: Option<&str>) -> Result<Vec<BadBlock>> {
         let mut out = Vec::new();
         for (index, detail) in self.core.disk.check_file(segment) {
             let key = BlockKey { segment, index };
             let mut repaired = false;
             if let Some(object_key) = refetch {
+                let fetched = match self.core.objects.get_range(object_key, index * BLOCK_BYTES, BLOCK_BYTES) {
+                    Ok(bytes) => Some(bytes),
+                    Err(err @ EngineError::ObjectStore { .. }) => return Err(err),
+                    Err(_) => None,
+                };
                 self.core.memory.remove(&key);
                 self.core.disk.remove(&key);
-                if let Ok(bytes) = self.core.objects.get_range(object_key, index * BLOCK_BYTES, BLOCK_BYTES) {
+                if let Some(bytes) = fetched {
                     if !bytes.is_empty() {
                         let evicted = self.core.disk.store(&key, &bytes);
                         self.core.forget_evicted(evicted);
@@ -396,7 +406,7 @@ impl SegmentCache {
             }
             out.push(BadBlock { offset: index * BLOCK_BYTES, detail, repaired });
         }
-        out
+        Ok(out)
     }
 
     /// Waits until every block fetched so far is written to the disk tier.

@@ -161,12 +161,19 @@ pub struct MemoryTierStats {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DiskTierStats {
-    /// Space the tier's files take on disk.
+    /// Space the tier's files take on disk, without the whole segments
+    /// counted in `shared_bytes`. This is what the limit bounds.
     pub bytes: u64,
     pub limit_bytes: u64,
     /// Files of cached blocks, one per segment.
     pub block_files: u64,
+    /// Whole segment files, shared ones included.
     pub whole_segments: u64,
+    /// Whole segment files that are hard links to objects of a `file://`
+    /// store, so their bytes belong to the store and are left out of `bytes`.
+    pub shared_segments: u64,
+    /// Space those shared segment files take on disk.
+    pub shared_bytes: u64,
     pub hits: u64,
     pub misses: u64,
 }
@@ -262,6 +269,8 @@ pub fn host_stats(cache_root: &Path, disk: DiskUsage, disk_limit_bytes: u64, mem
             limit_bytes: disk_limit_bytes,
             block_files: disk.block_files,
             whole_segments: disk.segments,
+            shared_segments: disk.shared_segments,
+            shared_bytes: disk.shared_bytes,
             hits: counters.disk_hits,
             misses: counters.disk_misses,
         },
