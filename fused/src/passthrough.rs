@@ -57,6 +57,9 @@ pub(crate) struct Passthrough {
     /// Copies this mount made or checked, by version and inode: each is
     /// checked once per mount.
     checked: Mutex<HashSet<(VersionId, u64)>>,
+    /// One lock for each inode whose backing file opens are making or
+    /// checking, so that concurrent first opens of a file copy it once.
+    copying: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
     /// Opens served through passthrough since the mount began.
     opens: Arc<AtomicU64>,
 }
@@ -88,6 +91,7 @@ impl Passthrough {
             active: AtomicBool::new(false),
             registered: Mutex::new(HashMap::new()),
             checked: Mutex::new(HashSet::new()),
+            copying: Mutex::new(HashMap::new()),
             opens,
         })
     }
@@ -134,8 +138,22 @@ impl Passthrough {
         if !self.is_active() {
             return Some(reply);
         }
-        // The copy runs without the lock, so opens of other files go on.
-        let file = match self.backing_file(session, ino, size) {
+        // The copy runs without the registration lock, so opens of other
+        // files go on. Opens of this file wait for one copy, then find it
+        // sound and checked.
+        let gate = Arc::clone(self.copying.lock().entry(ino.0).or_default());
+        let copied = {
+            let _one_copy = gate.lock();
+            self.backing_file(session, ino, size)
+        };
+        {
+            let mut copying = self.copying.lock();
+            // Only the map and this open still hold the lock.
+            if Arc::strong_count(&gate) == 2 {
+                copying.remove(&ino.0);
+            }
+        }
+        let file = match copied {
             Ok(file) => file,
             Err(error) => {
                 tracing::warn!(ino = ino.0, %error, "copying a file into the passthrough cache failed; serving it with normal reads");

@@ -13,6 +13,7 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Barrier};
 
 use tempfile::TempDir;
 
@@ -202,6 +203,32 @@ fn large_file_reads_through_passthrough() {
     let backing = store.backing_files();
     assert_eq!(backing.len(), 1, "expected one backing file, found {backing:?}");
     assert_eq!(fs::read(&backing[0]).unwrap(), store.large, "the backing file differs from the file put");
+}
+
+#[test]
+fn concurrent_first_opens_copy_once() {
+    let store = Store::new();
+    let mount = store.mount_version(&[]);
+    let path = mount.join("data/large.bin");
+
+    // Eight readers open the file at once on a fresh mount, so their opens
+    // reach the mount while the first copy is still being made.
+    let start = Arc::new(Barrier::new(8));
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let (path, start) = (path.clone(), Arc::clone(&start));
+            std::thread::spawn(move || {
+                start.wait();
+                fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+            })
+        })
+        .collect();
+    for reader in readers {
+        assert!(reader.join().unwrap() == store.large, "a concurrent reader got other bytes than were put");
+    }
+
+    let logs = store.mount_logs();
+    assert_eq!(logs.matches(COPIED_LOG).count(), 1, "concurrent first opens copied the file more than once:\n{logs}");
 }
 
 #[test]
