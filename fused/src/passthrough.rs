@@ -86,6 +86,7 @@ impl Passthrough {
             return None;
         }
         let dir = session.store().local_root().join("cache").join(chalk_engine::cache::PASSTHROUGH_DIR);
+        remove_abandoned_copies(&dir);
         Some(Passthrough {
             dir,
             active: AtomicBool::new(false),
@@ -259,6 +260,25 @@ impl Passthrough {
                 let _ = fs::remove_file(path);
                 false
             }
+        }
+    }
+}
+
+/// Removes the unfinished copies under `dir` (one directory per version)
+/// whose mount process no longer runs, such as one killed mid-copy. A
+/// copy's temporary name carries the process id of its mount.
+fn remove_abandoned_copies(dir: &std::path::Path) {
+    let Ok(versions) = fs::read_dir(dir) else { return };
+    for file in versions.flatten().filter_map(|version| fs::read_dir(version.path()).ok()).flatten().flatten() {
+        let name = file.file_name();
+        let pid = name.to_str().and_then(|name| name.strip_suffix(".tmp")).and_then(|stem| stem.split('.').nth(1));
+        let Some(pid) = pid.and_then(|pid| pid.parse::<u32>().ok()) else { continue };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match fs::remove_file(file.path()) {
+            Ok(()) => tracing::info!(path = %file.path().display(), pid, "removed an unfinished passthrough copy of a mount that stopped"),
+            Err(error) => tracing::debug!(path = %file.path().display(), %error, "cannot remove an unfinished passthrough copy"),
         }
     }
 }

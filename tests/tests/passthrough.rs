@@ -232,6 +232,28 @@ fn concurrent_first_opens_copy_once() {
 }
 
 #[test]
+fn unfinished_copies_of_stopped_mounts_are_removed() {
+    let store = Store::new();
+    let version_dir = store.home.path().join("cache/passthrough").join(&store.version);
+    fs::create_dir_all(&version_dir).unwrap();
+    // A copy left by a mount process that has ended, and one that a running
+    // process (this test) could still be writing.
+    let mut ended = Command::new("true").spawn().unwrap();
+    let ended_pid = ended.id();
+    ended.wait().unwrap();
+    let abandoned = version_dir.join(format!("7.{ended_pid}.1f.tmp"));
+    let in_progress = version_dir.join(format!("7.{}.2e.tmp", std::process::id()));
+    fs::write(&abandoned, b"half a copy").unwrap();
+    fs::write(&in_progress, b"half a copy").unwrap();
+
+    let _mount = store.mount_version(&[]);
+    assert!(!abandoned.exists(), "the mount kept the unfinished copy of an ended process");
+    assert!(in_progress.exists(), "the mount removed a copy that a running process owns");
+    let logs = store.mount_logs();
+    assert!(logs.contains("removed an unfinished passthrough copy"), "the removal was not logged:\n{logs}");
+}
+
+#[test]
 fn large_file_reads_without_passthrough() {
     let store = Store::new();
     let mount = store.mount_version(&[("CHALK_PASSTHROUGH", "off")]);
