@@ -110,7 +110,7 @@ pub struct MountHandle {
 /// `dir` reports the new file system's device, so the mount is usable as
 /// soon as this returns.
 pub fn mount(session: Arc<Session>, dir: &Path, options: &MountOptions) -> io::Result<MountHandle> {
-    let before = std::fs::metadata(dir).map_err(|e| context(e, "reading the mount point", dir))?;
+    let before = std::fs::metadata(dir).map_err(|e| mount_point_error(e, "reading the mount point", dir))?;
     if !before.is_dir() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -150,7 +150,7 @@ pub fn mount(session: Arc<Session>, dir: &Path, options: &MountOptions) -> io::R
     let passthrough_opens = Arc::new(AtomicU64::new(0));
     let filesystem = ChalkFs::new(Arc::clone(&session), read_only, Arc::clone(&passthrough_opens), workers);
     let mut fuse_session =
-        fuser::Session::new(filesystem, dir, &config).map_err(|e| context(e, "mounting FUSE at", dir))?;
+        fuser::Session::new(filesystem, dir, &config).map_err(|e| mount_point_error(e, "mounting FUSE at", dir))?;
     let unmounter = fuse_session.unmount_callable();
     let invalidator = Invalidator { notifier: fuse_session.notifier(), session: Arc::clone(&session) };
 
@@ -355,6 +355,20 @@ impl Drop for MountHandle {
             tracing::error!(mount_point = %self.mount_point.display(), %error, "unmount failed");
         }
     }
+}
+
+/// Adds context like [`context`]; when `dir` is still the mount of a
+/// process that has ended (which fails every request with ENOTCONN), the
+/// error tells the user to unmount it first.
+fn mount_point_error(error: io::Error, action: &str, dir: &Path) -> io::Error {
+    if error.raw_os_error() != Some(libc::ENOTCONN) {
+        return context(error, action, dir);
+    }
+    let dir = dir.display();
+    io::Error::new(
+        error.kind(),
+        format!("{dir} is still mounted by a mount process that has ended; run `chalk volume unmount {dir}` and mount again"),
+    )
 }
 
 fn context(error: io::Error, action: &str, path: &Path) -> io::Error {

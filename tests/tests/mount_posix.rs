@@ -891,6 +891,35 @@ fn unsynced_writes_discarded_when_mount_process_is_killed() {
 }
 
 #[test]
+fn mount_over_killed_mount_says_unmount() {
+    let store = Store::new();
+    store.create_volume("vol");
+    let mut mount = store.mount("vol", &[]);
+    let pid = mount.pid.expect("registration of the mount names its pid");
+    // SAFETY: kill has no memory effects; the pid is the mount process
+    // this test started.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + MOUNT_EXIT_TIMEOUT;
+    while process_running(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let dir = mount.path().to_str().unwrap().to_owned();
+    let output = store.run(&["volume", "mount", "vol", &dir, "--daemon"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "mounting over a dead mount succeeded: {stderr}");
+    assert!(stderr.contains("mount process that has ended"), "{stderr}");
+    assert!(stderr.contains(&format!("run `chalk volume unmount {dir}`")), "{stderr}");
+
+    // The advice works: after it, the same directory mounts again. The
+    // guard unmounts it at the end.
+    store.run_ok(&["volume", "unmount", &dir]);
+    store.run_ok(&["volume", "mount", "vol", &dir, "--daemon"]);
+    mount.pid = store.mount_pid(mount.path());
+    assert!(is_mounted(mount.path()), "{dir} is not a mount point after the advised unmount and a new mount");
+}
+
+#[test]
 fn sigterm_unmounts_and_removes_registration() {
     let store = Store::new();
     store.create_volume("vol");
