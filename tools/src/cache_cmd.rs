@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use parking_lot::Mutex;
 use serde_json::json;
 
-use crate::output::human_bytes;
+use crate::output::{count, human_bytes};
 
 /// Files read at once by `volume warm`.
 const WARM_THREADS: usize = 4;
@@ -98,8 +98,11 @@ fn print_stats(stats: &HostCacheStats, cache_root: &std::path::Path, json: bool)
     );
     println!("store:  {} ranged GETs, {} fetched", stats.store.gets, human_bytes(stats.store.bytes));
     println!(
-        "memory tier: {} running process(es) hold blocks; disk tier: {} files of blocks, {} whole segments",
-        memory.processes, disk.block_files, disk.whole_segments
+        "memory tier: {} {} blocks; disk tier: {} of blocks, {}",
+        count(memory.processes as u64, "running process", "running processes"),
+        if memory.processes == 1 { "holds" } else { "hold" },
+        count(disk.block_files as u64, "file", "files"),
+        count(disk.whole_segments as u64, "whole segment", "whole segments")
     );
     if disk.shared_segments > 0 {
         println!(

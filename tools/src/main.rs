@@ -329,15 +329,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let volume = volume_name(&name)?;
             let session = store.open_session(&volume, SessionBase::Lineage(LineageName::main()), Access::Writable)?;
             let summary = transfer::put(&session, &local, remote.as_deref())?;
-            let message = message.unwrap_or_else(|| format!("put {}", summary.remote));
+            // A put at the volume's root has an empty remote path.
+            let remote_shown = if summary.remote.is_empty() { "/" } else { summary.remote.as_str() };
+            let message = message.unwrap_or_else(|| format!("put {remote_shown}"));
             match sync_once(&session, message, "put")? {
                 SyncOutcome::Published(version) => {
                     println!(
-                        "uploaded {} files ({}) to {}:{} as version {}",
-                        summary.files,
+                        "uploaded {} ({}) to {}:{} as version {}",
+                        output::count(summary.files as u64, "file", "files"),
                         output::human_bytes(summary.bytes),
                         volume,
-                        summary.remote,
+                        remote_shown,
                         version.id
                     );
                     mount_cmd::warn_if_single_writer(&store);
@@ -351,7 +353,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let summary = transfer::get(&session, &remote, local.as_deref())?;
             // With `-` the file went to stdout, so the summary must not.
             if summary.local != std::path::Path::new("-") {
-                println!("downloaded {} files ({}) to {}", summary.files, output::human_bytes(summary.bytes), summary.local.display());
+                println!("downloaded {} ({}) to {}", output::count(summary.files as u64, "file", "files"), output::human_bytes(summary.bytes), summary.local.display());
             }
         }
         VolumeCommand::Rm { name, path, recursive } => {
@@ -421,7 +423,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             match sync_once(&session, format!("cp {src} {dst}"), "cp")? {
                 SyncOutcome::Published(version) => {
-                    println!("copied {copied} files to {dst} as version {}", version.id);
+                    println!("copied {} to {dst} as version {}", output::count(copied as u64, "file", "files"), version.id);
                     mount_cmd::warn_if_single_writer(&store);
                 }
                 SyncOutcome::NothingToPublish { .. } => println!("nothing copied"),
@@ -495,8 +497,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let volume = volume_name(&name)?;
             let summary = cache_cmd::run_warm(&store, &volume, &paths, version.as_deref())?;
             println!(
-                "warmed {} files ({}) of {volume} into the cache under {}",
-                summary.files,
+                "warmed {} ({}) of {volume} into the cache under {}",
+                output::count(summary.files as u64, "file", "files"),
                 output::human_bytes(summary.bytes),
                 store.local_root().join("cache").display()
             );

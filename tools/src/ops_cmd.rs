@@ -10,7 +10,7 @@ use chalk_engine::{Access, SegmentId, SessionBase, Store, VersionId, VolumeName}
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use crate::output::{human_bytes, rfc3339};
+use crate::output::{count, human_bytes, rfc3339};
 
 /// Flags of `chalk fsck`.
 #[derive(Args)]
@@ -114,7 +114,8 @@ pub fn run_fsck(store: &Store, args: FsckArgs) -> anyhow::Result<()> {
     }
     let open = report.problems.iter().filter(|p| !p.repaired).count();
     if open > 0 {
-        bail!("fsck found {open} problems that remain; see the list above (run with --repair to fix the local cache, --deep to check the object store's copies)");
+        let open = count(open as u64, "problem", "problems");
+        bail!("fsck found {open} that remain; see the list above (run with --repair to fix the local cache, --deep to check the object store's copies)");
     }
     Ok(())
 }
@@ -143,14 +144,14 @@ fn print_fsck(report: &FsckReport) {
     }
     let open = report.problems.iter().filter(|p| !p.repaired).count();
     println!(
-        "checked {} volumes, {} versions, {} segments, {} records: {} problems ({} repaired); {} orphaned objects, {} reclaimable",
-        report.volumes,
-        report.versions,
-        report.segments,
-        report.records_checked,
-        report.problems.len(),
+        "checked {}, {}, {}, {}: {} ({} repaired); {}, {} reclaimable",
+        count(report.volumes as u64, "volume", "volumes"),
+        count(report.versions as u64, "version", "versions"),
+        count(report.segments as u64, "segment", "segments"),
+        count(report.records_checked as u64, "record", "records"),
+        count(report.problems.len() as u64, "problem", "problems"),
         report.problems.len() - open,
-        report.orphaned_objects,
+        count(report.orphaned_objects as u64, "orphaned object", "orphaned objects"),
         human_bytes(report.reclaimable_bytes)
     );
     if open == 0 {

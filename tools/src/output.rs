@@ -20,6 +20,11 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// Formats a count with its noun, singular for one: "1 file", "3 files".
+pub fn count(n: u64, singular: &str, plural: &str) -> String {
+    format!("{n} {}", if n == 1 { singular } else { plural })
+}
+
 /// Formats a timestamp as RFC 3339 in UTC with seconds precision.
 pub fn rfc3339(t: Timestamp) -> String {
     let days = t.secs.div_euclid(86_400);
@@ -250,6 +255,13 @@ pub fn print_versions(versions: &[VersionInfo], json: bool) -> anyhow::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn count_is_singular_only_for_one() {
+        assert_eq!(count(0, "file", "files"), "0 files");
+        assert_eq!(count(1, "file", "files"), "1 file");
+        assert_eq!(count(2, "process", "processes"), "2 processes");
+    }
 
     #[test]
     fn rfc3339_formats_known_instants() {
