@@ -239,7 +239,11 @@ main() {
             start_garage
             start_moto
             write_env
-            log "ready; load the settings with: eval \"\$($0 env)\""
+            if [ -n "${CHALK_S3_DIR:-}" ]; then
+                log "ready; load the settings with: eval \"\$(CHALK_S3_DIR=$STATE_DIR $0 env)\""
+            else
+                log "ready; load the settings with: eval \"\$($0 env)\""
+            fi
             ;;
         env)
             [[ -f "$ENV_FILE" ]] || die "no servers were started under $STATE_DIR; run $0 start"
