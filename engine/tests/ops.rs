@@ -346,6 +346,17 @@ fn repair(volume: &VolumeName) -> FsckOptions {
     FsckOptions { volume: Some(volume.clone()), repair: true, ..FsckOptions::default() }
 }
 
+/// Runs `fsck --repair` on `volume`, which must fail with an object store
+/// error, and returns that error's message.
+fn repair_error(store: &Store, volume: &VolumeName) -> String {
+    let err = match store.fsck(&repair(volume)) {
+        Ok(report) => panic!("fsck --repair with the store unreachable returned a report: {:#?}", report.problems),
+        Err(err) => err,
+    };
+    assert!(matches!(err, EngineError::ObjectStore { .. }), "{err}");
+    err.to_string()
+}
+
 #[test]
 fn fsck_repair_stops_when_segment_refetch_fails() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -358,12 +369,7 @@ fn fsck_repair_stops_when_segment_refetch_fails() {
     // Only the segment's object is unreachable, so the checks before the repair succeed.
     let store = Store::open_with(StoreConfig::with_local_root(dir.path()), outage.clone()).unwrap();
     outage.set(Some("/segments/"));
-    let err = match store.fsck(&repair(&volume)) {
-        Ok(report) => panic!("fsck --repair with the store unreachable returned a report: {:#?}", report.problems),
-        Err(err) => err,
-    };
-    assert!(matches!(err, EngineError::ObjectStore { .. }), "{err}");
-    let message = err.to_string();
+    let message = repair_error(&store, &volume);
     assert!(message.contains("/segments/"), "the error does not name the failed request: {message}");
     assert!(message.contains("fsck of volume v stopped"), "{message}");
     assert!(message.contains(&local.display().to_string()), "the error does not name the damaged copy: {message}");
@@ -395,12 +401,7 @@ fn fsck_repair_stops_when_block_refetch_fails() {
     let damaged = std::fs::read(&blocks).unwrap();
 
     outage.set(Some("/segments/"));
-    let err = match store.fsck(&repair(&volume)) {
-        Ok(report) => panic!("fsck --repair with the store unreachable returned a report: {:#?}", report.problems),
-        Err(err) => err,
-    };
-    assert!(matches!(err, EngineError::ObjectStore { .. }), "{err}");
-    let message = err.to_string();
+    let message = repair_error(&store, &volume);
     assert!(message.contains("fsck of volume v stopped"), "{message}");
     assert!(message.contains("cached blocks"), "the error does not name the damaged blocks: {message}");
     assert!(message.contains("run it again once the store is reachable"), "{message}");

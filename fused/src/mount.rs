@@ -357,9 +357,9 @@ impl Drop for MountHandle {
     }
 }
 
-/// Adds context like [`context`]; when `dir` is still the mount of a
-/// process that has ended (which fails every request with ENOTCONN), the
-/// error tells the user to unmount it first.
+/// Adds context like [`context`]. When `dir` is still the mount of a
+/// process that has ended, which fails every request with ENOTCONN, the
+/// error gives the unmount command to run first.
 fn mount_point_error(error: io::Error, action: &str, dir: &Path) -> io::Error {
     if error.raw_os_error() != Some(libc::ENOTCONN) {
         return context(error, action, dir);

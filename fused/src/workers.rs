@@ -5,7 +5,7 @@
 //!
 //! Why: a mount served by several FUSE threads pays a thread wake-up on
 //! almost every request. On warm small files (open, read from the page
-//! cache, release) one thread answers a release and the next open without
+//! cache, release) one thread serves a release and the next open without
 //! sleeping in between, while the requests that may wait on the object
 //! store, or on a copy of a whole file, still run side by side.
 
