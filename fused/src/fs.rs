@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use chalk_engine::metrics::FUSE_OPERATIONS;
 use chalk_engine::{
     Attr, DirEntry, EngineError, FileKind, Ino, Owner, RenameMode, Session, SetAttr, XattrMode,
@@ -1026,8 +1027,8 @@ impl Filesystem for ChalkFs {
 /// Reads `size` bytes of `ino` at `offset` and replies.
 fn reply_read(session: &Session, views: &Views, ino: INodeNo, offset: u64, size: u32, reply: ReplyData) {
     let result = match views::is_view(ino.0) {
-        true => views.read(ino.0, offset, size),
-        false => session.read(engine_ino(ino), offset, size),
+        true => views.read(ino.0, offset, size).map(Bytes::from),
+        false => session.read_bytes(engine_ino(ino), offset, size),
     };
     match result {
         Ok(data) => reply.data(&data),

@@ -249,13 +249,19 @@ impl DiskTier {
     /// is nearly full. Returns what the eviction pass that the write
     /// triggered deleted, if any.
     pub fn store(&self, key: &BlockKey, data: &[u8]) -> Evicted {
+        self.store_with_crc(key, data, crc32fast::hash(data))
+    }
+
+    /// Stores like [`DiskTier::store`], with the CRC32 of `data` that the
+    /// fetch computed when it received the bytes.
+    pub fn store_with_crc(&self, key: &BlockKey, data: &[u8], crc: u32) -> Evicted {
         assert!(data.len() as u64 <= BLOCK_BYTES, "a block holds at most BLOCK_BYTES");
         // A limit of 0 turns the disk tier off.
         if self.limit_bytes == 0 || !self.has_free_space() {
             return Evicted::default();
         }
         let path = self.blocks_path(key.segment);
-        match write_slot(&path, key, data) {
+        match write_slot(&path, key, data, crc) {
             Ok(()) => self.note_added(SLOT_HEADER_BYTES + data.len() as u64, &path),
             Err(err) => {
                 tracing::warn!(path = %path.display(), error = %err, "failed to write a block to the disk cache");
@@ -489,7 +495,7 @@ fn touch_if_old(file: &File) {
 /// CPU on the disk tier's page cache as on serving the read. A
 /// payload that is not aligned to [`BLOCK_SIZE`] in memory is copied into a
 /// scratch buffer first. An aligned one, such as an S3 response, is written directly.
-fn write_slot(path: &Path, key: &BlockKey, data: &[u8]) -> std::io::Result<()> {
+fn write_slot(path: &Path, key: &BlockKey, data: &[u8], crc: u32) -> std::io::Result<()> {
     let slot = key.index * SLOT_BYTES;
     let direct = File::options().create(true).write(true).truncate(false).custom_flags(libc::O_DIRECT).open(path);
     let file = match direct {
@@ -498,7 +504,7 @@ fn write_slot(path: &Path, key: &BlockKey, data: &[u8]) -> std::io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             let file = File::options().create(true).write(true).truncate(false).open(path)?;
             file.write_all_at(data, slot + SLOT_HEADER_BYTES)?;
-            return file.write_all_at(&encode_header(key, data), slot);
+            return file.write_all_at(&encode_header(key, data, crc), slot);
         }
         Err(e) => return Err(e),
     };
@@ -516,7 +522,7 @@ fn write_slot(path: &Path, key: &BlockKey, data: &[u8]) -> std::io::Result<()> {
         })?;
     }
     let mut header = AlignedBuf::with_capacity(SLOT_HEADER_BYTES as usize);
-    header.extend_from_slice(&encode_header(key, data));
+    header.extend_from_slice(&encode_header(key, data, crc));
     file.write_all_at(header.padded(), slot)
 }
 
@@ -525,14 +531,14 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
 }
 
-fn encode_header(key: &BlockKey, data: &[u8]) -> [u8; HEADER_LEN] {
+fn encode_header(key: &BlockKey, data: &[u8], crc: u32) -> [u8; HEADER_LEN] {
     let mut header = [0u8; HEADER_LEN];
     header[0..8].copy_from_slice(MAGIC);
     header[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     header[12..16].copy_from_slice(&(data.len() as u32).to_le_bytes());
     header[16..32].copy_from_slice(&key.segment.to_u128().to_le_bytes());
     header[32..40].copy_from_slice(&key.index.to_le_bytes());
-    header[40..44].copy_from_slice(&crc32fast::hash(data).to_le_bytes());
+    header[40..44].copy_from_slice(&crc.to_le_bytes());
     let header_crc = crc32fast::hash(&header[..44]);
     header[44..48].copy_from_slice(&header_crc.to_le_bytes());
     header

@@ -94,13 +94,29 @@ pub(crate) struct BlockKey {
 /// share its buffer, which lives until the last of them is dropped.
 pub(crate) struct Block {
     data: Bytes,
+    /// For a block cut from a GET's response: the whole response and the
+    /// block's start in it. A read that spans blocks of one response is
+    /// then served as one slice of it, without a copy.
+    response: Option<(Bytes, usize)>,
+    /// CRC32 of `data`, when the fetch computed it as the bytes arrived.
+    crc: Option<u32>,
     /// Offsets of the records whose CRC was checked against these bytes.
     verified: Mutex<HashSet<u64>>,
 }
 
 impl Block {
     pub fn new(data: impl Into<Bytes>) -> Self {
-        Block { data: data.into(), verified: Mutex::new(HashSet::new()) }
+        Block { data: data.into(), response: None, crc: None, verified: Mutex::new(HashSet::new()) }
+    }
+
+    /// Makes the block at `from..to` of a GET's response, with the CRC32 of those bytes if known.
+    fn cut(response: &Bytes, from: usize, to: usize, crc: Option<u32>) -> Self {
+        Block {
+            data: response.slice(from..to),
+            response: Some((response.clone(), from)),
+            crc,
+            verified: Mutex::new(HashSet::new()),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -255,7 +271,25 @@ impl SegmentCache {
         if let Some(whole) = self.core.whole_segment(extent.segment)? {
             return whole.read_verified(extent.record_offset, extent.record_len, extent.data_offset, buf);
         }
-        self.core.read_blocks(volume, extent, buf)
+        let (first, blocks) = self.core.verified_blocks(volume, extent, buf.len())?;
+        Span { first, blocks: &blocks }.copy(extent.data_offset, buf);
+        Ok(())
+    }
+
+    /// Returns `len` bytes of a sealed extent like [`SegmentCache::read`].
+    /// When the bytes lie in one GET's response, the result is a slice of
+    /// it instead of a copy.
+    pub fn read_bytes(&self, volume: &VolumeName, extent: &Extent, len: usize) -> Result<Bytes> {
+        if self.core.whole_segment(extent.segment)?.is_none() {
+            let (first, blocks) = self.core.verified_blocks(volume, extent, len)?;
+            let span = Span { first, blocks: &blocks };
+            if let Some(shared) = span.shared(extent.data_offset, len) {
+                return Ok(shared);
+            }
+        }
+        let mut out = vec![0u8; len];
+        self.read(volume, extent, &mut out)?;
+        Ok(Bytes::from(out))
     }
 
     /// Records a read of `len` bytes at `offset` of a file of `size` bytes
@@ -444,7 +478,10 @@ fn start_disk_writer(core: std::sync::Weak<Core>) -> crossbeam::channel::Sender<
         unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, WRITER_NICE) };
         for (key, block) in receiver {
             let Some(core) = core.upgrade() else { return };
-            let evicted = core.disk.store(&key, &block.data);
+            let evicted = match block.crc {
+                Some(crc) => core.disk.store_with_crc(&key, &block.data, crc),
+                None => core.disk.store(&key, &block.data),
+            };
             core.forget_evicted(evicted);
             core.finish_disk_write();
         }
@@ -519,11 +556,13 @@ impl Core {
         }
     }
 
-    /// Reads an extent through the block tiers.
-    fn read_blocks(self: &Arc<Self>, volume: &VolumeName, extent: &Extent, buf: &mut [u8]) -> Result<()> {
+    /// Returns the index of the first block that holds the record of an
+    /// extent, and the blocks, after checking that they cover the record and
+    /// that its CRC matches. The caller reads `len` bytes of the extent.
+    fn verified_blocks(self: &Arc<Self>, volume: &VolumeName, extent: &Extent, len: usize) -> Result<(u64, Vec<Arc<Block>>)> {
         let record_start = extent.record_offset;
         let record_end = record_start + extent.record_len as u64;
-        let data_end = extent.data_offset + buf.len() as u64;
+        let data_end = extent.data_offset + len as u64;
         if extent.data_offset < record_start || data_end > record_end || extent.record_len == 0 {
             return Err(EngineError::CorruptSegment {
                 object: "extent",
@@ -539,10 +578,7 @@ impl Core {
             // A short or damaged response looks like a record cut by the end of
             // the object, or one that fails its CRC: both are fetched once more.
             match span.covers(record_end).and_then(|()| span.verify(record_start, record_end)) {
-                Ok(()) => {
-                    span.copy(extent.data_offset, buf);
-                    return Ok(());
-                }
+                Ok(()) => return Ok((first, blocks)),
                 Err(detail) if tiers == Tiers::DiskAndStore => {
                     tracing::warn!(segment = %extent.segment, offset = record_start, detail = %detail, "record failed its checks; fetching it again");
                     Counters::add(&self.counters.corrupt_blocks, blocks.len() as u64);
@@ -651,7 +687,7 @@ impl Core {
                 match self.disk.load(&key) {
                     Load::Hit(data) => {
                         Counters::add(&self.counters.disk_hits, 1);
-                        self.publish(&key, pending, data, false);
+                        self.publish(&key, pending, Block::new(data), false);
                         continue;
                     }
                     Load::Corrupt => Counters::add(&self.counters.corrupt_blocks, 1),
@@ -686,8 +722,8 @@ impl Core {
         let first = run[0].0;
         let offset = first * BLOCK_BYTES;
         let len = run.len() as u64 * BLOCK_BYTES;
-        let bytes = match self.objects.get_range_bytes(&segment_key(volume, segment), offset, len) {
-            Ok(bytes) => bytes,
+        let (bytes, crcs) = match self.objects.get_range_pieces(&segment_key(volume, segment), offset, len, BLOCK_BYTES as usize) {
+            Ok(fetched) => fetched,
             Err(err) => {
                 for (index, pending) in run {
                     self.fail(&BlockKey { segment, index: *index }, pending, err.to_string());
@@ -706,15 +742,16 @@ impl Core {
                 continue;
             }
             let to = (from + BLOCK_BYTES as usize).min(bytes.len());
-            self.publish(&key, pending, bytes.slice(from..to), true);
+            let crc = crcs.as_ref().and_then(|crcs| crcs.get((index - first) as usize).copied());
+            self.publish(&key, pending, Block::cut(&bytes, from, to, crc), true);
         }
         Ok(())
     }
 
     /// Puts a fetched block in memory, wakes its waiters and, for a block
     /// from the object store, queues it for the disk tier.
-    fn publish(self: &Arc<Self>, key: &BlockKey, pending: &Pending, data: Bytes, from_store: bool) {
-        let block = Arc::new(Block::new(data));
+    fn publish(self: &Arc<Self>, key: &BlockKey, pending: &Pending, block: Block, from_store: bool) {
+        let block = Arc::new(block);
         let evicted = self.memory.insert(*key, block.clone());
         Counters::add(&self.counters.memory_evictions, evicted as u64);
         pending.complete(Ok(block.clone()));
@@ -819,6 +856,31 @@ impl Span<'_> {
         &block.data[from..to.max(from)]
     }
 
+    /// Returns the segment bytes `[offset, offset + len)` as one slice of a
+    /// GET's response. Returns `None` unless every block they touch was cut
+    /// from that response, in order.
+    fn shared(&self, offset: u64, len: usize) -> Option<Bytes> {
+        let end = offset + len as u64;
+        // The response, where `offset` lies in it, and where the next block must start.
+        let mut found: Option<(&Bytes, usize, usize)> = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let block_start = (self.first + i as u64) * BLOCK_BYTES;
+            if block_start + block.len() as u64 <= offset || block_start >= end {
+                continue;
+            }
+            let (response, at) = block.response.as_ref()?;
+            found = match found {
+                None => Some((response, at + offset.checked_sub(block_start)? as usize, at + block.len())),
+                Some((first, from, next)) if first.as_ptr() == response.as_ptr() && next == *at => {
+                    Some((first, from, at + block.len()))
+                }
+                Some(_) => return None,
+            };
+        }
+        let (response, from, next) = found?;
+        (from + len <= next).then(|| response.slice(from..from + len))
+    }
+
     /// Copies segment bytes from `offset` into `buf`.
     fn copy(&self, offset: u64, buf: &mut [u8]) {
         let end = offset + buf.len() as u64;
@@ -853,5 +915,46 @@ impl Store {
     /// Waits until every block this process fetched is written to the disk cache.
     pub fn flush_cache(&self) {
         self.segments.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Makes a response of `blocks` full blocks from segment offset 0, whose byte `i` is `i % 251`.
+    fn response(blocks: u64) -> Bytes {
+        Bytes::from((0..blocks * BLOCK_BYTES).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
+    }
+
+    fn cut_all(response: &Bytes) -> Vec<Arc<Block>> {
+        let block = BLOCK_BYTES as usize;
+        (0..response.len() / block).map(|i| Arc::new(Block::cut(response, i * block, (i + 1) * block, None))).collect()
+    }
+
+    #[test]
+    fn span_of_one_response_is_shared() {
+        let whole = response(3);
+        let blocks = cut_all(&whole);
+        let span = Span { first: 0, blocks: &blocks };
+        let (offset, len) = (BLOCK_BYTES - 100, BLOCK_BYTES as usize + 200);
+        let shared = span.shared(offset, len).expect("one response holds the range");
+        assert_eq!(&shared[..], &whole[offset as usize..offset as usize + len]);
+        assert_eq!(shared.as_ptr(), whole[offset as usize..].as_ptr(), "the result is not a copy");
+        // Past the last block there is nothing to share.
+        assert_eq!(span.shared(3 * BLOCK_BYTES - 10, 20), None);
+    }
+
+    #[test]
+    fn span_of_two_responses_is_copied() {
+        let (one, two) = (response(1), response(1));
+        let blocks = vec![Arc::new(Block::cut(&one, 0, one.len(), None)), Arc::new(Block::cut(&two, 0, two.len(), None))];
+        let span = Span { first: 4, blocks: &blocks };
+        let start = 4 * BLOCK_BYTES;
+        assert!(span.shared(start + 10, 100).is_some(), "a range inside one block is shared");
+        assert_eq!(span.shared(start + BLOCK_BYTES - 10, 20), None);
+
+        let loaded = vec![Arc::new(Block::new(one.clone()))];
+        assert_eq!(Span { first: 0, blocks: &loaded }.shared(0, 10), None);
     }
 }

@@ -86,6 +86,15 @@ pub trait ObjectStore: Send + Sync {
         self.get_range(key, offset, len).map(bytes::Bytes::from)
     }
 
+    /// Reads like [`get_range_bytes`](Self::get_range_bytes), with the CRC32
+    /// of each `piece`-byte part of the result; the last part may be shorter.
+    /// A store that hashes the bytes as they arrive returns the CRCs, because
+    /// that costs less than a later pass over them. Others return `None`.
+    fn get_range_pieces(&self, key: &str, offset: u64, len: u64, piece: usize) -> Result<(bytes::Bytes, Option<Vec<u32>>)> {
+        let _ = piece;
+        Ok((self.get_range_bytes(key, offset, len)?, None))
+    }
+
     /// Copies the whole object into a new local file. Returns `false` when it does not exist.
     fn get_to_file(&self, key: &str, path: &Path) -> Result<bool>;
 

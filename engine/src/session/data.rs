@@ -1,15 +1,35 @@
 //! File data: appending writes to the session's segment log and resolving
 //! reads through the extent index.
 
+use bytes::Bytes;
+
 use crate::cache::SEGMENT_READAHEAD_FILE_MAX_BYTES;
 use crate::error::{EngineError, Result};
-use crate::extent::Extent;
+use crate::extent::{Extent, Piece};
 use crate::format::record::{encode_data_prefix, MetaOp, RecordType, SegmentHeader, DATA_PREFIX_LEN, HEADER_LEN};
 use crate::ids::{Ino, SegmentId};
 use crate::segment::{Appended, OpenSegment};
 use crate::tree::{Content, FileKind, Timestamp};
 
 use super::{Log, Session, State};
+
+/// How a read gets its bytes once the session lock is released.
+enum ReadPlan {
+    /// The whole read lies in this sealed extent, for this many bytes.
+    Sealed(Extent, usize),
+    /// The result with holes and open-segment bytes filled in, and the
+    /// sealed pieces still to copy into it, as (result offset, length, extent).
+    Pieces(Vec<u8>, Vec<(usize, usize, Extent)>),
+}
+
+impl ReadPlan {
+    fn last_sealed(&self) -> Option<&Extent> {
+        match self {
+            ReadPlan::Sealed(extent, _) => Some(extent),
+            ReadPlan::Pieces(_, sealed) => sealed.last().map(|(_, _, extent)| extent),
+        }
+    }
+}
 
 /// A segment is sealed and a new one started once it grows past this size.
 const SEGMENT_MAX_BYTES: u64 = 64 << 20;
@@ -112,7 +132,14 @@ impl Session {
     /// Reads up to `len` bytes at `offset`; the result is short only at the end of the file.
     /// The bytes count in `chalk_read_bytes_total`.
     pub fn read(&self, ino: Ino, offset: u64, len: u32) -> Result<Vec<u8>> {
-        let out = self.read_uncounted(ino, offset, len)?;
+        Ok(Vec::from(self.read_bytes(ino, offset, len)?))
+    }
+
+    /// Reads like [`Session::read`]. When the bytes lie in one response of
+    /// the object store held by the read cache, the result shares that
+    /// buffer instead of copying it: for a mount's read replies.
+    pub fn read_bytes(&self, ino: Ino, offset: u64, len: u32) -> Result<Bytes> {
+        let out = self.read_shared(ino, offset, len)?;
         self.metrics.record_read(out.len() as u64);
         Ok(out)
     }
@@ -121,35 +148,48 @@ impl Session {
     /// `chalk_read_bytes_total`. For copies that a mount makes for itself,
     /// such as a passthrough backing file, which no reader has asked for.
     pub fn read_uncounted(&self, ino: Ino, offset: u64, len: u32) -> Result<Vec<u8>> {
-        let (mut out, sealed, size) = {
+        Ok(Vec::from(self.read_shared(ino, offset, len)?))
+    }
+
+    fn read_shared(&self, ino: Ino, offset: u64, len: u32) -> Result<Bytes> {
+        let (plan, size) = {
             let mut state = self.state.lock();
             let size = state.inode(&self.store, &self.volume, ino)?.attr.size;
-            let (out, sealed) = self.plan_read(&mut state, ino, offset, len)?;
-            (out, sealed, size)
+            (self.plan_read(&mut state, ino, offset, len)?, size)
         };
         // Reading a directory's small files one after the other walks their
         // segment forward, so the next files' bytes are fetched ahead. Only
         // read-only sessions do this, because rewrites scatter the records
         // of a writable session's files.
         if self.is_read_only() && size < SEGMENT_READAHEAD_FILE_MAX_BYTES {
-            if let Some((_, _, extent)) = sealed.last() {
+            if let Some(extent) = plan.last_sealed() {
                 self.store.segments.segment_readahead(&self.volume, self.id, extent);
             }
         }
-        self.read_sealed(&mut out, sealed)?;
-        Ok(out)
+        self.finish_read(plan)
     }
 
     /// Reads like [`Session::read`] with the session lock already held.
     pub(crate) fn read_in(&self, state: &mut State, ino: Ino, offset: u64, len: u32) -> Result<Vec<u8>> {
-        let (mut out, sealed) = self.plan_read(state, ino, offset, len)?;
-        self.read_sealed(&mut out, sealed)?;
-        Ok(out)
+        let plan = self.plan_read(state, ino, offset, len)?;
+        Ok(Vec::from(self.finish_read(plan)?))
     }
 
-    /// Copies holes and bytes of the open segment into the result, and
-    /// returns the pieces that live in sealed segments.
-    fn plan_read(&self, state: &mut State, ino: Ino, offset: u64, len: u32) -> Result<(Vec<u8>, Vec<(usize, usize, Extent)>)> {
+    /// Reads the sealed bytes that a plan left for after the session lock.
+    fn finish_read(&self, plan: ReadPlan) -> Result<Bytes> {
+        match plan {
+            ReadPlan::Sealed(extent, len) => self.store.segments.read_bytes(&self.volume, &extent, len),
+            ReadPlan::Pieces(mut out, sealed) => {
+                self.read_sealed(&mut out, sealed)?;
+                Ok(Bytes::from(out))
+            }
+        }
+    }
+
+    /// Plans a read. A read that lies in one sealed extent is left whole to
+    /// the read cache. Otherwise holes and bytes of the open segment are
+    /// copied into the result, and the pieces in sealed segments are listed.
+    fn plan_read(&self, state: &mut State, ino: Ino, offset: u64, len: u32) -> Result<ReadPlan> {
         let inode = state.inode(&self.store, &self.volume, ino)?;
         let size = inode.attr.size;
         let extents = match &inode.content {
@@ -160,7 +200,7 @@ impl Session {
             }
         };
         if offset >= size {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(ReadPlan::Pieces(Vec::new(), Vec::new()));
         }
         let want = (len as u64).min(size - offset);
         let pieces = extents.pieces(offset, want);
@@ -169,13 +209,18 @@ impl Session {
         if let Some((from, len)) = self.store.segments.readahead(self.id, ino, offset, want, size) {
             ahead.extend(extents.pieces(from, len).into_iter().filter_map(|piece| piece.extent));
         }
-        let mut out = vec![0u8; want as usize];
-        let mut sealed = Vec::new();
         let open = state.log.as_mut().and_then(|log| log.current.as_ref().map(|s| s.id));
         ahead.retain(|extent| Some(extent.segment) != open);
         if !ahead.is_empty() {
             self.store.segments.prefetch(&self.volume, &ahead);
         }
+        if let [Piece { len, extent: Some(extent), .. }] = pieces.as_slice() {
+            if *len == want && Some(extent.segment) != open {
+                return Ok(ReadPlan::Sealed(*extent, want as usize));
+            }
+        }
+        let mut out = vec![0u8; want as usize];
+        let mut sealed = Vec::new();
         for piece in pieces {
             let at = (piece.file_offset - offset) as usize;
             match piece.extent {
@@ -188,7 +233,7 @@ impl Session {
                 Some(extent) => sealed.push((at, piece.len as usize, extent)),
             }
         }
-        Ok((out, sealed))
+        Ok(ReadPlan::Pieces(out, sealed))
     }
 
     fn read_sealed(&self, out: &mut [u8], sealed: Vec<(usize, usize, Extent)>) -> Result<()> {
