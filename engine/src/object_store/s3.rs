@@ -620,6 +620,30 @@ impl S3Store {
         block_on_runtime(self.runtime.as_ref().expect("the runtime lives until drop"), future)
     }
 
+    /// Runs `future` as a task of the store's runtime and waits for its
+    /// result. A ranged GET's body arrives in many chunks. The runtime
+    /// thread that reads the socket then also copies each chunk, and the
+    /// caller is woken once, not once per chunk as with `block_on`.
+    fn run_as_task<T: Send + 'static>(&self, what: &str, future: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        let runtime = self.runtime.as_ref().expect("the runtime lives until drop");
+        runtime.spawn(async move {
+            let _ = done.send(future.await);
+        });
+        result.recv().unwrap_or_else(|_| {
+            Err(EngineError::ObjectStore {
+                url: self.inner.url.clone(),
+                detail: format!("the {what} task ended without a result; the S3 runtime stopped or the task panicked"),
+            })
+        })
+    }
+
+    /// Runs a ranged GET as a task of the runtime.
+    fn get_range_task(&self, key: &str, offset: u64, len: u64, piece: Option<usize>) -> Result<ResponseBuf> {
+        let (inner, key) = (Arc::clone(&self.inner), key.to_owned());
+        self.run_as_task("ranged GET", async move { inner.get_range(&key, offset, len, piece).await })
+    }
+
     /// Creates `key` with `If-None-Match: *`, whatever the probe found.
     fn put_conditional(&self, key: &str, data: &[u8]) -> Result<Conditional> {
         validate_key(key)?;
@@ -1388,7 +1412,7 @@ impl ObjectStore for S3Store {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let body = self.block_on(self.inner.get_range(key, offset, len, None))?;
+        let body = self.get_range_task(key, offset, len, None)?;
         Ok(Bytes::from_owner(body))
     }
 
@@ -1397,7 +1421,7 @@ impl ObjectStore for S3Store {
         if len == 0 {
             return Ok((Bytes::new(), Some(Vec::new())));
         }
-        let mut body = self.block_on(self.inner.get_range(key, offset, len, Some(piece.max(1))))?;
+        let mut body = self.get_range_task(key, offset, len, Some(piece.max(1)))?;
         let crcs = body.piece_crcs();
         Ok((Bytes::from_owner(body), crcs))
     }
