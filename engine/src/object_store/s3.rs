@@ -105,7 +105,8 @@ static IDLE_RESPONSE_BUFFERS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new()
 /// Idle response buffers kept for reuse; more are unmapped.
 const IDLE_RESPONSE_BUFFERS_MAX: usize = 8;
 /// Buffer capacities are multiples of this, so that buffers are reused
-/// across requests; it is the size of a transparent huge page on x86-64 and arm64.
+/// across requests. It is the size of a transparent huge page on x86-64
+/// and on arm64 with 4 KiB pages.
 const RESPONSE_BUF_GRANULE: usize = 2 << 20;
 
 impl ResponseBuf {
@@ -126,7 +127,8 @@ impl ResponseBuf {
 
     /// Makes the buffer hash each `piece` bytes as they are added.
     fn hash_pieces(&mut self, piece: usize) {
-        assert!(piece > 0 && self.len == 0, "pieces are hashed from an empty buffer");
+        assert!(piece > 0, "a piece holds at least one byte");
+        assert_eq!(self.len, 0, "pieces are hashed from an empty buffer");
         self.pieces = Some((piece, Vec::new(), crc32fast::Hasher::new()));
     }
 
@@ -168,8 +170,8 @@ impl ResponseBuf {
 }
 
 /// Maps `cap` bytes (a multiple of [`RESPONSE_BUF_GRANULE`]) of zeroed
-/// anonymous memory at an address aligned to the granule, asks the kernel
-/// for huge pages there and faults the whole range in. Without huge pages
+/// anonymous memory at an address aligned to the granule, requests huge
+/// pages there and faults the whole range in. Without huge pages
 /// (transparent huge pages set to `never`) the range is faulted in with
 /// 4 KiB pages, as before. Unmapping `cap` bytes at the result frees it.
 fn map_huge_aligned(cap: usize) -> std::io::Result<std::ptr::NonNull<u8>> {
@@ -624,7 +626,7 @@ impl S3Store {
     /// result. A ranged GET's body arrives in many chunks. The runtime
     /// thread that reads the socket then also copies each chunk, and the
     /// caller is woken once, not once per chunk as with `block_on`.
-    fn run_as_task<T: Send + 'static>(&self, what: &str, future: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+    fn run_as_task<T: Send + 'static>(&self, request: &str, future: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
         let (done, result) = std::sync::mpsc::sync_channel(1);
         let runtime = self.runtime.as_ref().expect("the runtime lives until drop");
         runtime.spawn(async move {
@@ -633,7 +635,7 @@ impl S3Store {
         result.recv().unwrap_or_else(|_| {
             Err(EngineError::ObjectStore {
                 url: self.inner.url.clone(),
-                detail: format!("the {what} task ended without a result; the S3 runtime stopped or the task panicked"),
+                detail: format!("the {request} task ended without a result; the S3 runtime stopped or the task panicked"),
             })
         })
     }
