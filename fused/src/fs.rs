@@ -327,7 +327,7 @@ impl Filesystem for ChalkFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let _span = self.op_span("lookup", req, parent.0);
+        let span = self.op_span("lookup", req, parent.0);
         if parent.0 == Ino::ROOT.0 && name.as_bytes() == views::RESERVED_NAME {
             match self.session.getattr(Ino::ROOT) {
                 Ok(root) => reply.entry(&VIEW_DIR_TTL, &file_attr(&self.views.chalk_dir(&root)), GENERATION),
@@ -343,14 +343,25 @@ impl Filesystem for ChalkFs {
             }
             return;
         }
-        match self.session.lookup(engine_ino(parent), name) {
-            Ok(attr) => self.reply_entry(reply, &attr),
-            Err(EngineError::NotFound { .. }) if self.read_only => {
-                // A zero inode number is a negative entry: the kernel caches
-                // the absence of the name for the timeout.
-                reply.entry(&self.ttl, &negative_entry_attr(), GENERATION);
+        let (ttl, read_only) = (self.ttl, self.read_only);
+        // A lookup that must fetch metadata from a remote store goes to a
+        // worker, so that this thread goes on serving the other requests.
+        let Some(workers) = self.workers.as_ref().filter(|_| self.reads_to_workers) else {
+            let result = self.session.lookup(engine_ino(parent), name);
+            return reply_lookup(&self.session, (ttl, read_only), parent, result, reply);
+        };
+        match self.session.lookup_loaded(engine_ino(parent), name) {
+            Some(result) => reply_lookup(&self.session, (ttl, read_only), parent, result, reply),
+            None => {
+                let op = span.hand_off();
+                let (session, name) = (Arc::clone(&self.session), name.to_owned());
+                workers.run(move || {
+                    op.run(|| {
+                        let result = session.lookup(engine_ino(parent), &name);
+                        reply_lookup(&session, (ttl, read_only), parent, result, reply);
+                    })
+                });
             }
-            Err(error) => reply.error(log_failure("lookup", parent.0, &error)),
         }
     }
 
@@ -1033,6 +1044,22 @@ fn reply_read(session: &Session, views: &Views, ino: INodeNo, offset: u64, size:
     match result {
         Ok(data) => reply.data(&data),
         Err(error) => reply.error(log_failure("read", ino.0, &error)),
+    }
+}
+
+/// Replies to a lookup of a name in `parent` with its result. `entry` is the
+/// entry timeout and whether the mount is read-only: there a missing name
+/// gets a negative entry, which the kernel caches for the timeout.
+fn reply_lookup(session: &Session, entry: (Duration, bool), parent: INodeNo, result: Result<Attr, EngineError>, reply: ReplyEntry) {
+    let (ttl, read_only) = entry;
+    match result {
+        Ok(attr) => {
+            session.remember(attr.ino, 1);
+            reply.entry(&ttl, &file_attr(&attr), GENERATION);
+        }
+        // A zero inode number is a negative entry.
+        Err(EngineError::NotFound { .. }) if read_only => reply.entry(&ttl, &negative_entry_attr(), GENERATION),
+        Err(error) => reply.error(log_failure("lookup", parent.0, &error)),
     }
 }
 

@@ -834,49 +834,81 @@ fn mounted_sync_through_an_outage() {
     }
 }
 
+/// A read-only mount of a volume in Garage, through a fault proxy, on a new
+/// host, with the default of one thread that reads FUSE requests. The
+/// volume holds `small/first`, `small/second` and the 8 MiB `big.bin`.
+/// The mount has read `small/first`, so it has the metadata and blocks of
+/// both small files in memory.
+struct HungStoreMount {
+    // Fields drop in this order: unmount first, then the mount point, the
+    // proxy and the homes.
+    _unmount: Unmount,
+    mnt: TempDir,
+    proxy: FaultProxy,
+    _homes: (TempDir, TempDir),
+    big: Vec<u8>,
+}
+
+impl HungStoreMount {
+    fn start(garage: &Server, test: &str) -> HungStoreMount {
+        let url = fresh_url(garage, test);
+        let proxy = FaultProxy::start(garage);
+        let (home, mount_home) = (temp_home(), temp_home());
+        let tree = tempfile::tempdir_in("/var/tmp").unwrap();
+        std::fs::create_dir_all(tree.path().join("small")).unwrap();
+        for name in ["first", "second"] {
+            std::fs::write(tree.path().join("small").join(name), name.repeat(100)).unwrap();
+        }
+        let big = pattern(8 * MIB, 9);
+        std::fs::write(tree.path().join("big.bin"), &big).unwrap();
+        // Two puts, so the large file's bytes and inode page sit in objects
+        // of their own, and no readahead of the small files fetches them.
+        run_ok(chalk(garage, &url, home.path()).args(["volume", "create", "v"]));
+        run_ok(chalk(garage, &url, home.path()).args(["volume", "put", "v"]).arg(tree.path().join("small")).arg("small"));
+        run_ok(chalk(garage, &url, home.path()).args(["volume", "put", "v"]).arg(tree.path().join("big.bin")).arg("big.bin"));
+
+        let mnt = tempfile::tempdir_in("/var/tmp").unwrap();
+        let unmount = Unmount(mnt.path().to_path_buf());
+        let mut mount = chalk(garage, &url, mount_home.path());
+        mount
+            .env("AWS_ENDPOINT_URL", proxy.url())
+            .env("CHALK_S3_MAX_ATTEMPTS", "2")
+            .env("CHALK_S3_READ_TIMEOUT_MS", "2000")
+            .env_remove("CHALK_FUSE_THREADS")
+            .args(["volume", "mount", "v"])
+            .arg(mnt.path())
+            .args(["--read-only", "--daemon"]);
+        run_ok(&mut mount);
+        assert_eq!(std::fs::read(mnt.path().join("small/first")).unwrap(), "first".repeat(100).as_bytes());
+        HungStoreMount { proxy, mnt, big, _homes: (home, mount_home), _unmount: unmount }
+    }
+
+    /// Reads `small/second` while another request waits on the hanging
+    /// store, and checks that it comes back within 1 s, before that request.
+    fn read_cached_file_alongside(&self, waiting: &AtomicBool, other: &str) {
+        let started = Instant::now();
+        let second = std::fs::read(self.mnt.path().join("small/second"));
+        let took = started.elapsed();
+        let still_waiting = waiting.load(Ordering::SeqCst);
+        assert_eq!(second.unwrap(), "second".repeat(100).as_bytes());
+        assert!(still_waiting, "{other} ended before the read of small/second could show it waited alongside ({took:?})");
+        assert!(took < Duration::from_secs(1), "a cached file took {took:?} to read while {other} waited on the store");
+    }
+}
+
 #[test]
 fn hung_store_read_leaves_mount_responsive() {
     let Some(garage) = garage() else { return };
-    let url = fresh_url(&garage, "waiting-read");
-    let proxy = FaultProxy::start(&garage);
-    let (home, mount_home) = (temp_home(), temp_home());
-    let tree = tempfile::tempdir_in("/var/tmp").unwrap();
-    std::fs::create_dir_all(tree.path().join("small")).unwrap();
-    for name in ["first", "second"] {
-        std::fs::write(tree.path().join("small").join(name), name.repeat(100)).unwrap();
-    }
-    let big = pattern(8 * MIB, 9);
-    std::fs::write(tree.path().join("big.bin"), &big).unwrap();
-    // Two puts, so the large file's bytes sit in segments of their own and
-    // no readahead of the small files fetches them.
-    run_ok(chalk(&garage, &url, home.path()).args(["volume", "create", "v"]));
-    run_ok(chalk(&garage, &url, home.path()).args(["volume", "put", "v"]).arg(tree.path().join("small")).arg("small"));
-    run_ok(chalk(&garage, &url, home.path()).args(["volume", "put", "v"]).arg(tree.path().join("big.bin")).arg("big.bin"));
-
-    // A read-only mount on a new host, with the default of one thread that
-    // reads FUSE requests.
-    let mnt = tempfile::tempdir_in("/var/tmp").unwrap();
-    let _unmount = Unmount(mnt.path().to_path_buf());
-    let mut mount = chalk(&garage, &url, mount_home.path());
-    mount
-        .env("AWS_ENDPOINT_URL", proxy.url())
-        .env("CHALK_S3_MAX_ATTEMPTS", "2")
-        .env("CHALK_S3_READ_TIMEOUT_MS", "2000")
-        .env_remove("CHALK_FUSE_THREADS")
-        .args(["volume", "mount", "v"])
-        .arg(mnt.path())
-        .args(["--read-only", "--daemon"]);
-    run_ok(&mut mount);
-    assert_eq!(std::fs::read(mnt.path().join("small/first")).unwrap(), "first".repeat(100).as_bytes());
-    // A lookup that must fetch metadata waits with the session locked (a
-    // known limit), so the large file is looked up before the store hangs.
-    assert_eq!(std::fs::metadata(mnt.path().join("big.bin")).unwrap().len(), 8 * MIB);
+    let setup = HungStoreMount::start(&garage, "waiting-read");
+    let path = setup.mnt.path().join("big.bin");
+    // The large file is looked up before the store hangs, so that only its read waits.
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 8 * MIB);
 
     // With the store hanging, a read of the large file waits for its retries.
-    proxy.set(FaultPlan { hang_all: true, ..FaultPlan::default() });
+    setup.proxy.set(FaultPlan { hang_all: true, ..FaultPlan::default() });
     let waiting = Arc::new(AtomicBool::new(true));
     let reader = {
-        let (path, waiting) = (mnt.path().join("big.bin"), Arc::clone(&waiting));
+        let (path, waiting) = (path.clone(), Arc::clone(&waiting));
         std::thread::spawn(move || {
             let started = Instant::now();
             let result = std::fs::File::open(&path).and_then(|mut file| {
@@ -892,23 +924,52 @@ fn hung_store_read_leaves_mount_responsive() {
     assert!(waiting.load(Ordering::SeqCst), "the read of big.bin did not wait on the hanging store");
 
     // Meanwhile the mount looks up and reads a file it has not served yet,
-    // from the metadata and blocks it fetched when it mounted.
-    let started = Instant::now();
-    let second = std::fs::read(mnt.path().join("small/second"));
-    let took = started.elapsed();
-    let still_waiting = waiting.load(Ordering::SeqCst);
-    assert_eq!(second.unwrap(), "second".repeat(100).as_bytes());
-    assert!(still_waiting, "the read of big.bin ended before the lookup could show it waited alongside ({took:?})");
-    assert!(took < Duration::from_secs(1), "a cached file took {took:?} to read while another read waited on the store");
+    // from the metadata and blocks it fetched when it read small/first.
+    setup.read_cached_file_alongside(&waiting, "the read of big.bin");
 
     // The waiting read fails or succeeds, and never returns wrong bytes.
     let (result, waited) = reader.join().unwrap();
     assert!(waited >= Duration::from_secs(1), "the read of big.bin waited only {waited:?}");
     if let Ok(tail) = result {
-        assert!(tail == big[7 * MIB as usize..], "the read of big.bin returned wrong bytes");
+        assert!(tail == setup.big[7 * MIB as usize..], "the read of big.bin returned wrong bytes");
     }
-    proxy.set(FaultPlan::default());
-    assert!(std::fs::read(mnt.path().join("big.bin")).unwrap() == big, "big.bin read wrong once the store was back");
+    setup.proxy.set(FaultPlan::default());
+    assert!(std::fs::read(&path).unwrap() == setup.big, "big.bin read wrong once the store was back");
+}
+
+#[test]
+fn hung_store_lookup_leaves_mount_responsive() {
+    let Some(garage) = garage() else { return };
+    let setup = HungStoreMount::start(&garage, "waiting-lookup");
+    let path = setup.mnt.path().join("big.bin");
+
+    // The mount has not loaded the inode page of big.bin, so with the store
+    // hanging, looking the file up waits for the page's retries.
+    setup.proxy.set(FaultPlan { hang_all: true, ..FaultPlan::default() });
+    let waiting = Arc::new(AtomicBool::new(true));
+    let looker = {
+        let (path, waiting) = (path.clone(), Arc::clone(&waiting));
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let result = std::fs::metadata(&path).map(|meta| meta.len());
+            waiting.store(false, Ordering::SeqCst);
+            (result, started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(waiting.load(Ordering::SeqCst), "the lookup of big.bin did not wait on the hanging store");
+
+    setup.read_cached_file_alongside(&waiting, "the lookup of big.bin");
+
+    // The waiting lookup fails or finds the file with its real size.
+    let (result, waited) = looker.join().unwrap();
+    assert!(waited >= Duration::from_secs(1), "the lookup of big.bin waited only {waited:?}");
+    if let Ok(len) = result {
+        assert_eq!(len, 8 * MIB, "the lookup of big.bin found a wrong size");
+    }
+    // A failed lookup leaves no negative entry: with the store back, the file is there.
+    setup.proxy.set(FaultPlan::default());
+    assert!(std::fs::read(&path).unwrap() == setup.big, "big.bin read wrong once the store was back");
 }
 
 /// Starts a forwarder to `server` on 127.0.0.1 that resets each connection

@@ -428,6 +428,48 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Loads inode `ino` of a read-only session from the base checkpoint,
+    /// unless it is loaded already, without holding the session lock while
+    /// it fetches the inode's page and directory listing. The result is kept
+    /// only if the session still has the same page of the same checkpoint,
+    /// which a move to a new lineage head may have replaced meanwhile.
+    /// An inode that the checkpoint does not have is left to the caller.
+    pub(crate) fn preload(&self, ino: Ino) -> Result<()> {
+        debug_assert!(self.is_read_only(), "only a read-only session never changes its inodes");
+        let page_no = ino.0 / INODES_PER_PAGE;
+        let (key, page) = {
+            let state = self.state.lock();
+            if state.inodes.contains_key(&ino) {
+                return Ok(());
+            }
+            let Some(key) = state.root.pages.get(&page_no).cloned() else { return Ok(()) };
+            let page = state.pages.get(&page_no).cloned();
+            (key, page)
+        };
+        let page = match page {
+            Some(page) => page,
+            None => {
+                let bytes = self.store.read_object(&key)?;
+                Arc::new(decode_page(&bytes).map_err(|detail| EngineError::CorruptObject { key: key.clone(), detail })?)
+            }
+        };
+        let inode = match page.get(&ino) {
+            Some(record) => Some(inode_from_record(&self.store, &self.volume, record)?),
+            None => None,
+        };
+        let mut state = self.state.lock();
+        if state.root.pages.get(&page_no) != Some(&key) {
+            return Ok(());
+        }
+        state.pages.entry(page_no).or_insert(page);
+        if let Some(inode) = inode {
+            state.inodes.entry(ino).or_insert(inode);
+        }
+        Ok(())
+    }
+}
+
 impl State {
     /// Returns the inode, loading it from the base checkpoint on first use.
     pub fn inode(&mut self, store: &Store, volume: &VolumeName, ino: Ino) -> Result<&mut Inode> {

@@ -196,11 +196,26 @@ fn resolve_time(time: TimeSet, now: Timestamp) -> Timestamp {
 
 impl Session {
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
-        let mut state = self.state.lock();
         let bytes = name.as_bytes();
         if bytes.len() > NAME_MAX {
             return Err(EngineError::NameTooLong { name: name.to_string_lossy().into_owned(), len: bytes.len() });
         }
+        // A read-only session fetches the metadata first, without the
+        // session lock, so that other requests go on while the store is slow.
+        if self.is_read_only() {
+            self.preload(parent)?;
+            let child = {
+                let mut state = self.state.lock();
+                match bytes {
+                    b"." | b".." => None,
+                    _ => state.child(self, parent, bytes)?.map(|(ino, _)| ino),
+                }
+            };
+            if let Some(child) = child {
+                self.preload(child)?;
+            }
+        }
+        let mut state = self.state.lock();
         let child = match bytes {
             b"." => Some(parent),
             b".." => Some(state.inode(&self.store, &self.volume, parent)?.parent()),
@@ -210,6 +225,29 @@ impl Session {
             return Err(EngineError::not_found("entry", name.to_string_lossy()));
         };
         Ok(state.inode(&self.store, &self.volume, child)?.attr.clone())
+    }
+
+    /// Looks up like [`Session::lookup`], from loaded metadata only.
+    /// Returns `None` when the lookup would have to fetch an inode page or a
+    /// directory listing from the object store, so the caller can leave it to
+    /// a thread that may wait.
+    pub fn lookup_loaded(&self, parent: Ino, name: &OsStr) -> Option<Result<Attr>> {
+        let bytes = name.as_bytes();
+        if bytes.len() > NAME_MAX {
+            return Some(self.lookup(parent, name));
+        }
+        let state = self.state.lock();
+        let dir = state.inodes.get(&parent)?;
+        let child = match (bytes, &dir.content) {
+            (b".", _) => Some(parent),
+            (b"..", _) => Some(dir.parent()),
+            (_, Content::Directory(entries)) => entries.get(bytes).map(|(ino, _)| *ino),
+            _ => return Some(Err(EngineError::NotDirectory { ino: parent })),
+        };
+        match child {
+            None => Some(Err(EngineError::not_found("entry", name.to_string_lossy()))),
+            Some(child) => Some(Ok(state.inodes.get(&child)?.attr.clone())),
+        }
     }
 
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
