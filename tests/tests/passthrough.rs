@@ -203,6 +203,15 @@ fn large_file_reads_through_passthrough() {
     let backing = store.backing_files();
     assert_eq!(backing.len(), 1, "expected one backing file, found {backing:?}");
     assert_eq!(fs::read(&backing[0]).unwrap(), store.large, "the backing file differs from the file put");
+
+    // `chalk cache stats` lists the copy as part of the disk tier.
+    let stats: serde_json::Value = serde_json::from_str(&store.run_ok(&["cache", "stats", "--json"], &[])).unwrap();
+    let disk = &stats["disk"];
+    assert_eq!(disk["passthrough_files"], 1, "{stats}");
+    assert!(disk["passthrough_bytes"].as_u64().unwrap() >= store.large.len() as u64, "{stats}");
+    assert!(disk["bytes"].as_u64().unwrap() >= disk["passthrough_bytes"].as_u64().unwrap(), "{stats}");
+    let text = store.run_ok(&["cache", "stats"], &[]);
+    assert!(text.contains("in 1 passthrough copy"), "the text output does not list the copy:\n{text}");
 }
 
 #[test]

@@ -98,11 +98,20 @@ fn print_stats(stats: &HostCacheStats, cache_root: &std::path::Path, json: bool)
     );
     println!("store:  {} ranged GETs, {} fetched", stats.store.gets, human_bytes(stats.store.bytes));
     println!(
-        "memory tier: {} {} blocks; disk tier: {} of blocks, {}",
+        "memory tier: {} {} blocks",
         count(memory.processes as u64, "running process", "running processes"),
         if memory.processes == 1 { "holds" } else { "hold" },
+    );
+    println!(
+        "disk tier: {} in {} of blocks, {} in {}, {} in {}, {} in {}",
+        human_bytes(disk.block_bytes),
         count(disk.block_files as u64, "file", "files"),
-        count(disk.whole_segments as u64, "whole segment", "whole segments")
+        human_bytes(disk.whole_segment_bytes),
+        count(disk.whole_segments as u64, "whole segment", "whole segments"),
+        human_bytes(disk.passthrough_bytes),
+        count(disk.passthrough_files as u64, "passthrough copy", "passthrough copies"),
+        human_bytes(disk.metadata_bytes),
+        count(disk.metadata_files as u64, "metadata copy", "metadata copies"),
     );
     if disk.shared_segments > 0 {
         println!(

@@ -106,8 +106,19 @@ pub struct DiskUsage {
     pub bytes: u64,
     /// `.blk` files, one per segment with cached blocks.
     pub block_files: u64,
+    /// Space the `.blk` files take.
+    pub block_bytes: u64,
     /// Whole segment files, shared ones included.
     pub segments: u64,
+    /// Space the whole segment files take, without the shared ones.
+    pub segment_bytes: u64,
+    /// Backing files that a read-only mount made for FUSE passthrough.
+    pub passthrough_files: u64,
+    pub passthrough_bytes: u64,
+    /// Local copies of metadata objects (checkpoint pages, directory
+    /// listings, lineage entries) that reads fall back on in an outage.
+    pub metadata_files: u64,
+    pub metadata_bytes: u64,
     /// Whole segment files that have other hard links, such as the object
     /// of a `file://` store.
     pub shared_segments: u64,
@@ -356,14 +367,27 @@ impl DiskTier {
         for entry in self.scan() {
             usage.bytes += entry.bytes;
             usage.shared_bytes += entry.shared_bytes;
-            match entry.segment {
-                Some(_) if entry.shared => {
+            // A scan finds four kinds of files: whole segments, `.blk` files,
+            // `.obj` metadata copies and passthrough copies.
+            let extension = entry.path.extension().and_then(|e| e.to_str());
+            match (entry.segment, extension) {
+                (Some(_), _) => {
                     usage.segments += 1;
-                    usage.shared_segments += 1;
+                    usage.segment_bytes += entry.bytes;
+                    usage.shared_segments += u64::from(entry.shared);
                 }
-                Some(_) => usage.segments += 1,
-                None if entry.path.extension().is_some_and(|e| e == "blk") => usage.block_files += 1,
-                None => {}
+                (None, Some("blk")) => {
+                    usage.block_files += 1;
+                    usage.block_bytes += entry.bytes;
+                }
+                (None, Some("obj")) => {
+                    usage.metadata_files += 1;
+                    usage.metadata_bytes += entry.bytes;
+                }
+                (None, _) => {
+                    usage.passthrough_files += 1;
+                    usage.passthrough_bytes += entry.bytes;
+                }
             }
         }
         usage
@@ -578,6 +602,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tier = DiskTier::new(dir.path(), limit_bytes, 0).unwrap();
         (dir, tier)
+    }
+
+    #[test]
+    fn usage_splits_bytes_by_kind_of_file() {
+        let (dir, tier) = tier(1 << 30);
+        tier.store(&BlockKey { segment: SegmentId::generate(), index: 0 }, &[1u8; 8192]);
+        let copies = dir.path().join(PASSTHROUGH_DIR).join("version");
+        fs::create_dir_all(&copies).unwrap();
+        fs::write(copies.join("42"), vec![2u8; 64 * 1024]).unwrap();
+        fs::write(copies.join("43"), vec![3u8; 64 * 1024]).unwrap();
+        fs::create_dir_all(&tier.objects_dir).unwrap();
+        fs::write(tier.objects_dir.join("page.obj"), [4u8; 100]).unwrap();
+
+        let usage = tier.usage();
+        assert_eq!(usage.block_files, 1);
+        assert!(usage.block_bytes >= SLOT_HEADER_BYTES + 8192, "{usage:?}");
+        assert_eq!(usage.passthrough_files, 2);
+        assert!(usage.passthrough_bytes >= 128 * 1024, "{usage:?}");
+        assert_eq!(usage.metadata_files, 1);
+        assert!(usage.metadata_bytes > 0, "{usage:?}");
+        assert_eq!(usage.segments, 0);
+        let parts = usage.block_bytes + usage.segment_bytes + usage.passthrough_bytes + usage.metadata_bytes;
+        assert_eq!(usage.bytes, parts, "{usage:?}");
     }
 
     fn flip(path: &Path, at: u64) {

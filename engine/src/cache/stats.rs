@@ -167,8 +167,19 @@ pub struct DiskTierStats {
     pub limit_bytes: u64,
     /// Files of cached blocks, one per segment.
     pub block_files: u64,
+    /// Space the files of cached blocks take.
+    pub block_bytes: u64,
     /// Whole segment files, shared ones included.
     pub whole_segments: u64,
+    /// Space the whole segment files take, without the shared ones.
+    pub whole_segment_bytes: u64,
+    /// Backing files of FUSE passthrough, which read-only mounts make of
+    /// large files.
+    pub passthrough_files: u64,
+    pub passthrough_bytes: u64,
+    /// Local copies of metadata objects, read when the store is unreachable.
+    pub metadata_files: u64,
+    pub metadata_bytes: u64,
     /// Whole segment files that are hard links to objects of a `file://`
     /// store, so their bytes belong to the store and are left out of `bytes`.
     pub shared_segments: u64,
@@ -268,7 +279,13 @@ pub fn host_stats(cache_root: &Path, disk: DiskUsage, disk_limit_bytes: u64, mem
             bytes: disk.bytes,
             limit_bytes: disk_limit_bytes,
             block_files: disk.block_files,
+            block_bytes: disk.block_bytes,
             whole_segments: disk.segments,
+            whole_segment_bytes: disk.segment_bytes,
+            passthrough_files: disk.passthrough_files,
+            passthrough_bytes: disk.passthrough_bytes,
+            metadata_files: disk.metadata_files,
+            metadata_bytes: disk.metadata_bytes,
             shared_segments: disk.shared_segments,
             shared_bytes: disk.shared_bytes,
             hits: counters.disk_hits,
