@@ -84,6 +84,9 @@ pub struct Problem {
     pub segment: Option<String>,
     pub offset: Option<u64>,
     pub key: Option<String>,
+    /// A file of this host that the problem is in, such as a passthrough
+    /// copy or a segment of a session directory, which has no object key.
+    pub file: Option<String>,
     pub copy: Option<Copy>,
     pub detail: String,
     /// Versions that cannot be read whole because of this problem.
@@ -101,6 +104,7 @@ impl Problem {
             segment: None,
             offset: None,
             key: None,
+            file: None,
             copy: None,
             detail: detail.into(),
             affected_versions: Vec::new(),
@@ -327,6 +331,9 @@ impl Store {
         // The local whole copy, then the store's copy with --deep.
         let local_path = self.segments.path(segment);
         let local = std::fs::read(&local_path).ok();
+        // In a store kept in a local directory, the local copy is usually
+        // the store's object itself, under a second name (a hard link).
+        let local_is_object = self.remote_objects().local_file(&key).is_some_and(|object| same_file(&local_path, &object));
         let remote_bytes = if options.deep {
             match self.remote_objects().get(&key) {
                 Ok(Some(bytes)) => Some(bytes),
@@ -347,6 +354,9 @@ impl Store {
         for (copy, bytes) in [(Copy::Local, local.as_deref()), (Copy::Remote, remote_bytes.as_deref())] {
             let Some(bytes) = bytes else { continue };
             let where_ = match copy {
+                Copy::Local if local_is_object => {
+                    format!("local copy {}, which is the same file as the store's object {key}", local_path.display())
+                }
                 Copy::Local => format!("local copy {}", local_path.display()),
                 Copy::Remote => format!("object {key}"),
             };
@@ -391,7 +401,13 @@ impl Store {
                     format!("local copy {} ({} bytes) differs from {key} ({} bytes)", local_path.display(), local.len(), remote.size),
                 ));
             }
-            if (differs || local_bad) && options.repair {
+            if (differs || local_bad) && options.repair && local_is_object {
+                let outcome = Err(format!(
+                    "the store has no other copy of {key} to fetch, because the local copy is its object; \
+                     restore that file from a backup of the store, without which the affected versions cannot be read whole"
+                ));
+                mark_repaired(report, segment, outcome, "");
+            } else if (differs || local_bad) && options.repair {
                 let outcome = match self.refetch_segment(&key, &local_path) {
                     Ok(()) => Ok(()),
                     // The copy stays as it was, so the next run finds it again.
@@ -477,7 +493,7 @@ impl Store {
             );
             found.version = Some(version.to_string());
             found.path = Some(refs.path_of(crate::ids::Ino(ino)));
-            found.key = Some(path.display().to_string());
+            found.file = Some(path.display().to_string());
             found.copy = Some(Copy::Local);
             found.affected_versions = vec![version.to_string()];
             if repair {
@@ -549,7 +565,7 @@ impl Store {
                 found.volume = scan.header.as_ref().map(|h| h.volume.clone());
                 found.segment = scan.header.as_ref().map(|h| h.segment.to_string());
                 found.offset = Some(offset);
-                found.key = Some(path.display().to_string());
+                found.file = Some(path.display().to_string());
                 found.copy = Some(Copy::Local);
                 if repair {
                     found.repaired = segment::recover(&path).is_ok();
@@ -582,6 +598,15 @@ fn stopped_by_store(error: EngineError, run: &str) -> EngineError {
             EngineError::ObjectStore { url, detail: format!("{detail}; {run} stopped: run it again once the store is reachable") }
         }
         other => other,
+    }
+}
+
+/// Returns whether two paths name the same file (one inode under two names).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 

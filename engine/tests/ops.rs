@@ -3,6 +3,7 @@
 //! never deletes what a concurrent sync publishes.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -326,6 +327,34 @@ fn fsck_repairs_local_copy_from_store() {
     let store = Store::open(StoreConfig::with_local_root(dir.path())).unwrap();
     let reader = store.open_session(&volume, SessionBase::Version(version.id), Access::ReadOnly).unwrap();
     assert_eq!(read(&reader, "f").unwrap(), vec![9u8; 80_000]);
+}
+
+#[test]
+fn fsck_repair_names_hard_linked_local_copy() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (store, volume) = setup(dir.path());
+    let session = writable(&store, &volume);
+    put(&session, "f", &vec![9u8; 80_000]);
+    let version = published(session.sync(None).unwrap());
+    drop(session);
+    // In a store kept in a local directory on the same file system, the
+    // local copy and the store's object are one file: damage in place hits both.
+    let local = dir.path().join(format!("cache/segments/{}.seg", version.segments[0]));
+    assert!(std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(&local).unwrap()) > 1, "the local copy is not a hard link");
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&local).unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, 2000).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x80], 2000).unwrap();
+    drop(file);
+
+    let store = Store::open(StoreConfig::with_local_root(dir.path())).unwrap();
+    let report = store.fsck(&repair(&volume)).unwrap();
+    let damaged: Vec<_> = report.problems.iter().filter(|p| p.kind == "corrupt-record").collect();
+    assert_eq!(damaged.len(), 1, "{:#?}", report.problems);
+    assert!(!damaged[0].repaired, "{:#?}", damaged[0]);
+    assert!(damaged[0].detail.contains("same file as the store's object"), "{}", damaged[0].detail);
+    assert!(damaged[0].detail.contains("restore that file from a backup of the store"), "{}", damaged[0].detail);
+    assert!(!damaged[0].detail.contains("damaged too"), "fsck tried to fetch the same file again: {}", damaged[0].detail);
 }
 
 /// Opens a store on `root` whose requests go through an [`Outage`], and

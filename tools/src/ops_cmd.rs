@@ -114,8 +114,17 @@ pub fn run_fsck(store: &Store, args: FsckArgs) -> anyhow::Result<()> {
     }
     let open = report.problems.iter().filter(|p| !p.repaired).count();
     if open > 0 {
-        let open = count(open as u64, "problem", "problems");
-        bail!("fsck found {open} that remain; see the list above (run with --repair to fix the local cache, --deep to check the object store's copies)");
+        let found = count(open as u64, "problem", "problems");
+        let (remain, them) = if open == 1 { ("remains", "it") } else { ("remain", "them") };
+        let next = match (args.repair, args.deep) {
+            (false, false) => " (run with --repair to fix the local cache, --deep to check the object store's copies)".to_owned(),
+            (false, true) => " (run with --repair to fix the local cache)".to_owned(),
+            (true, false) => {
+                format!(": --repair could not fix {them}, and each says what to do (run with --deep to check the object store's copies)")
+            }
+            (true, true) => format!(": --repair could not fix {them}, and each says what to do"),
+        };
+        bail!("fsck found {found} that {remain}; see the list above{next}");
     }
     Ok(())
 }
@@ -135,6 +144,7 @@ fn print_fsck(report: &FsckReport) {
         add("offset", p.offset.map(|o| o.to_string()));
         add("copy", p.copy.map(|c| format!("{c:?}").to_lowercase()));
         add("key", p.key.clone());
+        add("file", p.file.clone());
         let state = if p.repaired { "REPAIRED" } else { "PROBLEM" };
         println!("{state} {}: {}", p.kind, fields.join(" "));
         println!("    {}", p.detail);

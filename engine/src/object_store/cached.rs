@@ -237,6 +237,10 @@ impl ObjectStore for CachedStore {
         self.inner.get_range_bytes(key, offset, len)
     }
 
+    fn local_file(&self, key: &str) -> Option<std::path::PathBuf> {
+        self.inner.local_file(key)
+    }
+
     fn get_range_pieces(&self, key: &str, offset: u64, len: u64, piece: usize) -> Result<(bytes::Bytes, Option<Vec<u32>>)> {
         self.inner.get_range_pieces(key, offset, len, piece)
     }

@@ -103,6 +103,10 @@ impl ObjectStore for FileStore {
         format!("file://{}", self.root.display())
     }
 
+    fn local_file(&self, key: &str) -> Option<PathBuf> {
+        self.path(key).ok()
+    }
+
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         let path = self.path(key)?;
         let tmp = self.write_temp(data)?;
