@@ -226,6 +226,38 @@ fn synced_segments_outlive_local_copies() {
 }
 
 #[test]
+fn loaded_lookup_builds_neighbours_from_their_page() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let store = store_at(dir.path());
+    let volume = new_volume(&store, "v");
+    let session = writable(&store, &volume);
+    put(&session, "d/one", b"first");
+    put(&session, "d/two", b"second file");
+    put(&session, "d/sub/three", b"3");
+    let version = published(session.sync(None).unwrap());
+    drop(session);
+
+    let store = store_at(dir.path());
+    let reader = store.open_session(&volume, SessionBase::Version(version.id), Access::ReadOnly).unwrap();
+    let d = reader.lookup(Ino::ROOT, OsStr::new("d")).unwrap().ino;
+
+    // One sync put the files of `d` on the page that the lookup of `d` loaded.
+    let one = reader.lookup_loaded(d, OsStr::new("one")).expect("the page of one is loaded").unwrap();
+    assert_eq!(one.size, 5);
+    let two = reader.lookup_loaded(d, OsStr::new("two")).expect("the page of two is loaded").unwrap();
+    assert_eq!(two.size, 11);
+    let missing = reader.lookup_loaded(d, OsStr::new("absent")).expect("the listing of d is loaded");
+    assert!(matches!(missing, Err(EngineError::NotFound { .. })), "{missing:?}");
+
+    // A directory also needs its listing, which the page does not hold.
+    assert!(reader.lookup_loaded(d, OsStr::new("sub")).is_none());
+    let sub = reader.lookup(d, OsStr::new("sub")).unwrap().ino;
+    assert_eq!(sub, reader.resolve_path("d/sub").unwrap().ino);
+    let three = reader.lookup_loaded(sub, OsStr::new("three")).expect("the listing of sub is loaded now").unwrap();
+    assert_eq!(three.size, 1);
+}
+
+#[test]
 fn pwrite_fallback_round_trips() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let mut config = StoreConfig::with_local_root(dir.path());

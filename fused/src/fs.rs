@@ -91,7 +91,7 @@ pub(crate) struct ChalkFs {
     files: Arc<Mutex<HashMap<u64, OpenFile>>>,
     /// Listings by directory handle, taken when a read starts at offset 0
     /// so that later pages of the same pass see one consistent listing.
-    dirs: Mutex<HashMap<u64, Option<Arc<Vec<ListedEntry>>>>>,
+    dirs: Arc<Mutex<HashMap<u64, Option<Arc<Vec<ListedEntry>>>>>>,
     /// Serializes `O_APPEND` writes, so that reading the file size and
     /// writing at it are one step for every appender of this mount.
     append_lock: Mutex<()>,
@@ -184,7 +184,7 @@ impl ChalkFs {
             ttl: if read_only { READ_ONLY_TTL } else { WRITABLE_TTL },
             next_handle: AtomicU64::new(1),
             files: Arc::new(Mutex::new(HashMap::new())),
-            dirs: Mutex::new(HashMap::new()),
+            dirs: Arc::new(Mutex::new(HashMap::new())),
             append_lock: Mutex::new(()),
             op_latency,
         }
@@ -249,10 +249,7 @@ impl ChalkFs {
     /// Timeout of an entry or attributes under `.chalk`: short for the
     /// directories that list versions, long for the trees of versions.
     fn view_ttl(&self, attr: &Attr) -> Duration {
-        match self.views.is_version_tree(attr.ino.0) {
-            true => READ_ONLY_TTL,
-            false => VIEW_DIR_TTL,
-        }
+        view_ttl(&self.views, attr)
     }
 
     /// Counts the kernel's new reference to `attr.ino`, then sends the entry.
@@ -261,31 +258,9 @@ impl ChalkFs {
         reply.entry(&self.ttl, &file_attr(attr), GENERATION);
     }
 
-    /// Returns the listing of `dir` for a read at `offset`: a fresh one when
-    /// the read starts a pass (offset 0) or the handle has none yet.
-    fn listing(&self, dir: Ino, fh: u64, offset: u64) -> Result<Arc<Vec<ListedEntry>>, EngineError> {
-        if offset > 0 {
-            if let Some(Some(listing)) = self.dirs.lock().get(&fh) {
-                return Ok(Arc::clone(listing));
-            }
-        }
-        let mut listing = Vec::new();
-        if views::is_view(dir.0) {
-            let entries = self.views.listing(dir.0)?;
-            listing.extend(entries.into_iter().map(|DirEntry { name, ino, kind }| ListedEntry { name, ino, kind }));
-        } else {
-            let entries = self.session.readdir(dir)?;
-            let parent = self.session.parent_of(dir)?;
-            listing.reserve(entries.len() + 2);
-            listing.push(ListedEntry { name: b".".to_vec(), ino: dir, kind: FileKind::Directory });
-            listing.push(ListedEntry { name: b"..".to_vec(), ino: parent, kind: FileKind::Directory });
-            listing.extend(entries.into_iter().map(|DirEntry { name, ino, kind }| ListedEntry { name, ino, kind }));
-        }
-        let listing = Arc::new(listing);
-        if let Some(slot) = self.dirs.lock().get_mut(&fh) {
-            *slot = Some(Arc::clone(&listing));
-        }
-        Ok(listing)
+    /// Returns the parts of the adaptor that directory listings use, for a worker thread.
+    fn listings(&self) -> Listings {
+        Listings { session: Arc::clone(&self.session), views: Arc::clone(&self.views), dirs: Arc::clone(&self.dirs), ttl: self.ttl }
     }
 }
 
@@ -336,10 +311,22 @@ impl Filesystem for ChalkFs {
             return;
         }
         if views::is_view(parent.0) {
-            let result = self.session.getattr(Ino::ROOT).and_then(|root| self.views.lookup(parent.0, name, &root));
-            match result {
-                Ok(attr) => reply.entry(&self.view_ttl(&attr), &file_attr(&attr), GENERATION),
-                Err(error) => reply.error(log_failure("lookup", parent.0, &error)),
+            // A lookup under `.chalk` may open another version's tree, which
+            // fetches its metadata, so a worker serves it when the store is remote.
+            let (session, views, name) = (Arc::clone(&self.session), Arc::clone(&self.views), name.to_owned());
+            let look_up = move || {
+                let result = session.getattr(Ino::ROOT).and_then(|root| views.lookup(parent.0, &name, &root));
+                match result {
+                    Ok(attr) => reply.entry(&view_ttl(&views, &attr), &file_attr(&attr), GENERATION),
+                    Err(error) => reply.error(log_failure("lookup", parent.0, &error)),
+                }
+            };
+            match self.workers.as_ref().filter(|_| self.reads_to_workers) {
+                Some(workers) => {
+                    let op = span.hand_off();
+                    workers.run(move || op.run(look_up));
+                }
+                None => look_up(),
             }
             return;
         }
@@ -750,74 +737,29 @@ impl Filesystem for ChalkFs {
         reply.opened(FileHandle(fh), flags);
     }
 
-    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let _span = self.op_span("readdir", req, ino.0);
-        let listing = match self.listing(engine_ino(ino), fh.0, offset) {
-            Ok(listing) => listing,
-            Err(error) => {
-                reply.error(log_failure("readdir", ino.0, &error));
-                return;
+    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        let span = self.op_span("readdir", req, ino.0);
+        let listings = self.listings();
+        // A listing of a remote store may fetch metadata, so a worker serves it.
+        match self.workers.as_ref().filter(|_| self.reads_to_workers) {
+            Some(workers) => {
+                let op = span.hand_off();
+                workers.run(move || op.run(|| listings.readdir(ino, fh, offset, reply)));
             }
-        };
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (index, entry) in listing.iter().enumerate().skip(start) {
-            let name = OsStr::from_bytes(&entry.name);
-            let buffer_full = reply.add(INodeNo(entry.ino.0), index as u64 + 1, file_type(entry.kind), name);
-            if buffer_full {
-                break;
-            }
+            None => listings.readdir(ino, fh, offset, reply),
         }
-        reply.ok();
     }
 
-    fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let _span = self.op_span("readdirplus", req, ino.0);
-        let listing = match self.listing(engine_ino(ino), fh.0, offset) {
-            Ok(listing) => listing,
-            Err(error) => {
-                reply.error(log_failure("readdirplus", ino.0, &error));
-                return;
+    fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
+        let span = self.op_span("readdirplus", req, ino.0);
+        let listings = self.listings();
+        match self.workers.as_ref().filter(|_| self.reads_to_workers) {
+            Some(workers) => {
+                let op = span.hand_off();
+                workers.run(move || op.run(|| listings.readdirplus(ino, fh, offset, reply)));
             }
-        };
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        let mut added = 0usize;
-        let in_views = views::is_view(ino.0);
-        for (index, entry) in listing.iter().enumerate().skip(start) {
-            let looked_up = match views::is_view(entry.ino.0) {
-                true => self.session.getattr(Ino::ROOT).and_then(|root| self.views.getattr(entry.ino.0, &root)),
-                false => self.session.getattr(entry.ino),
-            };
-            let attr = match looked_up {
-                Ok(attr) => attr,
-                // Removed since the listing was taken.
-                Err(EngineError::NotFound { .. }) => continue,
-                Err(error) => {
-                    let errno = log_failure("readdirplus", ino.0, &error);
-                    if added == 0 {
-                        reply.error(errno);
-                        return;
-                    }
-                    // Send what fits so far; the next read resumes here and
-                    // reports the error then.
-                    break;
-                }
-            };
-            // The kernel takes no reference for `.` and `..` (entries 0 and 1).
-            let counted = index >= 2 && !in_views;
-            if counted {
-                self.session.remember(attr.ino, 1);
-            }
-            let name = OsStr::from_bytes(&entry.name);
-            let buffer_full = reply.add(INodeNo(attr.ino.0), index as u64 + 1, name, &self.ttl, &file_attr(&attr), GENERATION);
-            if buffer_full {
-                if counted {
-                    self.session.forget(attr.ino, 1);
-                }
-                break;
-            }
-            added += 1;
+            None => listings.readdirplus(ino, fh, offset, reply),
         }
-        reply.ok();
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
@@ -1044,6 +986,120 @@ fn reply_read(session: &Session, views: &Views, ino: INodeNo, offset: u64, size:
     match result {
         Ok(data) => reply.data(&data),
         Err(error) => reply.error(log_failure("read", ino.0, &error)),
+    }
+}
+
+/// The parts of the adaptor that directory listings need, so that a worker thread can serve them.
+struct Listings {
+    session: Arc<Session>,
+    views: Arc<Views>,
+    dirs: Arc<Mutex<HashMap<u64, Option<Arc<Vec<ListedEntry>>>>>>,
+    ttl: Duration,
+}
+
+impl Listings {
+    /// Returns the listing of `dir` for a read at `offset`: a fresh one when
+    /// the read starts a pass (offset 0) or the handle has none yet.
+    fn listing(&self, dir: Ino, fh: u64, offset: u64) -> Result<Arc<Vec<ListedEntry>>, EngineError> {
+        if offset > 0 {
+            if let Some(Some(listing)) = self.dirs.lock().get(&fh) {
+                return Ok(Arc::clone(listing));
+            }
+        }
+        let mut listing = Vec::new();
+        if views::is_view(dir.0) {
+            let entries = self.views.listing(dir.0)?;
+            listing.extend(entries.into_iter().map(|DirEntry { name, ino, kind }| ListedEntry { name, ino, kind }));
+        } else {
+            let entries = self.session.readdir(dir)?;
+            let parent = self.session.parent_of(dir)?;
+            listing.reserve(entries.len() + 2);
+            listing.push(ListedEntry { name: b".".to_vec(), ino: dir, kind: FileKind::Directory });
+            listing.push(ListedEntry { name: b"..".to_vec(), ino: parent, kind: FileKind::Directory });
+            listing.extend(entries.into_iter().map(|DirEntry { name, ino, kind }| ListedEntry { name, ino, kind }));
+        }
+        let listing = Arc::new(listing);
+        if let Some(slot) = self.dirs.lock().get_mut(&fh) {
+            *slot = Some(Arc::clone(&listing));
+        }
+        Ok(listing)
+    }
+
+    fn readdir(&self, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let listing = match self.listing(engine_ino(ino), fh.0, offset) {
+            Ok(listing) => listing,
+            Err(error) => {
+                reply.error(log_failure("readdir", ino.0, &error));
+                return;
+            }
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (index, entry) in listing.iter().enumerate().skip(start) {
+            let name = OsStr::from_bytes(&entry.name);
+            let buffer_full = reply.add(INodeNo(entry.ino.0), index as u64 + 1, file_type(entry.kind), name);
+            if buffer_full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let listing = match self.listing(engine_ino(ino), fh.0, offset) {
+            Ok(listing) => listing,
+            Err(error) => {
+                reply.error(log_failure("readdirplus", ino.0, &error));
+                return;
+            }
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let mut added = 0usize;
+        let in_views = views::is_view(ino.0);
+        for (index, entry) in listing.iter().enumerate().skip(start) {
+            let looked_up = match views::is_view(entry.ino.0) {
+                true => self.session.getattr(Ino::ROOT).and_then(|root| self.views.getattr(entry.ino.0, &root)),
+                false => self.session.getattr(entry.ino),
+            };
+            let attr = match looked_up {
+                Ok(attr) => attr,
+                // Removed since the listing was taken.
+                Err(EngineError::NotFound { .. }) => continue,
+                Err(error) => {
+                    let errno = log_failure("readdirplus", ino.0, &error);
+                    if added == 0 {
+                        reply.error(errno);
+                        return;
+                    }
+                    // Send what fits so far; the next read resumes here and
+                    // reports the error then.
+                    break;
+                }
+            };
+            // The kernel takes no reference for `.` and `..` (entries 0 and 1).
+            let counted = index >= 2 && !in_views;
+            if counted {
+                self.session.remember(attr.ino, 1);
+            }
+            let name = OsStr::from_bytes(&entry.name);
+            let buffer_full = reply.add(INodeNo(attr.ino.0), index as u64 + 1, name, &self.ttl, &file_attr(&attr), GENERATION);
+            if buffer_full {
+                if counted {
+                    self.session.forget(attr.ino, 1);
+                }
+                break;
+            }
+            added += 1;
+        }
+        reply.ok();
+    }
+}
+
+/// Entry and attribute timeout of a name under `.chalk`: the trees of
+/// versions never change, while the listings of versions grow.
+fn view_ttl(views: &Views, attr: &Attr) -> Duration {
+    match views.is_version_tree(attr.ino.0) {
+        true => READ_ONLY_TTL,
+        false => VIEW_DIR_TTL,
     }
 }
 

@@ -972,6 +972,45 @@ fn hung_store_lookup_leaves_mount_responsive() {
     assert!(std::fs::read(&path).unwrap() == setup.big, "big.bin read wrong once the store was back");
 }
 
+#[test]
+fn hung_store_listing_leaves_mount_responsive() {
+    let Some(garage) = garage() else { return };
+    let setup = HungStoreMount::start(&garage, "waiting-listing");
+
+    // Listing the root with attributes, as `ls -l` does, needs the inode
+    // page of big.bin, which the mount has not loaded: with the store
+    // hanging, the listing waits for the page's retries.
+    setup.proxy.set(FaultPlan { hang_all: true, ..FaultPlan::default() });
+    let waiting = Arc::new(AtomicBool::new(true));
+    let lister = {
+        let (root, waiting) = (setup.mnt.path().to_path_buf(), Arc::clone(&waiting));
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let sizes = std::fs::read_dir(&root).and_then(|entries| {
+                entries
+                    .map(|entry| entry.and_then(|entry| Ok((entry.file_name(), entry.metadata()?.len()))))
+                    .collect::<std::io::Result<Vec<_>>>()
+            });
+            waiting.store(false, Ordering::SeqCst);
+            (sizes, started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(waiting.load(Ordering::SeqCst), "the listing of the root did not wait on the hanging store");
+
+    setup.read_cached_file_alongside(&waiting, "the listing of the root");
+
+    // The waiting listing fails or has big.bin with its real size.
+    let (sizes, waited) = lister.join().unwrap();
+    assert!(waited >= Duration::from_secs(1), "the listing of the root waited only {waited:?}");
+    if let Ok(sizes) = sizes {
+        let big = sizes.iter().find(|(name, _)| name == "big.bin");
+        assert_eq!(big.map(|(_, len)| *len), Some(8 * MIB), "{sizes:?}");
+    }
+    setup.proxy.set(FaultPlan::default());
+    assert!(std::fs::read(setup.mnt.path().join("big.bin")).unwrap() == setup.big, "big.bin read wrong once the store was back");
+}
+
 /// Starts a forwarder to `server` on 127.0.0.1 that resets each connection
 /// once the client has sent `cut_after` bytes on it, as a store that dies in
 /// the middle of an upload. Returns its endpoint URL.

@@ -105,9 +105,12 @@ static IDLE_RESPONSE_BUFFERS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new()
 /// Idle response buffers kept for reuse; more are unmapped.
 const IDLE_RESPONSE_BUFFERS_MAX: usize = 8;
 /// Buffer capacities are multiples of this, so that buffers are reused
-/// across requests. It is the size of a transparent huge page on x86-64
-/// and on arm64 with 4 KiB pages.
-const RESPONSE_BUF_GRANULE: usize = 2 << 20;
+/// across requests. The memory tier counts a block of this size for each,
+/// so a larger granule would hold memory that the limit does not see.
+const RESPONSE_BUF_GRANULE: usize = 1 << 20;
+/// Buffers start at a multiple of this: the size of a transparent huge
+/// page on x86-64 and on arm64 with 4 KiB pages.
+const HUGE_PAGE_BYTES: usize = 2 << 20;
 
 impl ResponseBuf {
     fn with_capacity(len: usize) -> std::result::Result<Self, Failure> {
@@ -170,13 +173,13 @@ impl ResponseBuf {
 }
 
 /// Maps `cap` bytes (a multiple of [`RESPONSE_BUF_GRANULE`]) of zeroed
-/// anonymous memory at an address aligned to the granule, requests huge
-/// pages there and faults the whole range in. Without huge pages
-/// (transparent huge pages set to `never`) the range is faulted in with
-/// 4 KiB pages, as before. Unmapping `cap` bytes at the result frees it.
+/// anonymous memory at an address aligned to [`HUGE_PAGE_BYTES`], requests
+/// huge pages there and faults the whole range in. Each whole 2 MiB of the
+/// range can get a huge page, and the rest gets 4 KiB pages, as does all of
+/// it without transparent huge pages. Unmapping `cap` bytes at the result frees it.
 fn map_huge_aligned(cap: usize) -> std::io::Result<std::ptr::NonNull<u8>> {
     debug_assert_eq!(cap % RESPONSE_BUF_GRANULE, 0);
-    let span = cap + RESPONSE_BUF_GRANULE;
+    let span = cap + HUGE_PAGE_BYTES;
     // SAFETY: an anonymous private mapping with no address hint; the result is checked.
     let raw = unsafe {
         libc::mmap(std::ptr::null_mut(), span, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
@@ -185,7 +188,7 @@ fn map_huge_aligned(cap: usize) -> std::io::Result<std::ptr::NonNull<u8>> {
         return Err(std::io::Error::last_os_error());
     }
     let start = raw as usize;
-    let aligned = start.next_multiple_of(RESPONSE_BUF_GRANULE);
+    let aligned = start.next_multiple_of(HUGE_PAGE_BYTES);
     let (head, tail) = (aligned - start, start + span - (aligned + cap));
     // SAFETY: both ranges lie inside the mapping made above and outside `aligned..aligned + cap`.
     unsafe {
@@ -1514,11 +1517,10 @@ mod tests {
 
     #[test]
     fn response_buffers_are_aligned_to_huge_pages() {
-        for len in [1, 4096, 3 << 20, 8 << 20] {
+        for (len, cap) in [(1, 1 << 20), (4096, 1 << 20), (3 << 20, 3 << 20), ((8 << 20) - 5, 8 << 20)] {
             let buf = ResponseBuf::with_capacity(len).unwrap();
-            assert_eq!(buf.ptr.as_ptr() as usize % RESPONSE_BUF_GRANULE, 0, "{len} bytes");
-            assert!(buf.cap >= len, "{len} bytes");
-            assert_eq!(buf.cap % RESPONSE_BUF_GRANULE, 0, "{len} bytes");
+            assert_eq!(buf.ptr.as_ptr() as usize % HUGE_PAGE_BYTES, 0, "{len} bytes");
+            assert_eq!(buf.cap, cap, "{len} bytes");
         }
     }
 

@@ -15,11 +15,11 @@ use crate::tree::{
 };
 
 use super::data::FILE_SIZE_MAX;
-use crate::format::checkpoint::INODES_PER_PAGE;
+use crate::format::checkpoint::{StoredContent, INODES_PER_PAGE};
 
 /// Inode numbers in one allocation block.
 const INO_BLOCK: u64 = 1 << 24;
-use super::{Session, State};
+use super::{inode_from_record, Session, State};
 
 /// Checks one directory entry name and returns its bytes.
 pub(crate) fn validate_name(name: &OsStr) -> Result<Vec<u8>> {
@@ -236,7 +236,7 @@ impl Session {
         if bytes.len() > NAME_MAX {
             return Some(self.lookup(parent, name));
         }
-        let state = self.state.lock();
+        let mut state = self.state.lock();
         let dir = state.inodes.get(&parent)?;
         let child = match (bytes, &dir.content) {
             (b".", _) => Some(parent),
@@ -244,13 +244,29 @@ impl Session {
             (_, Content::Directory(entries)) => entries.get(bytes).map(|(ino, _)| *ino),
             _ => return Some(Err(EngineError::NotDirectory { ino: parent })),
         };
-        match child {
-            None => Some(Err(EngineError::not_found("entry", name.to_string_lossy()))),
-            Some(child) => Some(Ok(state.inodes.get(&child)?.attr.clone())),
+        let Some(child) = child else {
+            return Some(Err(EngineError::not_found("entry", name.to_string_lossy())));
+        };
+        if let Some(inode) = state.inodes.get(&child) {
+            return Some(Ok(inode.attr.clone()));
         }
+        // A lookup of a neighbour may have loaded the child's page. The
+        // inode of a file or symlink is then built from it without the
+        // store, while a directory's also needs its listing.
+        let record = state.pages.get(&(child.0 / INODES_PER_PAGE))?.get(&child)?;
+        if matches!(record.content, StoredContent::Directory(_)) {
+            return None;
+        }
+        let inode = inode_from_record(&self.store, &self.volume, record).ok()?;
+        let attr = inode.attr.clone();
+        state.inodes.insert(child, inode);
+        Some(Ok(attr))
     }
 
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
+        if self.is_read_only() {
+            self.preload(ino)?;
+        }
         let mut state = self.state.lock();
         Ok(state.inode(&self.store, &self.volume, ino)?.attr.clone())
     }
@@ -304,6 +320,9 @@ impl Session {
 
     /// Lists a directory by name, without `.` and `..`.
     pub fn readdir(&self, ino: Ino) -> Result<Vec<DirEntry>> {
+        if self.is_read_only() {
+            self.preload(ino)?;
+        }
         let mut state = self.state.lock();
         let entries = state.entries_mut(self, ino)?;
         Ok(entries.iter().map(|(name, (ino, kind))| DirEntry { name: name.clone(), ino: *ino, kind: *kind }).collect())
@@ -311,6 +330,9 @@ impl Session {
 
     /// Parent of a directory; the root is its own parent.
     pub fn parent_of(&self, dir: Ino) -> Result<Ino> {
+        if self.is_read_only() {
+            self.preload(dir)?;
+        }
         let mut state = self.state.lock();
         Ok(state.inode(&self.store, &self.volume, dir)?.parent())
     }
