@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -304,15 +304,21 @@ fn fsck_stops_when_store_becomes_unreachable() {
     assert!(store.fsck(&deep).unwrap().is_whole());
 }
 
-#[test]
-fn fsck_repairs_local_copy_from_store() {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let (store, volume) = setup(dir.path());
+/// Publishes one file `f`, 80,000 bytes of value 9, in volume `v` of a
+/// store on `root`. Returns the version and the local copy of its segment.
+fn publish_one_file(root: &Path) -> (VolumeName, VersionInfo, PathBuf) {
+    let (store, volume) = setup(root);
     let session = writable(&store, &volume);
     put(&session, "f", &vec![9u8; 80_000]);
     let version = published(session.sync(None).unwrap());
-    drop(session);
-    let local = dir.path().join(format!("cache/segments/{}.seg", version.segments[0]));
+    let local = root.join(format!("cache/segments/{}.seg", version.segments[0]));
+    (volume, version, local)
+}
+
+#[test]
+fn fsck_repairs_local_copy_from_store() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (volume, version, local) = publish_one_file(dir.path());
     flip_copy(&local, 2000, 0x80);
 
     // A new store handle reads the damaged file, as a new process would.
@@ -332,14 +338,9 @@ fn fsck_repairs_local_copy_from_store() {
 #[test]
 fn fsck_repair_names_hard_linked_local_copy() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let (store, volume) = setup(dir.path());
-    let session = writable(&store, &volume);
-    put(&session, "f", &vec![9u8; 80_000]);
-    let version = published(session.sync(None).unwrap());
-    drop(session);
+    let (volume, _, local) = publish_one_file(dir.path());
     // In a store kept in a local directory on the same file system, the
     // local copy and the store's object are one file: damage in place hits both.
-    let local = dir.path().join(format!("cache/segments/{}.seg", version.segments[0]));
     assert!(std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(&local).unwrap()) > 1, "the local copy is not a hard link");
     let file = std::fs::OpenOptions::new().read(true).write(true).open(&local).unwrap();
     let mut byte = [0u8];

@@ -258,6 +258,19 @@ impl ChalkFs {
         reply.entry(&self.ttl, &file_attr(attr), GENERATION);
     }
 
+    /// Runs `work`, the rest of the operation of `span`, on a worker when
+    /// the store is remote, because it may wait on the store. Otherwise it
+    /// runs on this thread, which saves a wake-up.
+    fn serve_off_thread_if_remote(&self, span: OpGuard<'_>, work: impl FnOnce() + Send + 'static) {
+        match self.workers.as_ref().filter(|_| self.reads_to_workers) {
+            Some(workers) => {
+                let op = span.hand_off();
+                workers.run(move || op.run(work));
+            }
+            None => work(),
+        }
+    }
+
     /// Returns the parts of the adaptor that directory listings use, for a worker thread.
     fn listings(&self) -> Listings {
         Listings { session: Arc::clone(&self.session), views: Arc::clone(&self.views), dirs: Arc::clone(&self.dirs), ttl: self.ttl }
@@ -321,14 +334,7 @@ impl Filesystem for ChalkFs {
                     Err(error) => reply.error(log_failure("lookup", parent.0, &error)),
                 }
             };
-            match self.workers.as_ref().filter(|_| self.reads_to_workers) {
-                Some(workers) => {
-                    let op = span.hand_off();
-                    workers.run(move || op.run(look_up));
-                }
-                None => look_up(),
-            }
-            return;
+            return self.serve_off_thread_if_remote(span, look_up);
         }
         let (ttl, read_only) = (self.ttl, self.read_only);
         // A lookup that must fetch metadata from a remote store goes to a
@@ -628,14 +634,8 @@ impl Filesystem for ChalkFs {
         reply: ReplyData,
     ) {
         let span = self.op_span("read", req, ino.0);
-        match self.workers.as_ref().filter(|_| self.reads_to_workers) {
-            Some(workers) => {
-                let op = span.hand_off();
-                let (session, views) = (Arc::clone(&self.session), Arc::clone(&self.views));
-                workers.run(move || op.run(|| reply_read(&session, &views, ino, offset, size, reply)));
-            }
-            None => reply_read(&self.session, &self.views, ino, offset, size, reply),
-        }
+        let (session, views) = (Arc::clone(&self.session), Arc::clone(&self.views));
+        self.serve_off_thread_if_remote(span, move || reply_read(&session, &views, ino, offset, size, reply));
     }
 
     fn write(
@@ -739,27 +739,15 @@ impl Filesystem for ChalkFs {
 
     fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
         let span = self.op_span("readdir", req, ino.0);
+        // A listing of a remote store may fetch metadata.
         let listings = self.listings();
-        // A listing of a remote store may fetch metadata, so a worker serves it.
-        match self.workers.as_ref().filter(|_| self.reads_to_workers) {
-            Some(workers) => {
-                let op = span.hand_off();
-                workers.run(move || op.run(|| listings.readdir(ino, fh, offset, reply)));
-            }
-            None => listings.readdir(ino, fh, offset, reply),
-        }
+        self.serve_off_thread_if_remote(span, move || listings.readdir(ino, fh, offset, reply));
     }
 
     fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
         let span = self.op_span("readdirplus", req, ino.0);
         let listings = self.listings();
-        match self.workers.as_ref().filter(|_| self.reads_to_workers) {
-            Some(workers) => {
-                let op = span.hand_off();
-                workers.run(move || op.run(|| listings.readdirplus(ino, fh, offset, reply)));
-            }
-            None => listings.readdirplus(ino, fh, offset, reply),
-        }
+        self.serve_off_thread_if_remote(span, move || listings.readdirplus(ino, fh, offset, reply));
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {

@@ -836,7 +836,7 @@ fn mounted_sync_through_an_outage() {
 
 /// A read-only mount of a volume in Garage, through a fault proxy, on a new
 /// host, with the default of one thread that reads FUSE requests. The
-/// volume holds `small/first`, `small/second` and the 8 MiB `big.bin`.
+/// volume contains `small/first`, `small/second` and the 8 MiB `big.bin`.
 /// The mount has read `small/first`, so it has the metadata and blocks of
 /// both small files in memory.
 struct HungStoreMount {
@@ -883,16 +883,42 @@ impl HungStoreMount {
         HungStoreMount { proxy, mnt, big, _homes: (home, mount_home), _unmount: unmount }
     }
 
-    /// Reads `small/second` while another request waits on the hanging
-    /// store, and checks that it comes back within 1 s, before that request.
-    fn read_cached_file_alongside(&self, waiting: &AtomicBool, other: &str) {
+    /// Hangs the store and runs `request`, named `name` in messages, on a
+    /// thread of its own. Checks that it waits on the store while
+    /// `small/second` reads within 1 s, and that it ends after at least 1 s.
+    /// Then brings the store back, checks that `big.bin` reads whole, and
+    /// returns what the request returned.
+    fn wait_on_hung_store<T: Send + 'static>(&self, name: &str, request: impl FnOnce() -> T + Send + 'static) -> T {
+        self.proxy.set(FaultPlan { hang_all: true, ..FaultPlan::default() });
+        let waiting = Arc::new(AtomicBool::new(true));
+        let thread = {
+            let waiting = Arc::clone(&waiting);
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let result = request();
+                waiting.store(false, Ordering::SeqCst);
+                (result, started.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(waiting.load(Ordering::SeqCst), "{name} did not wait on the hanging store");
+
+        // Meanwhile the mount looks up and reads a file it has not served yet,
+        // from the metadata and blocks it fetched when it read small/first.
         let started = Instant::now();
         let second = std::fs::read(self.mnt.path().join("small/second"));
         let took = started.elapsed();
         let still_waiting = waiting.load(Ordering::SeqCst);
         assert_eq!(second.unwrap(), "second".repeat(100).as_bytes());
-        assert!(still_waiting, "{other} ended before the read of small/second could show it waited alongside ({took:?})");
-        assert!(took < Duration::from_secs(1), "a cached file took {took:?} to read while {other} waited on the store");
+        assert!(still_waiting, "{name} ended before the read of small/second could show it waited alongside ({took:?})");
+        assert!(took < Duration::from_secs(1), "a cached file took {took:?} to read while {name} waited on the store");
+
+        let (result, waited) = thread.join().unwrap();
+        assert!(waited >= Duration::from_secs(1), "{name} waited only {waited:?}");
+        // A request that failed left no wrong bytes and no negative entry behind.
+        self.proxy.set(FaultPlan::default());
+        assert!(std::fs::read(self.mnt.path().join("big.bin")).unwrap() == self.big, "big.bin read wrong once the store was back");
+        result
     }
 }
 
@@ -905,36 +931,17 @@ fn hung_store_read_leaves_mount_responsive() {
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 8 * MIB);
 
     // With the store hanging, a read of the large file waits for its retries.
-    setup.proxy.set(FaultPlan { hang_all: true, ..FaultPlan::default() });
-    let waiting = Arc::new(AtomicBool::new(true));
-    let reader = {
-        let (path, waiting) = (path.clone(), Arc::clone(&waiting));
-        std::thread::spawn(move || {
-            let started = Instant::now();
-            let result = std::fs::File::open(&path).and_then(|mut file| {
-                let mut tail = vec![0; MIB as usize];
-                file.seek(SeekFrom::Start(7 * MIB))?;
-                file.read_exact(&mut tail).map(|()| tail)
-            });
-            waiting.store(false, Ordering::SeqCst);
-            (result, started.elapsed())
+    let tail = setup.wait_on_hung_store("the read of big.bin", move || {
+        std::fs::File::open(&path).and_then(|mut file| {
+            let mut tail = vec![0; MIB as usize];
+            file.seek(SeekFrom::Start(7 * MIB))?;
+            file.read_exact(&mut tail).map(|()| tail)
         })
-    };
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(waiting.load(Ordering::SeqCst), "the read of big.bin did not wait on the hanging store");
-
-    // Meanwhile the mount looks up and reads a file it has not served yet,
-    // from the metadata and blocks it fetched when it read small/first.
-    setup.read_cached_file_alongside(&waiting, "the read of big.bin");
-
+    });
     // The waiting read fails or succeeds, and never returns wrong bytes.
-    let (result, waited) = reader.join().unwrap();
-    assert!(waited >= Duration::from_secs(1), "the read of big.bin waited only {waited:?}");
-    if let Ok(tail) = result {
+    if let Ok(tail) = tail {
         assert!(tail == setup.big[7 * MIB as usize..], "the read of big.bin returned wrong bytes");
     }
-    setup.proxy.set(FaultPlan::default());
-    assert!(std::fs::read(&path).unwrap() == setup.big, "big.bin read wrong once the store was back");
 }
 
 #[test]
@@ -945,70 +952,34 @@ fn hung_store_lookup_leaves_mount_responsive() {
 
     // The mount has not loaded the inode page of big.bin, so with the store
     // hanging, looking the file up waits for the page's retries.
-    setup.proxy.set(FaultPlan { hang_all: true, ..FaultPlan::default() });
-    let waiting = Arc::new(AtomicBool::new(true));
-    let looker = {
-        let (path, waiting) = (path.clone(), Arc::clone(&waiting));
-        std::thread::spawn(move || {
-            let started = Instant::now();
-            let result = std::fs::metadata(&path).map(|meta| meta.len());
-            waiting.store(false, Ordering::SeqCst);
-            (result, started.elapsed())
-        })
-    };
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(waiting.load(Ordering::SeqCst), "the lookup of big.bin did not wait on the hanging store");
-
-    setup.read_cached_file_alongside(&waiting, "the lookup of big.bin");
-
+    let len = setup.wait_on_hung_store("the lookup of big.bin", move || std::fs::metadata(&path).map(|meta| meta.len()));
     // The waiting lookup fails or finds the file with its real size.
-    let (result, waited) = looker.join().unwrap();
-    assert!(waited >= Duration::from_secs(1), "the lookup of big.bin waited only {waited:?}");
-    if let Ok(len) = result {
+    if let Ok(len) = len {
         assert_eq!(len, 8 * MIB, "the lookup of big.bin found a wrong size");
     }
-    // A failed lookup leaves no negative entry: with the store back, the file is there.
-    setup.proxy.set(FaultPlan::default());
-    assert!(std::fs::read(&path).unwrap() == setup.big, "big.bin read wrong once the store was back");
 }
 
 #[test]
 fn hung_store_listing_leaves_mount_responsive() {
     let Some(garage) = garage() else { return };
     let setup = HungStoreMount::start(&garage, "waiting-listing");
+    let root = setup.mnt.path().to_path_buf();
 
     // Listing the root with attributes, as `ls -l` does, needs the inode
     // page of big.bin, which the mount has not loaded: with the store
     // hanging, the listing waits for the page's retries.
-    setup.proxy.set(FaultPlan { hang_all: true, ..FaultPlan::default() });
-    let waiting = Arc::new(AtomicBool::new(true));
-    let lister = {
-        let (root, waiting) = (setup.mnt.path().to_path_buf(), Arc::clone(&waiting));
-        std::thread::spawn(move || {
-            let started = Instant::now();
-            let sizes = std::fs::read_dir(&root).and_then(|entries| {
-                entries
-                    .map(|entry| entry.and_then(|entry| Ok((entry.file_name(), entry.metadata()?.len()))))
-                    .collect::<std::io::Result<Vec<_>>>()
-            });
-            waiting.store(false, Ordering::SeqCst);
-            (sizes, started.elapsed())
+    let sizes = setup.wait_on_hung_store("the listing of the root", move || {
+        std::fs::read_dir(&root).and_then(|entries| {
+            entries
+                .map(|entry| entry.and_then(|entry| Ok((entry.file_name(), entry.metadata()?.len()))))
+                .collect::<std::io::Result<Vec<_>>>()
         })
-    };
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(waiting.load(Ordering::SeqCst), "the listing of the root did not wait on the hanging store");
-
-    setup.read_cached_file_alongside(&waiting, "the listing of the root");
-
+    });
     // The waiting listing fails or has big.bin with its real size.
-    let (sizes, waited) = lister.join().unwrap();
-    assert!(waited >= Duration::from_secs(1), "the listing of the root waited only {waited:?}");
     if let Ok(sizes) = sizes {
         let big = sizes.iter().find(|(name, _)| name == "big.bin");
         assert_eq!(big.map(|(_, len)| *len), Some(8 * MIB), "{sizes:?}");
     }
-    setup.proxy.set(FaultPlan::default());
-    assert!(std::fs::read(setup.mnt.path().join("big.bin")).unwrap() == setup.big, "big.bin read wrong once the store was back");
 }
 
 /// Starts a forwarder to `server` on 127.0.0.1 that resets each connection

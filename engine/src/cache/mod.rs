@@ -280,15 +280,18 @@ impl SegmentCache {
     /// When the bytes lie in one GET's response, the result is a slice of
     /// it instead of a copy.
     pub fn read_bytes(&self, volume: &VolumeName, extent: &Extent, len: usize) -> Result<Bytes> {
-        if self.core.whole_segment(extent.segment)?.is_none() {
-            let (first, blocks) = self.core.verified_blocks(volume, extent, len)?;
-            let span = Span { first, blocks: &blocks };
-            if let Some(shared) = span.shared(extent.data_offset, len) {
-                return Ok(shared);
-            }
+        if let Some(whole) = self.core.whole_segment(extent.segment)? {
+            let mut out = vec![0u8; len];
+            whole.read_verified(extent.record_offset, extent.record_len, extent.data_offset, &mut out)?;
+            return Ok(Bytes::from(out));
+        }
+        let (first, blocks) = self.core.verified_blocks(volume, extent, len)?;
+        let span = Span { first, blocks: &blocks };
+        if let Some(shared) = span.shared(extent.data_offset, len) {
+            return Ok(shared);
         }
         let mut out = vec![0u8; len];
-        self.read(volume, extent, &mut out)?;
+        span.copy(extent.data_offset, &mut out);
         Ok(Bytes::from(out))
     }
 

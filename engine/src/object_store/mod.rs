@@ -95,7 +95,7 @@ pub trait ObjectStore: Send + Sync {
         Ok((self.get_range_bytes(key, offset, len)?, None))
     }
 
-    /// Returns the local file that holds the object, for a store kept in a
+    /// Returns the local file that contains the object, for a store kept in a
     /// local directory; `None` for a remote store. The file may not exist.
     fn local_file(&self, key: &str) -> Option<std::path::PathBuf> {
         let _ = key;

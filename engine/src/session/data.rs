@@ -13,7 +13,7 @@ use crate::tree::{Content, FileKind, Timestamp};
 
 use super::{Log, Session, State};
 
-/// How a read gets its bytes once the session lock is released.
+/// The plan of a read: where it gets its bytes once the session lock is released.
 enum ReadPlan {
     /// The whole read lies in this sealed extent, for this many bytes.
     Sealed(Extent, usize),
